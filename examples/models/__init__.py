@@ -1,0 +1,1 @@
+"""Example Flax Linen models that load Hugging Face checkpoints (Llama decoder, BERT encoder)."""

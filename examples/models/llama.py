@@ -1,0 +1,479 @@
+"""Llama-style decoder in Flax Linen whose parameter paths mirror Hugging Face ``LlamaForCausalLM``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from examples.models._common import (
+    LAYER_PLACEHOLDER,
+    attend,
+    attention_probs,
+    checkpoint_to_params,
+    params_to_checkpoint,
+    read_config_json,
+    read_safetensors_dir,
+    resolve_dtype,
+)
+
+_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama decoder (field names follow Hugging Face ``LlamaConfig``).
+
+    Attributes:
+        vocab_size: Vocabulary size.
+        hidden_size: Model width.
+        intermediate_size: Width of the SwiGLU MLP.
+        num_hidden_layers: Number of decoder layers.
+        num_attention_heads: Number of query heads.
+        num_key_value_heads: Number of key/value heads (grouped-query attention); defaults to
+            ``num_attention_heads``.
+        head_dim: Width of one head; defaults to ``hidden_size // num_attention_heads``.
+        rms_norm_eps: Epsilon of the RMS norms.
+        rope_theta: RoPE base frequency.
+        rope_type: ``"default"`` or ``"llama3"`` (frequency scaling of Llama 3.1+).
+        rope_factor: ``llama3`` scaling factor.
+        rope_low_freq_factor: ``llama3`` low frequency factor.
+        rope_high_freq_factor: ``llama3`` high frequency factor.
+        rope_original_max_position_embeddings: ``llama3`` original context length.
+        tie_word_embeddings: Whether the output projection reuses the token embedding.
+        max_position_embeddings: Longest sequence the model was trained for (informational).
+        attention_bias: Whether q/k/v/o projections have biases.
+        mlp_bias: Whether the MLP projections have biases.
+        attention_dropout: Dropout rate on attention weights (used only when ``deterministic=False``).
+        initializer_range: Standard deviation of the normal initializer of kernels and embeddings.
+        dtype: Computation dtype name.
+        param_dtype: Parameter dtype name.
+        remat: Whether to rematerialize (``nn.remat``) each decoder layer in the backward pass.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; set head_dim explicitly."
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}."
+            )
+        if self.rope_type not in _ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r} is not supported; use one of {_ROPE_TYPES}.")
+        resolve_dtype(self.dtype, "dtype")
+        resolve_dtype(self.param_dtype, "param_dtype")
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+        """Builds a config from the contents of a Hugging Face Llama ``config.json``.
+
+        Both the transformers 4 layout (``rope_theta`` + ``rope_scaling``) and the transformers 5 layout
+        (``rope_parameters``) are understood.
+
+        Args:
+            d: The parsed ``config.json``.
+            **overrides: Fields to set regardless of ``d``, e.g. ``dtype="bfloat16"`` or ``remat=True``.
+
+        Returns:
+            The config.
+
+        Raises:
+            ValueError: If ``d`` describes something this model cannot reproduce.
+        """
+        model_type = d.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"config.json has model_type={model_type!r}; LlamaConfig expects 'llama'.")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json has hidden_act={act!r}; this Llama implementation supports 'silu'.")
+        rope: dict[str, Any] = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        kwargs: dict[str, Any] = {
+            "rope_theta": float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            "rope_type": rope_type,
+        }
+        if rope_type == "llama3":
+            kwargs.update(
+                rope_factor=float(rope["factor"]),
+                rope_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+            "max_position_embeddings",
+            "attention_bias",
+            "mlp_bias",
+            "attention_dropout",
+            "initializer_range",
+        ):
+            if d.get(name) is not None:
+                kwargs[name] = d[name]
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str], **overrides: Any) -> LlamaConfig:
+        """Reads a Hugging Face ``config.json`` (the file or its directory); see :meth:`from_hf_dict`."""
+        return cls.from_hf_dict(read_config_json(path), **overrides)
+
+
+def _dense(config: LlamaConfig, features: int, use_bias: bool, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=resolve_dtype(config.dtype, "dtype"),
+        param_dtype=resolve_dtype(config.param_dtype, "param_dtype"),
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        name=name,
+    )
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """RoPE inverse frequencies ``[head_dim // 2]`` (float32), including ``llama3`` scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    if config.rope_type == "llama3":
+        old_len = config.rope_original_max_position_embeddings
+        low, high, factor = config.rope_low_freq_factor, config.rope_high_freq_factor, config.rope_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(position_ids: jax.Array, config: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    """Cosine and sine tables ``[batch, seq, head_dim]`` (float32, halves repeated as in HF)."""
+    freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(config))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x`` ``[batch, seq, heads, head_dim]`` with HF's ``rotate_half`` layout."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm computed in float32, as HF ``LlamaRMSNorm`` (parameter ``scale``)."""
+
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes over the last axis."""
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(x.dtype).astype(self.dtype)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with RoPE (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, deterministic: bool
+    ) -> jax.Array:
+        """Attends ``x`` ``[batch, seq, hidden]`` to itself under boolean ``mask`` ``[batch, 1, seq, seq]``."""
+        cfg = self.config
+        batch, seq = x.shape[:2]
+        heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = _dense(cfg, heads * head_dim, cfg.attention_bias, "q_proj")(x).reshape(batch, seq, heads, head_dim)
+        k = _dense(cfg, kv_heads * head_dim, cfg.attention_bias, "k_proj")(x)
+        v = _dense(cfg, kv_heads * head_dim, cfg.attention_bias, "v_proj")(x)
+        k = k.reshape(batch, seq, kv_heads, head_dim)
+        v = v.reshape(batch, seq, kv_heads, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        probs = attention_probs(q, k, mask)
+        probs = nn.Dropout(rate=cfg.attention_dropout)(probs, deterministic=deterministic)
+        return _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(attend(probs, v))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward block (``gate_proj``, ``up_proj``, ``down_proj``)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+        cfg = self.config
+        gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """One pre-norm decoder layer, written as an ``nn.scan`` body: returns ``(hidden, None)``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, deterministic: bool
+    ) -> tuple[jax.Array, None]:
+        """Runs attention and MLP residual blocks on ``hidden`` ``[batch, seq, hidden]``."""
+        cfg = self.config
+        dtype = resolve_dtype(cfg.dtype, "dtype")
+        param_dtype = resolve_dtype(cfg.param_dtype, "param_dtype")
+        h = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="input_layernorm")(hidden)
+        hidden = hidden + LlamaAttention(cfg, name="self_attn")(h, cos, sin, mask, deterministic)
+        h = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="post_attention_layernorm")(hidden)
+        hidden = hidden + LlamaMLP(cfg, name="mlp")(h)
+        return hidden, None
+
+
+class LlamaModel(nn.Module):
+    """Embedding, scanned decoder layers and final norm (HF ``LlamaModel``)."""
+
+    config: LlamaConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype = resolve_dtype(cfg.dtype, "dtype")
+        param_dtype = resolve_dtype(cfg.param_dtype, "param_dtype")
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.initializers.normal(cfg.initializer_range),
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        layer_cls: Any = LlamaDecoderLayer
+        if cfg.remat:
+            # Argument numbers count `self` as 0: deterministic is argument 5.
+            layer_cls = nn.remat(layer_cls, prevent_cse=False, static_argnums=(5,))
+        self.layers = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_hidden_layers,
+        )(cfg)
+        self.norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Returns the final normalized hidden states ``[batch, seq, hidden]`` in the compute dtype.
+
+        Args:
+            input_ids: Token ids ``[batch, seq]``.
+            attention_mask: Optional ``[batch, seq]`` with 1 for real tokens and 0 for padding.
+            deterministic: Disables dropout when True.
+            position_ids: Optional ``[batch, seq]`` positions; defaults to ``0..seq-1`` (as HF without cache).
+        """
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        cos, sin = rope_cos_sin(position_ids, self.config)
+        hidden = self.embed_tokens(input_ids)
+        hidden, _ = self.layers(hidden, cos, sin, mask, deterministic)
+        return self.norm(hidden)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Projects hidden states onto the token embedding (tied output head)."""
+        return self.embed_tokens.attend(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama decoder with a language-model head (HF ``LlamaForCausalLM``)."""
+
+    config: LlamaConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg, cfg.vocab_size, False, "lm_head")
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Returns float32 logits ``[batch, seq, vocab]``; arguments as :meth:`LlamaModel.__call__`."""
+        hidden = self.model(input_ids, attention_mask, deterministic, position_ids)
+        if self.config.tie_word_embeddings:
+            logits = self.model.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+|\{layer\})(?:\.|$)")
+
+
+def hf_module_name(path: str) -> str:
+    """Maps a Flax module path to its Hugging Face module-name template.
+
+    Args:
+        path: Slash-separated module path without the parameter leaf, e.g. ``"model/layers/self_attn/q_proj"``.
+
+    Returns:
+        The dotted HF name with ``{layer}`` where the scanned layer index goes, e.g.
+        ``"model.layers.{layer}.self_attn.q_proj"``.
+
+    Raises:
+        ValueError: If the path does not start with ``model`` or ``lm_head``.
+    """
+    parts = path.strip("/").split("/")
+    if parts[0] not in ("model", "lm_head") or "" in parts:
+        raise ValueError(
+            f"Module path {path!r} is not a LlamaForCausalLM path; expected it to start with 'model/' or be "
+            "'lm_head', e.g. 'model/layers/self_attn/q_proj'."
+        )
+    if parts[:2] == ["model", "layers"]:
+        parts = ["model", "layers", LAYER_PLACEHOLDER, *parts[2:]]
+    return ".".join(parts)
+
+
+def our_module_path(hf_name: str) -> tuple[str, int | None]:
+    """Inverse of :func:`hf_module_name`.
+
+    Args:
+        hf_name: Dotted HF module name, e.g. ``"model.layers.3.self_attn.q_proj"`` (a ``{layer}``
+            template is accepted too).
+
+    Returns:
+        ``(path, layer)``: the Flax module path and the index into the scanned layer axis (None outside the
+        layers or for a template), e.g. ``("model/layers/self_attn/q_proj", 3)``.
+
+    Raises:
+        ValueError: If the name does not belong to a Llama model.
+    """
+    parts = hf_name.strip(".").split(".")
+    if parts[0] not in ("model", "lm_head") or "" in parts:
+        raise ValueError(
+            f"{hf_name!r} is not a LlamaForCausalLM module name; expected e.g. 'model.layers.0.mlp.up_proj'."
+        )
+    if parts[:2] != ["model", "layers"]:
+        return "/".join(parts), None
+    match = _LAYER_NAME.match(hf_name)
+    if match is None:
+        raise ValueError(f"{hf_name!r} names model.layers without a layer index; expected 'model.layers.N...'.")
+    layer = None if parts[2] == LAYER_PLACEHOLDER else int(parts[2])
+    return "/".join(["model", "layers", *parts[3:]]), layer
+
+
+def abstract_params(config: LlamaConfig) -> dict[str, Any]:
+    """Shapes and dtypes (``jax.ShapeDtypeStruct``) of ``LlamaForCausalLM(config)`` params, without allocating."""
+    model = LlamaForCausalLM(config)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return variables["params"]
+
+
+def load_hf_checkpoint(
+    directory: str | os.PathLike[str], *, strict: bool = True, **config_overrides: Any
+) -> tuple[LlamaConfig, dict[str, Any]]:
+    """Loads a Hugging Face Llama checkpoint directory (``config.json`` + ``*.safetensors``).
+
+    Args:
+        directory: Directory written by ``save_pretrained(..., safe_serialization=True)``.
+        strict: If False, checkpoint tensors the model does not use are dropped instead of raising.
+        **config_overrides: Passed to :meth:`LlamaConfig.from_hf_dict`, e.g. ``param_dtype="bfloat16"``.
+
+    Returns:
+        ``(config, params)``; apply with ``LlamaForCausalLM(config).apply({"params": params}, input_ids)``.
+
+    Raises:
+        ValueError: On missing or unexpected tensors, or tensors whose shapes disagree with the config.
+    """
+    directory = os.fspath(directory)
+    config = LlamaConfig.from_json_file(directory, **config_overrides)
+    tensors = read_safetensors_dir(directory)
+
+    def ignore(name: str) -> bool:
+        # RoPE buffers of old checkpoints, and the duplicate head some tied checkpoints still store.
+        return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+    expected = traverse_util.flatten_dict(abstract_params(config))
+    params = checkpoint_to_params(
+        tensors,
+        expected,
+        hf_module_name,
+        num_layers=config.num_hidden_layers,
+        ignore=ignore,
+        strict=strict,
+        source=directory,
+        model_name="LlamaForCausalLM",
+    )
+    return config, params
+
+
+def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Converts ``LlamaForCausalLM`` params to a HF state dict (``[out, in]`` weights, unstacked layers).
+
+    With tied embeddings no ``lm_head.weight`` entry is produced, as in HF safetensors files.
+    """
+    return params_to_checkpoint(params, hf_module_name)

@@ -1,0 +1,110 @@
+"""Split any pytree into trainable and frozen halves and put it back together (equinox semantics)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from jaxpeft._paths import path_str
+from jaxpeft._select import compile_regex
+
+__all__ = ["PathFilter", "combine", "partition", "path_filter", "trainable_mask"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PathFilter:
+    """A filter that sees each leaf's canonical path: True where any regex matches (``re.search``)."""
+
+    patterns: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for p in self.patterns:
+            compile_regex(p, "path_filter")
+
+    def __call__(self, path: str, leaf: Any) -> bool:
+        return any(compile_regex(p, "path_filter").search(path) is not None for p in self.patterns)
+
+
+def path_filter(*patterns: str) -> PathFilter:
+    """A path-aware filter spec: ``partition(tree, path_filter(r"norm", r"head/"))`` trains matching leaves."""
+    if not patterns:
+        raise ValueError("path_filter() needs at least one regex, e.g. path_filter(r'norm/scale$').")
+    return PathFilter(tuple(patterns))
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, (bool, PathFilter)) or callable(x)
+
+
+def _decide(spec: Any, path: str, leaf: Any) -> bool:
+    if isinstance(spec, bool):
+        return spec
+    if isinstance(spec, PathFilter):
+        return bool(spec(path, leaf))
+    return bool(spec(leaf))
+
+
+def trainable_mask(tree: Any, filter_spec: Any, *, is_leaf: Callable[[Any], bool] | None = None) -> Any:
+    """A tree of bools like ``tree``: True = train, False = frozen (one polarity everywhere).
+
+    Args:
+      tree: any pytree.
+      filter_spec: a bool, a callable ``leaf -> bool``, ``jaxpeft.path_filter(...)`` (sees the path), or a
+        pytree prefix of ``tree`` whose leaves are those (``{"params": False, "adapters": True}``).
+      is_leaf: optional ``is_leaf`` for ``tree``.
+
+    Raises:
+      ValueError: a spec leaf is none of the accepted forms, or the spec tree is not a prefix of ``tree``.
+    """
+    specs: dict[tuple[str, ...], Any] = {}
+    for kp, spec in jax.tree_util.tree_flatten_with_path(filter_spec, is_leaf=_is_spec)[0]:
+        if not _is_spec(spec):
+            raise ValueError(
+                f"filter spec at {path_str(kp) or '<root>'!r} is {spec!r}; expected a bool, a callable "
+                "leaf -> bool, jaxpeft.path_filter(...), or a prefix tree of those."
+            )
+        specs[tuple(path_str([k]) for k in kp)] = spec
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    used: set[tuple[str, ...]] = set()
+    mask = []
+    for kp, leaf in flat:
+        parts = tuple(path_str([k]) for k in kp)
+        prefix = next((parts[:n] for n in range(len(parts), -1, -1) if parts[:n] in specs), None)
+        if prefix is None:
+            raise ValueError(
+                f"`filter_spec` is not a prefix of the tree: no entry covers {'/'.join(parts)!r}. Give one entry "
+                "per top-level key, e.g. {'params': False, 'adapters': True}."
+            )
+        used.add(prefix)
+        mask.append(_decide(specs[prefix], "/".join(parts), leaf))
+    unused = sorted("/".join(p) for p in set(specs) - used if p)
+    if unused and flat:
+        raise ValueError(f"`filter_spec` entries {unused[:4]} match nothing in the tree; check their keys.")
+    return jax.tree.unflatten(treedef, mask)
+
+
+def partition(tree: Any, filter_spec: Any, *, is_leaf: Callable[[Any], bool] | None = None) -> tuple[Any, Any]:
+    """``(trainable, frozen)``: two trees like ``tree`` with ``None`` where a leaf belongs to the other half.
+
+    ``combine(trainable, frozen)`` gives ``tree`` back. Differentiate a loss with respect to ``trainable`` only
+    (``jax.grad(lambda t: loss(combine(t, frozen)))``) and no gradient of a frozen leaf is computed.
+    """
+    flat, treedef = jax.tree.flatten(tree, is_leaf=is_leaf)
+    keep = jax.tree.leaves(trainable_mask(tree, filter_spec, is_leaf=is_leaf))
+    trainable = [x if k else None for x, k in zip(flat, keep, strict=True)]
+    frozen = [None if k else x for x, k in zip(flat, keep, strict=True)]
+    return jax.tree.unflatten(treedef, trainable), jax.tree.unflatten(treedef, frozen)
+
+
+def combine(*trees: Any) -> Any:
+    """Leaf-wise first non-``None`` of trees with ``None`` placeholders: the inverse of ``partition``."""
+    if not trees:
+        raise ValueError("combine() needs at least one tree.")
+
+    def first(*leaves: Any) -> Any:
+        return next((x for x in leaves if x is not None), None)
+
+    return jax.tree.map(first, *trees, is_leaf=lambda x: x is None)

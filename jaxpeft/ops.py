@@ -1,0 +1,242 @@
+"""The adapted contractions ``base(x) + s·(x·A)·B`` for dense, einsum, conv and embedding layers.
+
+Every function here takes the call-level adapter (stack axes already sliced away, as inside ``lax.scan``) and
+computes in the activation dtype: A and B are cast down to it, activations are never cast up. None of them
+forms ``W + ΔW``, so differentiating with respect to the adapters never produces a gradient for the kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxpeft._select import Layout
+from jaxpeft.methods.lora import LoraWeights
+
+__all__ = [
+    "EinsumPlan",
+    "attend_delta",
+    "conv_delta",
+    "dense_delta",
+    "einsum_delta",
+    "einsum_plan",
+    "embed_delta",
+    "lora_conv",
+    "lora_dense",
+    "lora_einsum",
+    "lora_embed",
+]
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def _check_call_level(lora: LoraWeights, n_in: int, where: str) -> None:
+    if lora.a.ndim != n_in + 1:
+        raise ValueError(
+            f"{where}: adapter A has shape {lora.a.shape} but the input contracts {n_in} axes; stacked adapters "
+            "must be sliced like their kernel (e.g. jax.tree.map(lambda t: t[i], adapter) inside lax.scan)."
+        )
+
+
+def dense_delta(
+    x: jax.Array,
+    lora: LoraWeights,
+    *,
+    axes: Sequence[int] | None = None,
+    dropout_key: jax.Array | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """``scale · (dropout(x)·A)·B``: the LoRA branch of a dense (or DenseGeneral) layer.
+
+    Args:
+      x: activations; their ``axes`` (default: the trailing ``A.ndim - 1``) are contracted with A's fan-in.
+      lora: call-level adapter, A ``(*fan_in, r)`` and B ``(r, *fan_out)``.
+      axes: input axes to contract, in the order of A's fan-in axes.
+      dropout_key: when given and ``lora.dropout > 0``, inverted dropout on the branch input.
+      precision: passed to the contractions.
+
+    Returns:
+      ``(*x_rest, *fan_out)`` in ``x.dtype``.
+    """
+    n_in = lora.a.ndim - 1
+    _check_call_level(lora, n_in, "dense_delta")
+    axes = tuple(range(x.ndim - n_in, x.ndim)) if axes is None else tuple(a % x.ndim for a in axes)
+    x = _dropout(x, lora.dropout, dropout_key)
+    dims = ((axes, tuple(range(n_in))), ((), ()))
+    h = jax.lax.dot_general(x, lora.a.astype(x.dtype), dims, precision=precision)
+    h = h * jnp.asarray(lora.scale, x.dtype)
+    return jnp.tensordot(h, lora.b.astype(x.dtype), axes=1, precision=precision)
+
+
+def lora_dense(
+    x: jax.Array,
+    kernel: jax.Array,
+    lora: LoraWeights,
+    bias: jax.Array | None = None,
+    *,
+    dropout_key: jax.Array | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """``x·W + bias + scale·(x·A)·B`` for a ``(in, out)`` kernel; never forms ``W + ΔW``."""
+    y = jnp.matmul(x, kernel.astype(x.dtype), precision=precision)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y + dense_delta(x, lora, dropout_key=dropout_key, precision=precision)
+
+
+@dataclasses.dataclass(frozen=True)
+class EinsumPlan:
+    """An einsum ``"in,kernel->out"`` split into its LoRA contractions ``in,A->h`` and ``h,B->out``."""
+
+    layout: Layout
+    a_spec: str
+    h_spec: str
+    b_spec: str
+    x_spec: str
+    out_spec: str
+
+
+def einsum_plan(subscripts: str) -> EinsumPlan:
+    """Split an ``nn.Einsum``-style ``"input,kernel->output"`` string into LoRA contractions.
+
+    Kernel letters shared by input and output are stack (batch) axes and must lead; letters only in the input
+    are fan-in; letters only in the output are fan-out. A kernel ordered otherwise has layout ``unsupported``.
+    """
+    clean = subscripts.replace(" ", "")
+    if "->" not in clean or clean.count(",") != 1:
+        raise ValueError(f"einsum {subscripts!r}: expected two operands and an explicit output, 'btd,dnh->btnh'.")
+    lhs, out = clean.split("->")
+    x_spec, k_spec = lhs.split(",")
+    if "." in k_spec:
+        return EinsumPlan(
+            Layout(kind="unsupported", reason="its kernel subscripts use an ellipsis."), "", "", "", "", ""
+        )
+    x_letters = set(x_spec.replace(".", ""))
+    stack = "".join(c for c in k_spec if c in x_letters and c in out)
+    fan_in = "".join(c for c in k_spec if c in x_letters and c not in out)
+    fan_out = "".join(c for c in k_spec if c not in x_letters and c in out)
+    reason = ""
+    if len(stack) + len(fan_in) + len(fan_out) != len(k_spec):
+        reason = f"kernel subscripts {k_spec!r} have axes summed away inside the kernel."
+    elif k_spec != stack + fan_in + fan_out:
+        reason = (
+            f"kernel subscripts {k_spec!r} are not ordered (shared, contracted, output) = "
+            f"{stack + fan_in + fan_out!r}; reorder the kernel axes."
+        )
+    elif not fan_in or not fan_out:
+        reason = f"kernel subscripts {k_spec!r} need at least one contracted and one output axis."
+    if reason:
+        return EinsumPlan(Layout(kind="unsupported", reason=reason), "", "", "", "", "")
+    used = set(clean)
+    r = next(c for c in "rzyxwvutsqponmlkjihgfedcbaRZYXWVUTSQPONMLKJIHGFEDCBA" if c not in used)
+    h_spec = "".join(c for c in x_spec if c not in fan_in) + r
+    layout = Layout(stack=len(stack), fan_in=len(fan_in), fan_out=len(fan_out), kind="einsum")
+    return EinsumPlan(layout, stack + fan_in + r, h_spec, stack + r + fan_out, x_spec, out)
+
+
+def einsum_delta(
+    subscripts: str,
+    x: jax.Array,
+    lora: LoraWeights,
+    *,
+    dropout_key: jax.Array | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """The LoRA branch of ``jnp.einsum(subscripts, x, kernel)``: ``scale · (x·A)·B`` as two einsums."""
+    p = einsum_plan(subscripts)
+    if p.layout.kind == "unsupported":
+        raise ValueError(f"einsum {subscripts!r} cannot be adapted: {p.layout.reason}")
+    x = _dropout(x, lora.dropout, dropout_key)
+    h = jnp.einsum(f"{p.x_spec},{p.a_spec}->{p.h_spec}", x, lora.a.astype(x.dtype), precision=precision)
+    h = h * jnp.asarray(lora.scale, x.dtype)
+    return jnp.einsum(f"{p.h_spec},{p.b_spec}->{p.out_spec}", h, lora.b.astype(x.dtype), precision=precision)
+
+
+def lora_einsum(
+    subscripts: str,
+    x: jax.Array,
+    kernel: jax.Array,
+    lora: LoraWeights,
+    *,
+    dropout_key: jax.Array | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """``einsum(subscripts, x, W) + scale·(x·A)·B``; never forms ``W + ΔW``."""
+    y = jnp.einsum(subscripts, x, kernel.astype(x.dtype), precision=precision)
+    return y + einsum_delta(subscripts, x, lora, dropout_key=dropout_key, precision=precision)
+
+
+def embed_delta(ids: jax.Array, lora: LoraWeights, dtype: Any) -> jax.Array:
+    """``scale · A[ids]·B``: gather rows of A (``(vocab, r)``), then multiply by B (``(r, features)``)."""
+    h = jnp.take(lora.a, ids, axis=0).astype(dtype) * jnp.asarray(lora.scale, dtype)
+    return jnp.matmul(h, lora.b.astype(dtype))
+
+
+def lora_embed(ids: jax.Array, table: jax.Array, lora: LoraWeights) -> jax.Array:
+    """``table[ids] + scale·A[ids]·B``."""
+    y = jnp.take(table, ids, axis=0)
+    return y + embed_delta(ids, lora, y.dtype)
+
+
+def attend_delta(q: jax.Array, lora: LoraWeights, *, precision: Any = None) -> jax.Array:
+    """The LoRA branch of a tied output head ``q·Eᵀ``: ``scale · (q·Bᵀ)·Aᵀ``, so merged ≡ unmerged holds."""
+    h = jnp.matmul(q, lora.b.astype(q.dtype).T, precision=precision) * jnp.asarray(lora.scale, q.dtype)
+    return jnp.matmul(h, lora.a.astype(q.dtype).T, precision=precision)
+
+
+def conv_delta(
+    x: jax.Array,
+    lora: LoraWeights,
+    conv: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """``scale · conv(x, A)·B``: A is a rank-``r`` kernel with the base conv's window, B a 1x1 projection.
+
+    Args:
+      x: channels-last activations.
+      lora: call-level adapter, A ``(*window, in, r)``, B ``(r, out)``.
+      conv: the base layer's convolution as ``conv(x, kernel)`` (same strides, padding, dilation; no bias).
+      dropout_key: optional dropout key for the branch input.
+    """
+    x = _dropout(x, lora.dropout, dropout_key)
+    h = conv(x, lora.a.astype(x.dtype)) * jnp.asarray(lora.scale, x.dtype)
+    return jnp.tensordot(h, lora.b.astype(h.dtype), axes=1)
+
+
+def lora_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    lora: LoraWeights,
+    bias: jax.Array | None = None,
+    *,
+    strides: Sequence[int] | None = None,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    dilation: Sequence[int] | None = None,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """A channels-last convolution ``conv(x, W) + bias + scale·conv(x, A)·B`` (``W`` is ``(*window, in, out)``)."""
+    n = kernel.ndim - 2
+    spatial = "".join("DHW"[-n:]) if n <= 3 else None
+    if spatial is None:
+        raise ValueError(f"lora_conv: kernel of shape {kernel.shape} has more than 3 spatial axes.")
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+
+    def conv(inp: jax.Array, k: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            inp, k, strides or (1,) * n, padding, rhs_dilation=dilation, dimension_numbers=dn
+        )
+
+    y = conv(x, kernel.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y + conv_delta(x, lora, conv, dropout_key=dropout_key)
