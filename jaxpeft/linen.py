@@ -152,9 +152,7 @@ def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, LoraWeights]]) -> 
             key = module.make_rng("dropout")
         if isinstance(module, nn.Embed):
             delta = (
-                ops.embed_delta(x, lora, y.dtype)
-                if method == "__call__"
-                else ops.attend_delta(x.astype(y.dtype), lora, precision=module.precision)
+                ops.embed_delta(x, lora, y.dtype) if method == "__call__" else ops.attend_delta(x.astype(y.dtype), lora)
             )
         elif isinstance(module, nn.Dense):
             delta = ops.dense_delta(x.astype(y.dtype), lora, dropout_key=key, precision=module.precision)

@@ -67,7 +67,7 @@ def dense_delta(
     Returns:
       ``(*x_rest, *fan_out)`` in ``x.dtype``.
     """
-    n_in = lora.a.ndim - 1
+    n_in = lora.a.ndim - 1 if axes is None else len(axes)
     _check_call_level(lora, n_in, "dense_delta")
     axes = tuple(range(x.ndim - n_in, x.ndim)) if axes is None else tuple(a % x.ndim for a in axes)
     x = _dropout(x, lora.dropout, dropout_key)

@@ -38,9 +38,7 @@ def resolve_dtype(name: str, field: str) -> jnp.dtype:
     try:
         dtype = jnp.dtype(name)
     except TypeError as err:
-        raise ValueError(
-            f"{field}={name!r} is not a dtype name; use e.g. 'float32', 'bfloat16' or 'float16'."
-        ) from err
+        raise ValueError(f"{field}={name!r} is not a dtype name; use e.g. 'float32', 'bfloat16' or 'float16'.") from err
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{field}={name!r} must be a floating point dtype such as 'float32' or 'bfloat16'.")
     return dtype
@@ -187,7 +185,7 @@ def checkpoint_to_params(
                 )
             arrays.append(array)
         value = np.stack(arrays) if scanned else arrays[0]
-        flat[path] = jnp.asarray(value.astype(target.dtype))
+        flat[path] = jnp.asarray(value.astype(target.dtype, copy=False))
     return traverse_util.unflatten_dict(flat)
 
 
@@ -214,7 +212,7 @@ def params_to_checkpoint(params: Mapping[str, Any], module_name: Callable[[str],
         for key, array in layers:
             if path[-1] == "kernel":
                 array = array.T
-            out[key] = np.ascontiguousarray(array)
+            out[key] = np.array(array, order="C")  # a writable copy (device_get may return read-only views)
     return out
 
 

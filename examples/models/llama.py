@@ -166,6 +166,44 @@ class LlamaConfig:
         """Reads a Hugging Face ``config.json`` (the file or its directory); see :meth:`from_hf_dict`."""
         return cls.from_hf_dict(read_config_json(path), **overrides)
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """Returns a Hugging Face ``config.json`` dict for this model (read back by :meth:`from_hf_dict`).
+
+        RoPE settings are written both as ``rope_parameters`` (transformers 5) and as ``rope_theta`` /
+        ``rope_scaling`` (transformers 4). ``dtype``, ``param_dtype`` and ``remat`` are JAX-side settings and
+        are not written.
+        """
+        rope: dict[str, Any] = {"rope_type": self.rope_type}
+        if self.rope_type == "llama3":
+            rope.update(
+                factor=self.rope_factor,
+                low_freq_factor=self.rope_low_freq_factor,
+                high_freq_factor=self.rope_high_freq_factor,
+                original_max_position_embeddings=self.rope_original_max_position_embeddings,
+            )
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "attention_dropout": self.attention_dropout,
+            "initializer_range": self.initializer_range,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_type == "default" else dict(rope),
+            "rope_parameters": {"rope_theta": self.rope_theta, **rope},
+        }
+
 
 def _dense(config: LlamaConfig, features: int, use_bias: bool, name: str) -> nn.Dense:
     return nn.Dense(
@@ -232,10 +270,11 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, deterministic: bool
-    ) -> jax.Array:
-        """Attends ``x`` ``[batch, seq, hidden]`` to itself under boolean ``mask`` ``[batch, 1, seq, seq]``."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+        """Attends ``x`` ``[batch, seq, hidden]`` to itself under boolean ``mask`` ``[batch, 1, seq, seq]``.
+
+        Dropout on the attention weights is applied only when ``deterministic`` is False.
+        """
         cfg = self.config
         batch, seq = x.shape[:2]
         heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -364,10 +403,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> jax.Array:
         """Returns float32 logits ``[batch, seq, vocab]``; arguments as :meth:`LlamaModel.__call__`."""
         hidden = self.model(input_ids, attention_mask, deterministic, position_ids)
-        if self.config.tie_word_embeddings:
-            logits = self.model.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
+        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
         return logits.astype(jnp.float32)
 
 
@@ -378,7 +414,8 @@ def hf_module_name(path: str) -> str:
     """Maps a Flax module path to its Hugging Face module-name template.
 
     Args:
-        path: Slash-separated module path without the parameter leaf, e.g. ``"model/layers/self_attn/q_proj"``.
+        path: Slash-separated module path without the parameter leaf, e.g.
+            ``"model/layers/self_attn/q_proj"``.
 
     Returns:
         The dotted HF name with ``{layer}`` where the scanned layer index goes, e.g.
@@ -427,7 +464,7 @@ def our_module_path(hf_name: str) -> tuple[str, int | None]:
 
 
 def abstract_params(config: LlamaConfig) -> dict[str, Any]:
-    """Shapes and dtypes (``jax.ShapeDtypeStruct``) of ``LlamaForCausalLM(config)`` params, without allocating."""
+    """Shapes and dtypes (``jax.ShapeDtypeStruct``) of ``LlamaForCausalLM(config)`` params (no allocation)."""
     model = LlamaForCausalLM(config)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     return variables["params"]
