@@ -52,14 +52,17 @@ def _call_layout(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
             return Layout(
                 kind="unsupported", reason="grouped convolutions (feature_group_count > 1) are not supported."
             )
-        kernel = module.get_variable("params", "kernel")
+        kernel: Any = module.get_variable("params", "kernel")
         return Layout(fan_in=kernel.ndim - 1, fan_out=1, kind="conv")
     raise TypeError(type(module))  # pragma: no cover - guarded by _SUPPORTED
 
 
 def _einsum_str(module: nn.Einsum, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-    return given if given is not None else module.einsum_str
+    subscripts = given if given is not None else module.einsum_str
+    if not isinstance(subscripts, str):
+        raise ValueError(f"nn.Einsum at {'/'.join(module.path)!r} has no einsum string; pass `einsum_str`.")
+    return subscripts
 
 
 def infer_layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Layout]:
@@ -128,7 +131,7 @@ def _augment(params: Any, adapters: Any) -> tuple[Any, dict[tuple[str, ...], dic
     return params, table
 
 
-def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, LoraWeights]]) -> Any:
+def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, LoraWeights]], used: set[str]) -> Any:
     def intercept(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context: Any) -> Any:
         module = context.module
         entry = table.get(module.path) if isinstance(module, _SUPPORTED) and module.scope is not None else None
@@ -139,6 +142,7 @@ def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, LoraWeights]]) -> 
         meta = entry.get(leaf)
         if meta is None or (method == "attend" and not isinstance(module, nn.Embed)):
             return next_fun(*args, **kwargs)
+        used.add("/".join((*module.path, leaf)))
         lora = LoraWeights(
             module.get_variable("params", _A + leaf),
             module.get_variable("params", _B + leaf),
@@ -182,6 +186,7 @@ def apply(
     rngs: Any = None,
     method: Any = None,
     mutable: Any = False,
+    strict: bool = True,
     **kwargs: Any,
 ) -> Any:
     """``model.apply(variables, *args)`` with every adapted layer computing ``base(x) + s·(x·A)·B``.
@@ -199,6 +204,7 @@ def apply(
       rngs: optional rngs for ``model.apply`` (``{"dropout": key}`` enables dropout).
       method: optional method to call instead of ``__call__``.
       mutable: as in ``model.apply``.
+      strict: raise if an adapter was not used by the call (a silent no-op otherwise).
       **kwargs: keyword arguments for the call.
 
     Returns:
@@ -210,5 +216,14 @@ def apply(
             "e.g. jaxpeft.linen.apply(model, {'params': params}, adapters, x)."
         )
     params, table = _augment(variables["params"], adapters)
-    with nn.intercept_methods(_interceptor(table)):
-        return model.apply({**variables, "params": params}, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
+    used: set[str] = set()
+    with nn.intercept_methods(_interceptor(table, used)):
+        out = model.apply({**variables, "params": params}, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
+    unused = sorted({p for p, _ in adapter_items(adapters)} - used)
+    if strict and unused:
+        raise ValueError(
+            f"adapters {unused[:4]} were not used by this forward: no Dense/DenseGeneral/Einsum/Conv/Embed at that "
+            "path was called. Were the adapters made for this model? For a method that runs only part of the "
+            "model, pass strict=False."
+        )
+    return out

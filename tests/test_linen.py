@@ -203,6 +203,15 @@ def test_apply_without_params_collection_is_an_error():
         jaxpeft.linen.apply(MODEL, {"weights": PARAMS}, {}, IDS)
 
 
+def test_unused_adapters_are_an_error_unless_not_strict():
+    adapters = make_adapters(perturbed=False)
+    stray = {**adapters, "missing": {"kernel": adapters["lm_head"]["kernel"]}}
+    with pytest.raises(ValueError, match=r"adapters \['missing/kernel'\] were not used by this forward"):
+        jaxpeft.linen.apply(MODEL, {"params": PARAMS}, stray, IDS)
+    out = jaxpeft.linen.apply(MODEL, {"params": PARAMS}, stray, IDS, strict=False)
+    np.testing.assert_array_equal(out, run(PARAMS, adapters))
+
+
 def test_unsupported_layers_are_refused_by_name():
     class Grouped(nn.Module):
         @nn.compact

@@ -7,7 +7,7 @@ import functools
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -116,11 +116,13 @@ class LoraConfig:
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at ``path`` (``rank_pattern`` first, then ``rank``)."""
-        return next((r for p, r in self.rank_pattern if match_pattern(p, path)), self.rank)
+        items = cast(tuple[tuple[str, int], ...], self.rank_pattern)
+        return next((r for p, r in items if match_pattern(p, path)), self.rank)
 
     def alpha_for(self, path: str) -> float:
         """The alpha of the adapter at ``path`` (``alpha_pattern`` first, then ``alpha``)."""
-        return next((a for p, a in self.alpha_pattern if match_pattern(p, path)), self.alpha)
+        items = cast(tuple[tuple[str, float], ...], self.alpha_pattern)
+        return next((a for p, a in items if match_pattern(p, path)), self.alpha)
 
     def scale_for(self, path: str) -> float:
         """``alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``) for the adapter at ``path``."""
