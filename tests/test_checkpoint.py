@@ -1,0 +1,289 @@
+"""jaxpeft.checkpoint: exact round trips, keep-last-N, mismatch errors, interrupted saves, other device counts."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _ckpt_worker import build, flat_arrays, trained
+
+import jaxpeft
+import jaxpeft.checkpoint as ckpt_lib
+import jaxpeft.linen
+
+WORKER = os.path.join(os.path.dirname(__file__), "_ckpt_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, params, cfg, x, tx = build()
+    adapters, opt_state = trained(model, params, cfg, x, tx)
+    return model, params, cfg, x, tx, adapters, opt_state
+
+
+def _run_worker(mode, directory, devices=1, background=False):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, WORKER, mode, str(directory)]
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def _assert_same(tree_a, tree_b):
+    flat_a, flat_b = flat_arrays(tree_a), flat_arrays(tree_b)
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
+
+
+def test_round_trip_is_exact_and_saves_only_adapters(setup, tmp_path):
+    model, params, cfg, x, _, adapters, opt_state = setup
+    with ckpt_lib.AdapterCheckpointer(tmp_path / "run", cfg, params) as ckpt:
+        assert ckpt.save(7, adapters, opt_state)
+        ckpt.wait()
+        assert ckpt.latest_step() == 7
+        on_disk = ckpt._manager.item_metadata(7)
+        restored = ckpt.restore(opt_state_like=opt_state)
+    assert restored.step == 7
+    assert restored.config == cfg
+    _assert_same(restored.adapters, adapters)
+    _assert_same(restored.opt_state, opt_state)
+    assert jax.tree.structure(restored.opt_state) == jax.tree.structure(opt_state)
+    lora = restored.adapters["layers"]["up"]["kernel"]
+    assert isinstance(lora, jaxpeft.LoraWeights) and lora.scale == cfg.scale_for("layers/up/kernel")
+    # Saved keys are the adapter paths: no base weight leaks into the checkpoint.
+    saved = {jaxpeft.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(on_disk["adapters"].tree)[0]}
+    assert saved == {f"{p}/{ab}" for p in ("inp/kernel", "layers/up/kernel") for ab in "ab"}
+    # The restored adapters run: same outputs as the originals.
+    y0 = jaxpeft.linen.apply(model, {"params": params}, adapters, x)
+    y1 = jaxpeft.linen.apply(model, {"params": params}, restored.adapters, x)
+    np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))
+
+
+def test_files_hold_no_pickle_and_no_base_weights(setup, tmp_path):
+    _, params, cfg, _, _, adapters, opt_state = setup
+    directory = ckpt_lib.save_adapters(tmp_path / "run", 1, adapters, cfg, params, opt_state)
+    base_bytes = {np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(params) if np.asarray(leaf).size >= 16}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                data = f.read()
+            assert not (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), name
+            assert not any(b in data for b in base_bytes), f"{name} holds a base weight"
+
+
+def test_paths_are_absolute(setup, tmp_path, monkeypatch):
+    _, params, cfg, _, _, adapters, _ = setup
+    monkeypatch.chdir(tmp_path)
+    with ckpt_lib.AdapterCheckpointer("relative/run", cfg, params, async_save=False) as ckpt:
+        assert os.path.isabs(ckpt.directory) and ckpt.directory == str(tmp_path / "relative" / "run")
+        ckpt.save(0, adapters)
+    assert os.path.isdir(tmp_path / "relative" / "run" / "0")
+    assert ckpt_lib.restore_adapters("relative/run", cfg, params).step == 0
+
+
+def test_keep_last_n_interval_and_async(setup, tmp_path):
+    _, params, cfg, _, _, adapters, _ = setup
+    with ckpt_lib.AdapterCheckpointer(tmp_path, cfg, params, max_to_keep=2, save_interval_steps=2) as ckpt:
+        written = [ckpt.save(s, jax.tree.map(lambda a, s=s: a + s, adapters)) for s in range(7)]
+        assert written == [True, False, True, False, True, False, True]
+        assert ckpt.save(5, adapters, force=True)
+        ckpt.wait()
+        assert ckpt.all_steps() == [5, 6]
+    restored = ckpt_lib.restore_adapters(tmp_path, cfg, params, step=6)
+    _assert_same(restored.adapters, jax.tree.map(lambda a: a + 6, adapters))
+    assert restored.opt_state is None
+    with pytest.raises(FileNotFoundError, match=r"`step`=4 is not in .*complete steps are \[5, 6\]"):
+        ckpt_lib.restore_adapters(tmp_path, cfg, params, step=4)
+
+
+def test_async_save_copies_before_returning(setup, tmp_path):
+    """Buffers may be donated (here: deleted) as soon as `save` returns; the files still hold their values."""
+    _, params, cfg, _, _, adapters, _ = setup
+    moved = jax.tree.map(lambda a: a + 1.0, adapters)
+    expected = flat_arrays(moved)
+    with ckpt_lib.AdapterCheckpointer(tmp_path, cfg, params, async_save=True) as ckpt:
+        ckpt.save(1, moved)
+        for leaf in jax.tree.leaves(moved):
+            leaf.delete()
+    restored = flat_arrays(ckpt_lib.restore_adapters(tmp_path, cfg, params).adapters)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(restored[k], v, err_msg=k)
+
+
+def test_read_config_and_missing_directory(setup, tmp_path):
+    _, params, cfg, _, _, adapters, _ = setup
+    ckpt_lib.save_adapters(tmp_path / "run", 3, adapters, cfg, params)
+    assert ckpt_lib.read_config(tmp_path / "run") == cfg
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        ckpt_lib.restore_adapters(tmp_path / "nowhere", cfg, params)
+    assert not os.path.exists(tmp_path / "nowhere")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt_lib.restore_adapters(tmp_path / "empty", cfg, params)
+
+
+def test_config_mismatch_names_fields(setup, tmp_path):
+    _, params, cfg, _, _, adapters, _ = setup
+    ckpt_lib.save_adapters(tmp_path, 1, adapters, cfg, params)
+    other = jaxpeft.LoraConfig(rank=3, alpha=4.0, targets=["inp"])
+    with pytest.raises(ValueError, match=r"different config: rank: checkpoint 2, now 3; targets: checkpoint"):
+        ckpt_lib.restore_adapters(tmp_path, other, params)
+    # dropout does not shape the arrays: a restore may change it.
+    relaxed = jaxpeft.LoraConfig(rank=2, alpha=4.0, targets=["inp", "up"], dropout=0.1)
+    restored = ckpt_lib.restore_adapters(tmp_path, relaxed, params)
+    assert restored.adapters["inp"]["kernel"].dropout == 0.1
+
+
+def test_fingerprint_mismatch_names_paths(setup, tmp_path):
+    _, params, cfg, _, _, adapters, _ = setup
+    ckpt_lib.save_adapters(tmp_path, 1, adapters, cfg, params)
+    wider = {**params, "head": {"kernel": jnp.zeros((16, 5)), "bias": jnp.zeros(5)}}
+    with pytest.raises(ValueError, match=r"different base model: 'head/bias': checkpoint \(4,\) float32, now \(5,\)"):
+        ckpt_lib.restore_adapters(tmp_path, cfg, wider)
+    # Off the fingerprint check, the adapted paths and shapes are still checked ...
+    assert ckpt_lib.restore_adapters(tmp_path, cfg, wider, check_base=False).step == 1
+    bigger_in = {**params, "inp": {"kernel": jnp.zeros((6, 16)), "bias": jnp.zeros(16)}}
+    with pytest.raises(ValueError, match=r"holds adapters that .*'inp/kernel': checkpoint \(8, 2\) / \(2, 16\), now"):
+        ckpt_lib.restore_adapters(tmp_path, cfg, bigger_in, check_base=False)
+
+
+def test_save_refuses_adapters_that_do_not_fit(setup, tmp_path):
+    model, params, cfg, x, _, adapters, _ = setup
+    rank3 = jaxpeft.LoraConfig(rank=3, alpha=4.0, targets=["inp", "up"])
+    other = jaxpeft.linen.init(rank3, model, params, x, key=jax.random.key(0))
+    with ckpt_lib.AdapterCheckpointer(tmp_path, cfg, params) as ckpt:
+        with pytest.raises(ValueError, match=r"`adapters` are not what `cfg` makes.*'inp/kernel': config \(8, 2\)"):
+            ckpt.save(0, other)
+        with pytest.raises(ValueError, match=r"cannot check `adapters` against `cfg`.*'layers/up/kernel' has shape"):
+            ckpt.save(0, {"inp": adapters["inp"]})
+        with pytest.raises(ValueError, match=r"only arrays can be checkpointed"):
+            ckpt.save(0, adapters, {"lr": "high"})
+    with pytest.raises(ValueError, match="is a function and cannot be written to JSON"):
+        ckpt_lib.AdapterCheckpointer(tmp_path, jaxpeft.LoraConfig(targets=lambda p, x: "inp" in p), params)
+
+
+def test_optimizer_state_mismatch(setup, tmp_path):
+    _, params, cfg, _, tx, adapters, opt_state = setup
+    ckpt_lib.save_adapters(tmp_path / "with", 1, adapters, cfg, params, opt_state)
+    ckpt_lib.save_adapters(tmp_path / "without", 1, adapters, cfg, params)
+    with pytest.raises(ValueError, match="has no optimizer state; pass opt_state_like=None"):
+        ckpt_lib.restore_adapters(tmp_path / "without", cfg, params, opt_state_like=opt_state)
+    sgd_state = optax.sgd(0.1, momentum=0.9).init(adapters)
+    with pytest.raises(ValueError, match=r"`opt_state_like` does not match .*'0/mu/inp/kernel/a' missing"):
+        ckpt_lib.restore_adapters(tmp_path / "with", cfg, params, opt_state_like=sgd_state)
+    # An abstract target (jax.eval_shape) works as well as a concrete one.
+    abstract = jax.eval_shape(tx.init, adapters)
+    restored = ckpt_lib.restore_adapters(tmp_path / "with", cfg, params, opt_state_like=abstract)
+    _assert_same(restored.opt_state, opt_state)
+
+
+def test_restore_never_leaves_abstract_leaves(setup, tmp_path, monkeypatch):
+    _, params, cfg, _, _, adapters, _ = setup
+    with ckpt_lib.AdapterCheckpointer(tmp_path, cfg, params, async_save=False) as ckpt:
+        ckpt.save(1, adapters)
+        real_restore = ckpt._manager.restore
+
+        def partial_restore(step, args=None):  # what a silent partial restore would hand back
+            out = real_restore(step, args=args)
+            if "adapters" in out:
+                out["adapters"]["inp"]["kernel"]["a"] = jax.ShapeDtypeStruct((8, 2), jnp.float32)
+            return out
+
+        monkeypatch.setattr(ckpt._manager, "restore", partial_restore)
+        with pytest.raises(ValueError, match=r"would leave adapters leaves unfilled: .*abstract \['inp/kernel/a'\]"):
+            ckpt.restore()
+
+
+def test_restore_uses_given_shardings(setup, tmp_path):
+    _, params, cfg, _, _, adapters, opt_state = setup
+    ckpt_lib.save_adapters(tmp_path, 1, adapters, cfg, params, opt_state)
+    device = jax.devices()[-1]
+    seen = []
+
+    def pick(path, abstract):
+        seen.append(path)
+        return jax.sharding.SingleDeviceSharding(device)
+
+    restored = ckpt_lib.restore_adapters(tmp_path, cfg, params, sharding=pick, opt_state_like=opt_state)
+    assert sorted(seen) == sorted(f"{p}/{ab}" for p in ("inp/kernel", "layers/up/kernel") for ab in "ab")
+    assert restored.adapters["inp"]["kernel"].a.sharding == jax.sharding.SingleDeviceSharding(device)
+    with pytest.raises(ValueError, match=r"`adapters_like` does not match .*'inp/kernel/a'"):
+        ckpt_lib.restore_adapters(tmp_path, cfg, params, adapters_like={"layers": adapters["layers"]})
+
+
+def test_saved_on_8_devices_restores_on_1(setup, tmp_path):
+    _, params, cfg, *_ = setup
+    out = _run_worker("save-sharded", tmp_path, devices=8)
+    assert "saved on 8 devices" in out
+    like = trained(*setup[:5], steps=0)
+    restored = ckpt_lib.restore_adapters(tmp_path, cfg, params, opt_state_like=like[1])
+    assert restored.step == 5 and jax.device_count() == 1
+    from safetensors.numpy import load_file
+
+    expected = load_file(os.path.join(tmp_path, "expected.safetensors"))
+    for k, v in flat_arrays(restored.adapters).items():
+        np.testing.assert_array_equal(v, expected[f"adapters/{k}"])
+    for k, v in flat_arrays(restored.opt_state).items():
+        np.testing.assert_array_equal(v, expected[f"opt/{k}"])
+
+
+def test_saved_on_1_device_restores_sharded_on_8(setup, tmp_path):
+    from safetensors.numpy import save_file
+
+    _, params, cfg, _, _, adapters, opt_state = setup
+    ckpt_lib.save_adapters(tmp_path, 5, adapters, cfg, params, opt_state)
+    expected = {f"adapters/{k}": v for k, v in flat_arrays(adapters).items()}
+    expected |= {f"opt/{k}": v for k, v in flat_arrays(opt_state).items()}
+    save_file(expected, os.path.join(tmp_path, "expected.safetensors"))
+    assert "restored step 5 on 8 devices" in _run_worker("restore-sharded", tmp_path, devices=8)
+
+
+def _wait_for(path, proc, seconds=90.0):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited early ({proc.returncode}): {proc.communicate()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("worker never reached the commit of step 2")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["hang", "kill"])
+def test_interrupted_save_keeps_previous_checkpoint(setup, tmp_path, mode):
+    _, params, cfg, *_ = setup
+    proc = _run_worker(mode, tmp_path, background=True)
+    if mode == "hang":  # killed while step 2 sits fully written but uncommitted
+        _wait_for(tmp_path / "IN_SAVE", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=90)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith("2")]
+    if mode == "hang":
+        assert leftovers and all("tmp" in n for n in leftovers), leftovers
+    like = trained(*setup[:5], steps=0)
+    with ckpt_lib.AdapterCheckpointer(tmp_path, cfg, params) as ckpt:
+        assert ckpt.latest_step() in (1, 2)
+        if mode == "hang":
+            assert ckpt.all_steps() == [1]
+        restored = ckpt.restore(1, opt_state_like=like[1])
+        _assert_same(restored.adapters, setup[5])
+        # The directory stays usable: the next save of step 2 goes through.
+        assert not [n for n in os.listdir(tmp_path) if "tmp" in n]
+        if ckpt.latest_step() == 1:
+            ckpt.save(2, restored.adapters, restored.opt_state)
+            ckpt.wait()
+        assert ckpt.restore(2, opt_state_like=like[1]).step == 2

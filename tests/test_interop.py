@@ -1,0 +1,299 @@
+"""jaxpeft.hf against the real thing: torch transformers + HF PEFT, logits compared in float32 both ways.
+
+Needs the ``interop`` extra (torch CPU, transformers, peft); skipped cleanly without it.
+"""
+
+import copy
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import jaxpeft  # noqa: E402
+import jaxpeft.hf as hf  # noqa: E402
+import jaxpeft.linen  # noqa: E402
+from examples.models import bert, llama  # noqa: E402
+
+pytestmark = [
+    # Notices from transformers/peft themselves (PEFT's save_pretrained probes a deprecated transformers API and
+    # announces that it saves the embedding it adapts); nothing of jaxpeft's.
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning"),
+    # jaxpeft writes ensure_weight_tying=True with an adapted embedding; PEFT notes when the model is untied.
+    pytest.mark.filterwarnings("ignore:You have requested `ensure_weight_tying`, but no tied modules:UserWarning"),
+]
+
+TOL = 1e-4
+IDS = np.random.default_rng(0).integers(1, 60, (2, 9)).astype(np.int64)
+
+
+def _randomise(adapters, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.2), adapters)
+
+
+def _max_diff(ours, theirs):
+    return float(np.max(np.abs(np.asarray(ours, np.float32) - theirs.detach().numpy())))
+
+
+def _llama_pair(directory, tied):
+    """A tiny torch Llama and our Flax Llama holding the same weights (through the safetensors loader)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
+    )
+    torch_model = transformers.LlamaForCausalLM(config).eval()
+    torch_model.save_pretrained(directory)
+    flax_config, params = llama.load_hf_checkpoint(directory)
+    model = llama.LlamaForCausalLM(flax_config)
+    layouts = jaxpeft.linen.infer_layouts(model, jnp.asarray(IDS))
+    with torch.no_grad():
+        base = torch_model(torch.tensor(IDS)).logits
+    assert _max_diff(model.apply({"params": params}, jnp.asarray(IDS)), base) < TOL
+    return torch_model, model, params, layouts
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    return _llama_pair(tmp_path_factory.mktemp("llama"), tied=False)
+
+
+@pytest.fixture(scope="module")
+def bert_pair(tmp_path_factory):
+    torch.manual_seed(1)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
+    torch_model = transformers.BertModel(config).eval()
+    directory = tmp_path_factory.mktemp("bert")
+    torch_model.save_pretrained(directory)
+    flax_config, params = bert.load_hf_checkpoint(directory)
+    model = bert.BertModel(flax_config)
+    layouts = jaxpeft.linen.infer_layouts(model, jnp.asarray(IDS))
+    with torch.no_grad():
+        base = torch_model(torch.tensor(IDS)).last_hidden_state
+    assert _max_diff(model.apply({"params": params}, jnp.asarray(IDS)), base) < TOL
+    return torch_model, model, params, layouts
+
+
+def _torch_out(model, kind):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(IDS))
+    return out.logits if kind == "llama" else out.last_hidden_state
+
+
+CASES = {
+    "llama": dict(
+        module_name=llama.hf_module_name,
+        plain=dict(rank=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"]),
+        patterns=dict(
+            rank=4,
+            alpha=8,
+            targets=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
+            rank_pattern={"down_proj": 2, "embed_tokens": 3},
+            alpha_pattern={"v_proj": 5, "up_proj": 2.5},
+            use_rslora=True,
+        ),
+    ),
+    "bert": dict(
+        module_name=bert.hf_module_name,
+        plain=dict(rank=4, alpha=8, targets=["query", "value", "word_embeddings"]),
+        patterns=dict(
+            rank=4,
+            alpha=16,
+            targets=r"(query|key|attention/output/dense|intermediate/dense|word_embeddings)/(kernel|embedding)$",
+            rank_pattern={"intermediate": 2},
+            alpha_pattern={"key": 4},
+            use_rslora=True,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", ["plain", "patterns"])
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_jax_adapter_loads_in_hf_peft(kind, variant, request, tmp_path):
+    torch_model, model, params, layouts = request.getfixturevalue(f"{kind}_pair")
+    case = CASES[kind]
+    cfg = jaxpeft.LoraConfig(**case[variant])
+    shapes = jax.eval_shape(lambda: jaxpeft.init(cfg, params, key=jax.random.key(0), layouts=layouts))
+    adapters = _randomise(shapes, seed=2)
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, jnp.asarray(IDS))
+    hf.export_adapters(tmp_path, adapters, cfg, params, case["module_name"], layouts=layouts)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path).eval()
+    diff = _max_diff(ours, _torch_out(peft_model, kind))
+    base = _max_diff(ours, _torch_out(torch_model, kind))
+    print(f"JAX -> HF {kind}/{variant}: max |logit diff| {diff:.2e} (adapter moved outputs by {base:.2f})")
+    assert base > 1e-2, "the adapter should change the outputs, or the comparison proves nothing"
+    assert diff < TOL
+
+
+def _hf_lora_config(kind, variant):
+    if kind == "llama":
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"]
+        extra = {"rank_pattern": {"down_proj": 2, "embed_tokens": 3}, "alpha_pattern": {"v_proj": 5}}
+        if variant == "patterns":
+            targets = [*targets, "gate_proj", "up_proj", "down_proj"]
+    else:
+        targets = ["query", "value", "word_embeddings"]
+        extra = {"rank_pattern": {"intermediate.dense": 2}, "alpha_pattern": {"value": 4}}
+        if variant == "patterns":
+            targets = [*targets, "key", "intermediate.dense", "output.dense"]
+    kwargs = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, lora_dropout=0.1)
+    if variant == "patterns":
+        kwargs |= dict(extra, use_rslora=True)
+    return peft.LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("variant", ["plain", "patterns"])
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_hf_peft_adapter_imports_into_jax(kind, variant, request, tmp_path):
+    torch_model, model, params, layouts = request.getfixturevalue(f"{kind}_pair")
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(copy.deepcopy(torch_model), _hf_lora_config(kind, variant))
+    # B starts random (init_lora_weights=False); one optimizer step makes it a trained adapter.
+    peft_model.train()
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    out = peft_model(input_ids=torch.tensor(IDS))
+    loss = (out.logits if kind == "llama" else out.last_hidden_state).square().mean()
+    loss.backward()
+    optimizer.step()
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path)
+    theirs = _torch_out(peft_model, kind)
+    cfg, adapters = hf.import_adapters(tmp_path, params, CASES[kind]["module_name"], layouts=layouts)
+    assert cfg.dropout == 0.1
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, jnp.asarray(IDS))
+    diff = _max_diff(ours, theirs)
+    base = _max_diff(model.apply({"params": params}, jnp.asarray(IDS)), theirs)
+    print(f"HF -> JAX {kind}/{variant}: max |logit diff| {diff:.2e} (adapter moved outputs by {base:.2f})")
+    assert base > 1e-2
+    assert diff < TOL
+    # And back: our export of the imported adapter loads in PEFT with the same outputs.
+    hf.export_adapters(tmp_path / "again", adapters, cfg, params, CASES[kind]["module_name"], layouts=layouts)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path / "again").eval()
+    assert _max_diff(ours, _torch_out(reloaded, kind)) < TOL
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True` and a tied layer:UserWarning")
+def test_tied_embedding_adapter_both_ways(tmp_path):
+    """A tied head: jaxpeft applies the embedding adapter to `attend`; PEFT does so with ensure_weight_tying."""
+    torch_model, model, params, layouts = _llama_pair(tmp_path / "base", tied=True)
+    assert "lm_head" not in params
+    cfg = jaxpeft.LoraConfig(rank=4, alpha=8, targets=["embed_tokens", "q_proj"])
+    shapes = jax.eval_shape(lambda: jaxpeft.init(cfg, params, key=jax.random.key(0), layouts=layouts))
+    adapters = _randomise(shapes, seed=8)
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, jnp.asarray(IDS))
+    hf.export_adapters(
+        tmp_path / "jax", adapters, cfg, params, llama.hf_module_name, layouts=layouts, tied_head="lm_head"
+    )
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path / "jax").eval()
+    diff = _max_diff(ours, _torch_out(loaded, "llama"))
+    print(f"JAX -> HF tied llama: max |logit diff| {diff:.2e}")
+    assert diff < TOL
+    _, back = hf.import_adapters(tmp_path / "jax", params, llama.hf_module_name, layouts=layouts)
+    assert sorted(back["model"]) == ["embed_tokens", "layers"]  # the head's copy is recognised and dropped
+
+    torch.manual_seed(9)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False, ensure_weight_tying=True
+    )
+    trained = peft.get_peft_model(copy.deepcopy(torch_model), lora).eval()
+    with torch.no_grad():  # init_lora_weights=False draws N(0, 1) factors: scale them to a trained adapter's size
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.2)
+    trained.save_pretrained(tmp_path / "hf")  # holds lm_head.lora_A/B: the embedding factors, transposed
+    _, imported = hf.import_adapters(tmp_path / "hf", params, llama.hf_module_name, layouts=layouts)
+    ours = jaxpeft.linen.apply(model, {"params": params}, imported, jnp.asarray(IDS))
+    diff = _max_diff(ours, _torch_out(trained, "llama"))
+    print(f"HF -> JAX tied llama: max |logit diff| {diff:.2e}; max |logit| {float(np.abs(np.asarray(ours)).max()):.1f}")
+    assert diff < TOL
+
+
+class ConvNet(nn.Module):
+    """A Conv, a DenseGeneral with two fan-out axes and one with two fan-in axes (Flax side of TorchConvNet)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(3, (3, 3), padding="SAME", name="conv")(x)
+        h = nn.DenseGeneral((2, 4), name="proj")(h)
+        return nn.DenseGeneral(5, axis=(-2, -1), name="out")(h)
+
+
+def _torch_conv_net():
+    class TorchConvNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+            self.proj = torch.nn.Linear(3, 8)
+            self.out = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.out(self.proj(self.conv(x).permute(0, 2, 3, 1)))
+
+    torch.manual_seed(4)
+    return TorchConvNet().eval()
+
+
+def test_conv_and_multi_axis_kernels_both_ways(tmp_path):
+    torch_model = _torch_conv_net()
+    w = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    params = {
+        "conv": {"kernel": w["conv.weight"].transpose(2, 3, 1, 0), "bias": w["conv.bias"]},
+        "proj": {"kernel": w["proj.weight"].T.reshape(3, 2, 4), "bias": w["proj.bias"].reshape(2, 4)},
+        "out": {"kernel": w["out.weight"].T.reshape(2, 4, 5), "bias": w["out.bias"]},
+    }
+    params = jax.tree.map(jnp.asarray, params)
+    model = ConvNet()
+    x = np.random.default_rng(5).standard_normal((2, 6, 6, 2)).astype(np.float32)
+    x_torch = torch.tensor(x.transpose(0, 3, 1, 2))
+    layouts = jaxpeft.linen.infer_layouts(model, jnp.asarray(x))
+    assert _max_diff(model.apply({"params": params}, jnp.asarray(x)), torch_model(x_torch)) < TOL
+    fn = hf.module_name_map()
+
+    # JAX -> HF
+    cfg = jaxpeft.LoraConfig(rank=2, alpha=4, targets=["conv", "proj", "out"])
+    shapes = jax.eval_shape(lambda: jaxpeft.init(cfg, params, key=jax.random.key(0), layouts=layouts))
+    adapters = _randomise(shapes, seed=6)
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, jnp.asarray(x))
+    hf.export_adapters(tmp_path / "jax", adapters, cfg, params, fn, layouts=layouts)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path / "jax").eval()
+    with torch.no_grad():
+        diff = _max_diff(ours, loaded(x_torch))
+        base = _max_diff(ours, torch_model(x_torch))
+    print(f"JAX -> HF conv/DenseGeneral: max |diff| {diff:.2e} (adapter moved outputs by {base:.2f})")
+    assert base > 1e-2 and diff < TOL
+
+    # HF -> JAX
+    torch.manual_seed(7)
+    lora = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "proj", "out"], init_lora_weights=False)
+    trained = peft.get_peft_model(copy.deepcopy(torch_model), lora).eval()
+    trained.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        theirs = trained(x_torch)
+    _, imported = hf.import_adapters(tmp_path / "hf", params, fn, layouts=layouts)
+    ours = jaxpeft.linen.apply(model, {"params": params}, imported, jnp.asarray(x))
+    diff = _max_diff(ours, theirs)
+    print(f"HF -> JAX conv/DenseGeneral: max |diff| {diff:.2e}")
+    assert _max_diff(model.apply({"params": params}, jnp.asarray(x)), theirs) > 1e-2 and diff < TOL
