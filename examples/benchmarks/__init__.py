@@ -1,0 +1,1 @@
+"""Benchmarks: XLA cost-analysis FLOPs of PEFT vs full fine-tuning train steps."""
