@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import jaxpeft
+import jaxpeft.checkpoint
 import jaxpeft.linen
 import jaxpeft.nnx as jnnx
 
@@ -405,6 +406,22 @@ def test_linen_and_nnx_adapters_share_one_layout():
     want = jax.jit(lambda a: jaxpeft.linen.apply(linen, {"params": params}, a, x))(trained)
     np.testing.assert_allclose(forward(adapted, x), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(forward(jnnx.attach(model, trained), x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_written_from_linen_restores_into_nnx(tmp_path):
+    x = jax.random.normal(jax.random.key(0), (2, 5))
+    model = build(lambda: NnxNet(nnx.Rngs(0)))
+    params = jnnx.base_params(model)
+    linen = LinenNet()
+    cfg = jaxpeft.LoraConfig(rank=2, targets="all-linear")
+    trained = perturb(jaxpeft.linen.init(cfg, linen, params, x, key=jax.random.key(5)))
+    jaxpeft.checkpoint.save_adapters(tmp_path / "ckpt", 7, trained, cfg, params)
+    restored = jaxpeft.checkpoint.restore_adapters(
+        tmp_path / "ckpt", cfg, jnnx.base_params(model), layouts=jnnx.infer_layouts(model)
+    )
+    assert restored.step == 7
+    want = jax.jit(lambda a: jaxpeft.linen.apply(linen, {"params": params}, a, x))(trained)
+    np.testing.assert_allclose(forward(jnnx.attach(model, restored.adapters), x), want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- errors
