@@ -1,8 +1,5 @@
 """jaxpeft.nnx: layouts, identity, merged ≡ unmerged, functional split, training, stacks, bf16, interop, errors."""
 
-import os
-import sys
-
 import chex
 import flax.linen as nn
 import jax
@@ -475,10 +472,8 @@ def test_subclass_with_its_own_forward_is_refused():
 
 
 def test_lora_step_flops_at_most_072_of_full_fine_tuning():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "benchmarks"))
-    try:
-        from nnx_flops_model import nnx_lora_flops
-    finally:
-        sys.path.pop(0)
-    full, lora = nnx_lora_flops(width=256, ffn=1024, layers=2, tokens=256, rank=8, seq=32, vocab=256)
+    from examples.benchmarks.flops import BenchConfig, step_flops
+
+    cfg = BenchConfig(width=256, ffn=1024, layers=2, heads=8, tokens=256, seq=32, vocab=256, rank=8)
+    full, lora = step_flops("nnx-full", cfg), step_flops("nnx-lora", cfg)
     assert lora / full <= 0.72, (full, lora)

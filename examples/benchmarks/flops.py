@@ -1,5 +1,7 @@
 """XLA cost-analysis FLOPs of one train step: full fine-tuning, the frozen floor, jaxpeft LoRA, merge-on-the-fly.
 
+The same transformer is built in Flax Linen and in Flax NNX (``nnx-full``, ``nnx-lora``).
+
 Deterministic (it compiles, it does not time), so it runs anywhere, CPU included:
 
     python examples/benchmarks/flops.py                 # width 1024, ffn 4096, 4 layers, 4096 tokens, rank 8
@@ -15,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -24,9 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 import jaxpeft
 import jaxpeft.linen
+import jaxpeft.nnx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,50 @@ class Transformer(nn.Module):
         return nn.Dense(c.vocab, use_bias=False, name="lm_head")(nn.LayerNorm(name="final_norm")(x))
 
 
+class NnxBlock(nnx.Module):
+    """The NNX twin of ``Block``."""
+
+    def __init__(self, width: int, ffn: int, heads: int, *, rngs: nnx.Rngs) -> None:
+        self.heads = heads
+        self.attn_norm = nnx.LayerNorm(width, rngs=rngs)
+        self.q_proj = nnx.Linear(width, width, use_bias=False, rngs=rngs)
+        self.k_proj = nnx.Linear(width, width, use_bias=False, rngs=rngs)
+        self.v_proj = nnx.Linear(width, width, use_bias=False, rngs=rngs)
+        self.o_proj = nnx.Linear(width, width, use_bias=False, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(width, rngs=rngs)
+        self.up_proj = nnx.Linear(width, ffn, use_bias=False, rngs=rngs)
+        self.down_proj = nnx.Linear(ffn, width, use_bias=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        h = self.attn_norm(x)
+
+        def split(a: jax.Array) -> jax.Array:
+            return a.reshape(b, t, self.heads, d // self.heads)
+
+        mask = nnx.make_causal_mask(jnp.ones((b, t)))
+        att = nnx.dot_product_attention(split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h)), mask=mask)
+        x = x + self.o_proj(att.reshape(b, t, d))
+        h = self.up_proj(self.mlp_norm(x))
+        return x + self.down_proj(nnx.gelu(h))
+
+
+class NnxTransformer(nnx.Module):
+    """The NNX twin of ``Transformer``: embedding, unrolled blocks, final norm, untied ``lm_head``."""
+
+    def __init__(self, vocab: int, width: int, ffn: int, layers: int, heads: int, *, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(vocab, width, rngs=rngs)
+        self.layers = nnx.List([NnxBlock(width, ffn, heads, rngs=rngs) for _ in range(layers)])
+        self.final_norm = nnx.LayerNorm(width, rngs=rngs)
+        self.lm_head = nnx.Linear(width, vocab, use_bias=False, rngs=rngs)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.final_norm(x))
+
+
 def _xent(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
@@ -89,8 +135,29 @@ def _flops(fn: Callable[..., Any], *args: Any) -> float:
     return float(cost["flops"])
 
 
+def _nnx_step_flops(model: nnx.Module, wrt: Any, ids: jax.ShapeDtypeStruct, tx: optax.GradientTransformation) -> float:
+    """FLOPs of ``loss -> grad wrt the ``wrt`` variables -> AdamW update`` for an (abstract) model."""
+    graphdef, trainable, frozen = nnx.split(model, wrt, ...)
+
+    def step(trainable: Any, frozen: Any, opt: Any, ids: jax.Array) -> Any:
+        def loss(t: Any) -> jax.Array:
+            return _xent(nnx.merge(graphdef, t, frozen, copy=True)(ids), ids)
+
+        grads = jax.grad(loss)(trainable)
+        updates, opt = tx.update(grads, opt, trainable)
+        return optax.apply_updates(trainable, updates), opt
+
+    return _flops(step, trainable, frozen, jax.eval_shape(tx.init, trainable), ids)
+
+
+MODES = ("full", "floor", "lora", "merged", "nnx-full", "nnx-lora")
+
+
 def step_flops(mode: str, cfg: BenchConfig) -> float:
-    """FLOPs of one jitted AdamW train step in ``mode`` ("full", "floor", "lora", "merged"); nothing is allocated."""
+    """FLOPs of one jitted AdamW train step in ``mode`` (one of ``MODES``); nothing is allocated.
+
+    The ``nnx-*`` modes use ``NnxTransformer``, the NNX twin of the Linen model, through ``jaxpeft.nnx``.
+    """
     model = Transformer(cfg)
     ids = jax.ShapeDtypeStruct((cfg.batch, cfg.seq), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
@@ -116,13 +183,22 @@ def step_flops(mode: str, cfg: BenchConfig) -> float:
 
         return _flops(step, train, frozen, jax.eval_shape(tx.init, train), ids)
     lora_cfg = jaxpeft.LoraConfig(rank=cfg.rank, alpha=2 * cfg.rank, targets="all-linear")
+    if mode.startswith("nnx-"):
+        nnx_model = nnx.eval_shape(
+            lambda: NnxTransformer(cfg.vocab, cfg.width, cfg.ffn, cfg.layers, cfg.heads, rngs=nnx.Rngs(0))
+        )
+        if mode == "nnx-full":
+            return _nnx_step_flops(nnx_model, nnx.Param, ids, tx)
+        if mode == "nnx-lora":
+            lora_model = jaxpeft.nnx.apply_lora(nnx_model, lora_cfg, key=jax.random.key(1))
+            return _nnx_step_flops(lora_model, jaxpeft.nnx.LoraParam, ids, tx)
     adapters = jax.eval_shape(lambda: jaxpeft.linen.init(lora_cfg, model, params, ids, key=jax.random.key(1)))
     if mode == "lora":
         forward = lambda p, a, x: jaxpeft.linen.apply(model, {"params": p}, a, x)  # noqa: E731
     elif mode == "merged":
         forward = jaxpeft.merged(lambda p, x: model.apply({"params": p}, x))
     else:
-        raise ValueError(f"`mode`={mode!r}; expected 'full', 'floor', 'lora' or 'merged'.")
+        raise ValueError(f"`mode`={mode!r}; expected one of {MODES}.")
 
     def step(adapters: Any, params: Any, opt: Any, ids: jax.Array) -> Any:
         grads = jax.grad(lambda a: _xent(forward(params, a, ids), ids))(adapters)
@@ -139,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
     print(f"config: {cfg} (batch {cfg.batch} x seq {cfg.seq}), backend {jax.default_backend()}")
-    flops = {mode: step_flops(mode, cfg) for mode in ("full", "floor", "lora", "merged")}
+    modes = MODES[:4] if args.no_nnx else MODES
+    flops = {mode: step_flops(mode, cfg) for mode in modes}
     for mode, value in flops.items():
         print(f"{mode:8s} {value / 1e9:10.2f} GFLOP")
     ratios = {
@@ -148,14 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "merged/full": flops["merged"] / flops["full"],
     }
     if not args.no_nnx:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from nnx_flops_model import nnx_lora_flops
-
-        full, lora = nnx_lora_flops(
-            width=cfg.width, ffn=cfg.ffn, layers=cfg.layers, tokens=cfg.tokens, rank=cfg.rank, seq=cfg.seq
-        )
-        print(f"nnx-full {full / 1e9:10.2f} GFLOP\nnnx-lora {lora / 1e9:10.2f} GFLOP")
-        ratios["nnx-lora/full"] = lora / full
+        ratios["nnx-lora/full"] = flops["nnx-lora"] / flops["nnx-full"]
     for name, value in ratios.items():
         print(f"ratio {name} {value:.3f}")
     return ratios
