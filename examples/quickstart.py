@@ -84,17 +84,20 @@ def main() -> float:
     task_a, task_b = sampler(perm_a), sampler(perm_b)
     model = TinyLM()
     ids = task_a(jax.random.key(0))
-    params = model.init(jax.random.key(1), ids)["params"]
+    params = jax.jit(model.init)(jax.random.key(1), ids)["params"]  # jitted: one compile instead of one per op
 
     print("1) pre-train the base model on task A (full fine-tuning)")
     full_loss = lambda p, batch: xent(model.apply({"params": p}, batch), batch)  # noqa: E731
     params = train(full_loss, params, task_a, 100, 3e-3, "base", jax.random.key(2))
-    print(f"  base model on the shifted task B: loss {float(full_loss(params, task_b(jax.random.key(3)))):.4f}")
+    print(
+        f"  base model on the shifted task B: loss {float(jax.jit(full_loss)(params, task_b(jax.random.key(3)))):.4f}"
+    )
 
     print("\n2) LoRA on task B: only the adapters train; the base weights are frozen")
     cfg = jaxpeft.LoraConfig(rank=4, alpha=8, targets="all-linear")
-    adapters = jaxpeft.linen.init(cfg, model, params, ids, key=jax.random.key(4))
-    print(jaxpeft.plan(cfg, params, layouts=jaxpeft.linen.infer_layouts(model, ids)))
+    layouts = jaxpeft.linen.infer_layouts(model, ids)  # abstract trace: which kernel axes are stack/fan-in/fan-out
+    print(jaxpeft.plan(cfg, params, layouts=layouts))  # the dry run
+    adapters = jax.jit(lambda p, k: jaxpeft.init(cfg, p, key=k, layouts=layouts))(params, jax.random.key(4))
     print()
     print(jaxpeft.summary(params, adapters, tx=optax.adam(1e-3)))
 
@@ -114,10 +117,10 @@ def main() -> float:
         print(f"    {path:22s} {e:.2f}")
 
     print("\n3) ship it: merge the adapters into plain params (zero inference overhead)")
-    merged = jaxpeft.merge(params, adapters)
+    merged = jax.jit(jaxpeft.merge)(params, adapters)
     batch = task_b(jax.random.key(6))
-    unmerged_out = jaxpeft.linen.apply(model, {"params": params}, adapters, batch)
-    merged_out = model.apply({"params": merged}, batch)
+    unmerged_out = jax.jit(lambda a, x: jaxpeft.linen.apply(model, {"params": params}, a, x))(adapters, batch)
+    merged_out = jax.jit(model.apply)({"params": merged}, batch)
     diff = float(jnp.abs(merged_out - unmerged_out).max())
     acc = float((merged_out[:, :-1].argmax(-1) == batch[:, 1:]).mean())
     print(f"  merged model on task B: loss {float(xent(merged_out, batch)):.4f}, next-token accuracy {acc:.3f}")
