@@ -453,18 +453,24 @@ def test_llama_matches_transformers(tmp_path: Path, tied: bool, rope: dict[str, 
     assert set(result.missing_keys) == ({"lm_head.weight"} if tied else set())
 
 
-def test_bert_matches_transformers(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_config = transformers.BertConfig(
+def _tiny_hf_bert_config(transformers, **kw):
+    """A tiny transformers ``BertConfig`` (hidden 32, 2 layers, 4 heads, vocab 100)."""
+    return transformers.BertConfig(
         vocab_size=100,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=40,
+        **kw,
     )
+
+
+def test_bert_matches_transformers(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = _tiny_hf_bert_config(transformers)
     hf_model = transformers.BertModel(hf_config).eval()
     _randomize_torch(hf_model, torch)
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
@@ -505,15 +511,7 @@ def test_bert_classifier_matches_transformers(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf_config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        num_labels=3,
-    )
+    hf_config = _tiny_hf_bert_config(transformers, num_labels=3)
     hf_model = transformers.BertForSequenceClassification(hf_config).eval()
     _randomize_torch(hf_model, torch)
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
