@@ -5,7 +5,17 @@ from jaxpeft._paths import path_str
 from jaxpeft._select import Layout
 from jaxpeft.analysis import Summary, summary, update_spectrum
 from jaxpeft.functional import merged
-from jaxpeft.methods.lora import LoraConfig, LoraWeights, Plan, TargetInfo, init, merge, plan, unmerge
+from jaxpeft.methods.lora import (
+    LoraConfig,
+    LoraWeights,
+    Plan,
+    TargetInfo,
+    adapter_items,
+    init,
+    merge,
+    plan,
+    unmerge,
+)
 from jaxpeft.optim import freeze
 
 __version__ = "0.1.0"
@@ -17,6 +27,7 @@ __all__ = [
     "Plan",
     "Summary",
     "TargetInfo",
+    "adapter_items",
     "combine",
     "freeze",
     "init",
