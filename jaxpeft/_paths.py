@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["get_path", "key_str", "leaves_with_paths", "map_with_paths", "path_str", "set_path"]
+__all__ = ["key_str", "leaves_with_paths", "map_with_paths", "path_str", "set_path"]
 
 
 def key_str(key: Any) -> str:
@@ -40,16 +40,6 @@ def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -
 def map_with_paths(fn: Callable[[str, Any], Any], tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
     """``jax.tree.map`` whose function also receives each leaf's canonical path."""
     return jax.tree_util.tree_map_with_path(lambda kp, x: fn(path_str(kp), x), tree, is_leaf=is_leaf)
-
-
-def get_path(tree: Mapping[str, Any], path: str) -> Any:
-    """The value at ``path`` in a tree of nested mappings; ``KeyError`` names the missing part."""
-    node: Any = tree
-    for part in path.split("/"):
-        if not isinstance(node, Mapping) or part not in node:
-            raise KeyError(f"path {path!r}: no entry {part!r}")
-        node = node[part]
-    return node
 
 
 def set_path(tree: Mapping[str, Any], path: str, value: Any) -> dict[str, Any]:
