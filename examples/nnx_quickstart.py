@@ -68,12 +68,12 @@ def main() -> None:
     cfg = jaxpeft.LoraConfig(rank=8, alpha=16, targets="all-linear")  # q/k/v/o/up/down; the head stays frozen
     print(jaxpeft.nnx.plan(cfg, model), "\n")
 
-    model = jaxpeft.nnx.apply_lora(model, cfg, key=jax.random.key(1))  # output equals the base output here
+    model = jaxpeft.nnx.adapt(model, cfg, key=jax.random.key(1))  # output equals the base output here
     tx = optax.adamw(1e-2)
     print(jaxpeft.summary(jaxpeft.nnx.base_params(model), jaxpeft.nnx.adapters_of(model), tx), "\n")
 
     # The functional view: graph, trainable adapters, frozen base. Only the adapters are differentiated.
-    graphdef, lora, frozen = nnx.split(model, jaxpeft.nnx.LoraParam, ...)
+    graphdef, lora, frozen = nnx.split(model, jaxpeft.nnx.AdapterParam, ...)
     opt_state = tx.init(lora)
 
     def loss_fn(lora: nnx.State, frozen: nnx.State, ids: jax.Array) -> jax.Array:

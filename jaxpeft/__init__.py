@@ -5,13 +5,23 @@ from jaxpeft._paths import path_str
 from jaxpeft._select import Layout
 from jaxpeft.analysis import Summary, summary, update_spectrum
 from jaxpeft.functional import merged
-from jaxpeft.methods.lora import (
+from jaxpeft.methods import (
+    Adapter,
+    DoraConfig,
+    DoraWeights,
+    IA3Config,
+    IA3Weights,
+    LayerCall,
     LoraConfig,
     LoraWeights,
+    MethodConfig,
+    NotMergeableError,
     Plan,
     TargetInfo,
     adapter_items,
+    config_from_dict,
     init,
+    layouts_of,
     merge,
     plan,
     unmerge,
@@ -21,16 +31,26 @@ from jaxpeft.optim import freeze
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
+    "DoraConfig",
+    "DoraWeights",
+    "IA3Config",
+    "IA3Weights",
+    "LayerCall",
     "Layout",
     "LoraConfig",
     "LoraWeights",
+    "MethodConfig",
+    "NotMergeableError",
     "Plan",
     "Summary",
     "TargetInfo",
     "adapter_items",
     "combine",
+    "config_from_dict",
     "freeze",
     "init",
+    "layouts_of",
     "merge",
     "merged",
     "partition",

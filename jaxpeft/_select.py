@@ -20,6 +20,7 @@ __all__ = [
     "compile_regex",
     "default_layout",
     "match_pattern",
+    "matcher",
     "select_targets",
 ]
 
@@ -103,7 +104,7 @@ def match_pattern(pattern: str, path: str) -> bool:
     return re.search(pattern, path) is not None
 
 
-def _matcher(spec: TargetSpec, what: str) -> Callable[[str, Any, Layout | None], bool]:
+def matcher(spec: TargetSpec, what: str) -> Callable[[str, Any, Layout | None], bool]:
     """A predicate over ``(path, leaf, layout)`` for one target or exclude spec."""
     if callable(spec):
         return lambda path, leaf, layout: bool(spec(path, leaf))
@@ -166,8 +167,8 @@ def select_targets(
     """
     layouts = dict(layouts or {})
     candidates = leaves_with_paths(params)
-    take = _matcher(targets, "targets")
-    drop = _matcher(exclude, "exclude") if (callable(exclude) or isinstance(exclude, str) or exclude) else None
+    take = matcher(targets, "targets")
+    drop = matcher(exclude, "exclude") if (callable(exclude) or isinstance(exclude, str) or exclude) else None
     chosen: list[tuple[str, Any, Layout]] = []
     for path, leaf in sorted(candidates, key=lambda item: item[0]):
         layout = layouts.get(path)

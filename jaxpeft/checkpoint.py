@@ -1,18 +1,22 @@
-"""Adapter-only training checkpoints with orbax: adapters, optimizer state, step, config JSON, base fingerprint.
+"""Adapter-only training checkpoints with orbax, for any method: adapters, trained extras, optimizer state, config.
 
-This is the only jaxpeft module that imports orbax. A checkpoint step holds three orbax items:
+This is the only jaxpeft module that imports orbax. A checkpoint step holds up to four orbax items:
 
-- ``adapters``: the adapter arrays as plain nested dicts, ``{..., "q_proj": {"kernel": {"a": A, "b": B}}}``
+- ``adapters``: each adapter node's arrays as plain nested dicts keyed by field,
+  ``{..., "q_proj": {"kernel": {"a": A, "b": B}}}`` for LoRA, ``{"vector": l}`` for IA3
   (``StandardSave``: tensorstore/OCDBT arrays, framework-neutral, no pickle);
-- ``opt_state``: the optimizer state's array leaves as nested dicts keyed by their path entries (omitted when it
-  has no array leaves);
-- ``meta``: JSON with the step, the method config (``LoraConfig.to_dict()``), each adapter's shapes, layout and
-  scale, and a fingerprint of the base params (path -> shape, dtype).
+- ``extra``: any other trained tree saved beside the adapters (a classifier head, the norms: HF's
+  ``modules_to_save``), as nested dicts keyed by path entries;
+- ``opt_state``: the optimizer state's array leaves, likewise;
+- ``meta``: JSON with the step, the method config (``cfg.to_dict()``), each adapter's type, array shapes and
+  layout, the shapes of ``extra`` and ``opt_state``, and a fingerprint of the base params (path -> shape, dtype).
 
-The base weights never enter a checkpoint. Restore always reads against abstract targets
-(``jax.ShapeDtypeStruct`` with a sharding) built from the *current* config, params and shardings, so a checkpoint
-written on one mesh restores on another; the saved config and fingerprint are compared with the current ones
-first, and any difference is an error that names the differing fields or paths.
+The base weights never enter a checkpoint. Restore reads against abstract targets: ``jax.eval_shape`` of the
+method's own ``init`` on the current config and params (so the restored nodes carry the current static parts:
+scale, dropout, layout) with the current shardings, so a checkpoint written on one mesh restores on another.
+Every check (config, base fingerprint, adapter table, ``*_like`` trees, on-disk array metadata) runs before any
+array is read on restore, and before anything is written on save; a difference is a ``ValueError`` that names
+the differing fields or paths and says what to do.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxpeft._paths import leaves_with_paths, set_path
+from jaxpeft._paths import leaves_with_paths, map_with_paths, set_path
 from jaxpeft._select import Layout
-from jaxpeft.methods.lora import LoraConfig, LoraWeights, TargetInfo, adapter_items, plan
+from jaxpeft.methods.base import MethodConfig, adapter_items, config_from_dict, layouts_of
+from jaxpeft.methods.base import init as method_init
 
 __all__ = [
     "AdapterCheckpointer",
@@ -43,10 +48,14 @@ __all__ = [
 ]
 
 FORMAT = "jaxpeft.adapter_checkpoint"
-VERSION = 1
-_ADAPTERS, _OPT, _META = "adapters", "opt_state", "meta"
-# Config fields that do not shape the saved arrays: a restore may change them (e.g. a new dropout rate).
-_FREE_FIELDS = ("dropout", "init")
+VERSION = 2
+_ADAPTERS, _EXTRA, _OPT, _META = "adapters", "extra", "opt_state", "meta"
+#: How to restore an optional item that a step holds (for the error when neither a target nor ``skip`` is given).
+_HOW = {
+    _OPT: "opt_state_like=jax.eval_shape(tx.init, trainable) (the same optimizer over the same trees, e.g. "
+    "`adapters` or `(adapters, extra)`)",
+    _EXTRA: "extra_like=<the tree you saved as `extra`, or its jax.eval_shape>",
+}
 _MAX_LISTED = 8
 
 ShardingSpec = jax.sharding.Sharding | Callable[[str, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None
@@ -58,20 +67,23 @@ class Restored:
 
     Attributes:
       step: the restored step.
-      adapters: the adapter tree (``LoraWeights`` leaves with the current config's scale and dropout).
-      opt_state: the optimizer state in the structure of ``opt_state_like``, or None when not asked for.
-      config: the config the checkpoint was saved with.
+      adapters: the adapter tree (nodes with the current config's static parts: scale, dropout, layout).
+      opt_state: the optimizer state in the structure of ``opt_state_like``; None when the step holds none or
+        it was skipped.
+      config: the config the checkpoint was saved with (same method class as the current one; fields in
+        ``restore_free``, such as LoRA's dropout, may differ from the current config's).
+      extra: the extra trained tree in the structure of ``extra_like``; None when the step holds none or it was
+        skipped.
     """
 
     step: int
     adapters: dict[str, Any]
     opt_state: Any
-    config: LoraConfig
+    config: MethodConfig
+    extra: Any = None
 
 
-def _listed(lines: list[str]) -> str:
-    shown = "; ".join(lines[:_MAX_LISTED])
-    return shown + (f"; and {len(lines) - _MAX_LISTED} more" if len(lines) > _MAX_LISTED else "")
+# ------------------------------------------------------------------------------------------------ tables
 
 
 def _absolute(directory: str | os.PathLike[str]) -> str:
@@ -79,8 +91,13 @@ def _absolute(directory: str | os.PathLike[str]) -> str:
     return text if "://" in text else os.path.abspath(os.path.expanduser(text))
 
 
-def _shape_dtype(leaf: Any) -> tuple[list[int], str]:
-    return [int(d) for d in leaf.shape], jnp.dtype(leaf.dtype).name
+def _shape_dtype(leaf: Any) -> list[Any]:
+    """``[shape, dtype name]`` of an array or ``ShapeDtypeStruct`` (JSON-ready, compares equal to its JSON)."""
+    return [[int(d) for d in leaf.shape], jnp.dtype(leaf.dtype).name]
+
+
+def _shape_table(flat: Mapping[str, Any]) -> dict[str, list[Any]]:
+    return {path: _shape_dtype(leaf) for path, leaf in sorted(flat.items())}
 
 
 def fingerprint(params: Any) -> dict[str, Any]:
@@ -88,7 +105,7 @@ def fingerprint(params: Any) -> dict[str, Any]:
 
     Only paths, shapes and dtypes enter it, never values; ``params`` may be abstract (``jax.ShapeDtypeStruct``).
     """
-    table = {path: list(_shape_dtype(leaf)) for path, leaf in sorted(leaves_with_paths(params))}
+    table = _shape_table(dict(leaves_with_paths(params)))
     digest = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
     return {"digest": digest, "params": table}
 
@@ -100,107 +117,216 @@ def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _derived_layouts(adapters: Any, params: Any) -> dict[str, Layout]:
-    """Each adapter's layout read off its shapes (stack axes = a.ndim + b.ndim - 2 - kernel.ndim)."""
-    shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(params)}
-    out: dict[str, Layout] = {}
-    for path, lora in adapter_items(adapters):
-        if path not in shapes:
-            raise ValueError(f"adapter {path!r} has no parameter in `params`; were the adapters made for this model?")
-        n_stack = lora.n_stack(len(shapes[path]))
-        fan_in, fan_out = lora.a.ndim - 1 - n_stack, lora.b.ndim - 1 - n_stack
-        if n_stack < 0 or fan_in < 1 or fan_out < 1:
-            raise ValueError(
-                f"adapter {path!r} (A {tuple(lora.a.shape)}, B {tuple(lora.b.shape)}) does not fit the parameter "
-                f"of shape {shapes[path]}; were the adapters made for this model?"
-            )
-        if path.rsplit("/", 1)[-1] == "embedding":
-            kind = "embed"
-        elif fan_in == 1 and fan_out == 1:
-            kind = "dense"
-        else:
-            kind = "dense_general"
-        out[path] = Layout(n_stack, fan_in, fan_out, kind)
-    return out
+def _node_table(adapters: Any) -> dict[str, dict[str, Any]]:
+    """``{path: {"type", "arrays": {field: [shape, dtype]}, "layout"}}`` of an (abstract or concrete) adapter tree."""
+    table = {}
+    for path, node in sorted(adapter_items(adapters)):
+        lay = node.layout
+        table[path] = {
+            "type": type(node).__name__,
+            "arrays": _shape_table(dict(leaves_with_paths(node))),
+            "layout": {"stack": lay.stack, "fan_in": lay.fan_in, "fan_out": lay.fan_out, "kind": lay.kind},
+        }
+    return table
 
 
-def _layout_json(layout: Layout) -> dict[str, Any]:
-    return {"stack": layout.stack, "fan_in": layout.fan_in, "fan_out": layout.fan_out, "kind": layout.kind}
+def _array_leaves(tree: Any, what: str, *, abstract: bool = False) -> dict[str, Any]:
+    """``{path: array}`` of a tree to save (or, with ``abstract``, to restore into: ``ShapeDtypeStruct`` leaves
+    too); Python numbers become numpy scalars, any other leaf raises."""
+    flat: dict[str, Any] = {}
+    for path, leaf in leaves_with_paths(tree):
+        if isinstance(leaf, (int, float, bool, np.number)):
+            leaf = np.asarray(leaf)
+        if (
+            not hasattr(leaf, "shape")
+            or not hasattr(leaf, "dtype")
+            or (isinstance(leaf, jax.ShapeDtypeStruct) and not abstract)
+        ):
+            raise ValueError(f"`{what}` leaf {path!r} is a {type(leaf).__name__}; only arrays can be checkpointed.")
+        flat[path] = leaf
+    clashes = sorted(p for p in flat if any(q in flat for q in _prefixes(p)))
+    if clashes or len(flat) < len(leaves_with_paths(tree)):
+        raise ValueError(
+            f"`{what}` has leaves whose paths collide once joined with '/' (e.g. {clashes[:2]}); "
+            "use dict keys without '/'."
+        )
+    return flat
 
 
-def _plan_rows(cfg: LoraConfig, params: Any, layouts: Mapping[str, Layout], context: str) -> dict[str, TargetInfo]:
-    try:
-        return {t.path: t for t in plan(cfg, params, layouts=layouts).targets}
-    except ValueError as err:
-        raise ValueError(f"{context}: {err}") from err
+def _prefixes(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+# ------------------------------------------------------------------------------------------------ messages
+
+
+def _listed(lines: list[str]) -> str:
+    shown = "; ".join(lines[:_MAX_LISTED])
+    return shown + (f"; and {len(lines) - _MAX_LISTED} more" if len(lines) > _MAX_LISTED else "")
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], str):
-        return f"{tuple(value[0])} {value[1]}"  # (shape, dtype)
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
-        return " / ".join(str(tuple(v)) for v in value)  # (A shape, B shape)
+    if value is None:
+        return "nothing"
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[1], str):
+        return f"{tuple(value[0])} {value[1]}"  # [shape, dtype]
+    if isinstance(value, Mapping):  # a layout
+        return "Layout(" + ", ".join(f"{k}={v!r}" for k, v in value.items()) + ")"
     return str(tuple(value)) if isinstance(value, list) else str(value)
+
+
+def _aspects(entry: Any) -> Any:
+    """A node-table entry as ``{label: value}`` (``" type"``, ``".a"``, ``" layout"``); other entries unchanged."""
+    if not isinstance(entry, Mapping) or "arrays" not in entry:
+        return entry
+    return {" type": entry["type"], **{f".{k}": v for k, v in entry["arrays"].items()}, " layout": entry["layout"]}
 
 
 def _diff_table(
     saved: Mapping[str, Any], current: Mapping[str, Any], what: str, left: str = "checkpoint", right: str = "now"
 ) -> list[str]:
-    """Lines naming each path whose entry differs between two ``{path: value}`` tables."""
+    """Lines naming each path whose entry differs between two ``{path: entry}`` tables.
+
+    Adapter-node entries are compared aspect by aspect, so a line names only what differs, e.g.
+    ``'inp/kernel'.a: checkpoint (8, 2) float32, now (6, 2) float32`` or ``'inp/kernel' type: ...``.
+    """
     lines = [f"{p!r} missing {right} ({what})" for p in sorted(set(saved) - set(current))]
     lines += [f"{p!r} not in {left} ({what})" for p in sorted(set(current) - set(saved))]
-    lines += [
-        f"{p!r}: {left} {_show(saved[p])}, {right} {_show(current[p])}"
-        for p in sorted(set(saved) & set(current))
-        if saved[p] != current[p]
-    ]
+    for p in sorted(set(saved) & set(current)):
+        old, new = _aspects(saved[p]), _aspects(current[p])
+        if old == new:
+            continue
+        if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+            lines.append(f"{p!r}: {left} {_show(old)}, {right} {_show(new)}")
+            continue
+        labels = [*old, *(k for k in new if k not in old)]
+        lines += [
+            f"{p!r}{k}: {left} {_show(old.get(k))}, {right} {_show(new.get(k))}"
+            for k in labels
+            if old.get(k) != new.get(k)
+        ]
     return lines
 
 
-def _config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    keys = sorted((set(saved) | set(current)) - set(_FREE_FIELDS))
+def _config_diff(cfg: MethodConfig, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    keys = sorted((set(saved) | set(current)) - set(cfg.restore_free))
     return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-def _adapter_table(rows: Mapping[str, TargetInfo]) -> dict[str, Any]:
-    return {
-        p: {"a": list(t.a_shape), "b": list(t.b_shape), "scale": t.scale, "layout": _layout_json(t.layout)}
-        for p, t in sorted(rows.items())
-    }
+# ------------------------------------------------------------------------------------------------ restore targets
 
 
-def _array_leaves(tree: Any, what: str) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for path, leaf in leaves_with_paths(tree):
-        if isinstance(leaf, (int, float, bool, np.number)):
-            leaf = np.asarray(leaf)
-        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-            raise ValueError(f"`{what}` leaf {path!r} is a {type(leaf).__name__}; only arrays can be checkpointed.")
-        flat[path] = leaf
-    return flat
+def _target(path: str, leaf: Any, like: Any, sharding: ShardingSpec) -> jax.ShapeDtypeStruct:
+    """The sharded abstract target of one array: ``like``'s sharding, else ``sharding``, else the first device."""
+    plain = jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+    found = getattr(like, "sharding", None)
+    if found is None:
+        if sharding is None:
+            found = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        elif isinstance(sharding, jax.sharding.Sharding):
+            found = sharding
+        else:
+            found = sharding(path, plain)
+    return jax.ShapeDtypeStruct(plain.shape, plain.dtype, sharding=found)
 
 
-def _sharding_for(path: str, abstract: jax.ShapeDtypeStruct, like: Any, sharding: ShardingSpec) -> Any:
-    found = getattr(like, "sharding", None) if like is not None else None
-    if found is not None:
-        return found
-    if sharding is None:
-        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    if isinstance(sharding, jax.sharding.Sharding):
-        return sharding
-    return sharding(path, abstract)
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """How one item is restored: the sharded abstract array per path, and a tree of the structure to rebuild."""
+
+    arrays: dict[str, jax.ShapeDtypeStruct]
+    like: Any
+
+    def rebuild(self, restored: Any, item: str, step: int) -> Any:
+        """``like`` filled with the restored arrays; raises if any leaf would stay missing or abstract."""
+        found = dict(leaves_with_paths(restored))
+        missing = sorted(set(self.arrays) - set(found))
+        abstract = sorted(p for p, x in found.items() if not isinstance(x, jax.Array))
+        if missing or abstract:
+            raise ValueError(
+                f"restoring step {step} would leave {item} leaves unfilled: missing {missing[:_MAX_LISTED]}, "
+                f"abstract {abstract[:_MAX_LISTED]}; the checkpoint is incomplete."
+            )
+        return map_with_paths(lambda path, _: found[path], self.like)
 
 
-def _tree_metadata(metadata: Any) -> dict[str, tuple[list[int], str]]:
-    tree = getattr(metadata, "tree", metadata)
-    out = {}
-    for path, leaf in leaves_with_paths(tree):
-        out[path] = (list(leaf.shape), jnp.dtype(leaf.dtype).name)
-    return out
+def _aux_target(item: str, like: Any, saved: Mapping[str, Any] | None, where: str, sharding: ShardingSpec) -> _Target:
+    """The target of an optional item (``opt_state``, ``extra``) from its ``*_like`` tree, checked against ``saved``."""
+    if saved is None:
+        raise ValueError(f"{where} has no `{item}` (it was saved without one); pass {item}_like=None.")
+    flat = _array_leaves(like, f"{item}_like", abstract=True)
+    diff = _diff_table(saved, _shape_table(flat), f"{item} leaf", right=f"in `{item}_like`")
+    if diff:
+        raise ValueError(
+            f"`{item}_like` does not match the `{item}` saved in {where}: {_listed(diff)}. Build it the same way "
+            "(the same optimizer over the same trainable trees)."
+        )
+    return _Target({p: _target(p, x, x, sharding) for p, x in flat.items()}, like)
+
+
+def _check_skip(skip: Sequence[str], likes: Mapping[str, Any]) -> None:
+    if isinstance(skip, str):
+        raise ValueError(f"`skip`={skip!r} is a string; pass a tuple of item names, e.g. skip=({skip!r},).")
+    unknown = sorted(set(skip) - set(likes))
+    if unknown:
+        raise ValueError(f"`skip`={tuple(skip)!r}: unknown items {unknown}; expected 'opt_state' and/or 'extra'.")
+    both = [item for item in skip if likes[item] is not None]
+    if both:
+        raise ValueError(f"`skip` names {both[0]!r} but `{both[0]}_like` is given too; pass one or the other.")
+
+
+# ------------------------------------------------------------------------------------------------ orbax
+
+
+def _open_manager(directory: str, *, read_only: bool, **options: Any) -> ocp.CheckpointManager:
+    """One orbax manager with every item registered (a fresh process can restore without having saved)."""
+    if read_only and "://" not in directory and not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory {directory!r}.")
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item in (_ADAPTERS, _EXTRA, _OPT):
+        handler = ocp.StandardCheckpointHandler()
+        registry.add(item, ocp.args.StandardSave, handler)
+        registry.add(item, ocp.args.StandardRestore, handler)
+    json_handler = ocp.JsonCheckpointHandler()
+    registry.add(_META, ocp.args.JsonSave, json_handler)
+    registry.add(_META, ocp.args.JsonRestore, json_handler)
+    # read_only: never create the directory nor remove a running job's in-progress temporary directories.
+    manager_options = ocp.CheckpointManagerOptions(
+        cleanup_tmp_directories=not read_only, create=not read_only, **options
+    )
+    return ocp.CheckpointManager(directory, options=manager_options, handler_registry=registry)
+
+
+def _resolve_step(manager: ocp.CheckpointManager, directory: str, step: int | None) -> int:
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {directory!r}.")
+    elif int(step) not in manager.all_steps():
+        raise FileNotFoundError(
+            f"`step`={step!r} is not in {directory!r}; complete steps are {sorted(manager.all_steps())}."
+        )
+    return int(step)
+
+
+def _read_meta(manager: ocp.CheckpointManager, directory: str, step: int) -> dict[str, Any]:
+    meta = manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"step {step} in {directory!r} is not a jaxpeft adapter checkpoint.")
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"step {step} in {directory!r} has format version {meta.get('version')!r}; this jaxpeft reads "
+            f"version {VERSION}."
+        )
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------ checkpointer
 
 
 class AdapterCheckpointer:
-    """Adapter-only checkpoints in a directory, through one orbax ``CheckpointManager``.
+    """Adapter-only checkpoints in a directory, through one orbax ``CheckpointManager``; any method.
 
     Use it as a context manager (or call ``close``): it waits for pending async saves on exit. Saves are atomic
     (orbax writes into a temporary directory and renames it when complete), so a save interrupted mid-way leaves
@@ -210,20 +336,21 @@ class AdapterCheckpointer:
 
       with jaxpeft.checkpoint.AdapterCheckpointer("ckpt", cfg, params, max_to_keep=3) as ckpt:
           for step in range(steps):
-              adapters, opt_state = train_step(adapters, opt_state, batch)
-              ckpt.save(step, adapters, opt_state)          # async; skipped off the save interval
-      restored = jaxpeft.checkpoint.restore_adapters("ckpt", cfg, params, opt_state_like=opt_state)
-      adapters, opt_state, step = restored.adapters, restored.opt_state, restored.step
+              (adapters, head), opt_state = train_step((adapters, head), opt_state, batch)
+              ckpt.save(step, adapters, opt_state, extra=head)     # async; skipped off the save interval
+      restored = jaxpeft.checkpoint.restore_adapters(
+          "ckpt", cfg, params, opt_state_like=opt_state, extra_like=head)
 
     Args:
       directory: checkpoint root (resolved to an absolute path; created on first save).
       cfg: the method config; saved as JSON and compared on restore.
-      params: the base params (arrays or ``jax.ShapeDtypeStruct``): fingerprinted, never saved.
+      params: the base params (arrays or ``jax.ShapeDtypeStruct``): only their paths, shapes and dtypes are
+        kept (fingerprinted, and used to plan the adapters); never saved.
       max_to_keep: keep the newest N steps (None keeps all).
       save_interval_steps: ``save`` writes only steps divisible by this (unless ``force=True``).
       async_save: write in a background thread; ``wait``/``close`` block until done.
-      layouts: kernel layouts as for ``jaxpeft.init``; by default read off the adapter shapes on save and from
-        the checkpoint on restore.
+      layouts: kernel layouts as for ``jaxpeft.init``; by default the layouts the adapter nodes carry on save
+        and the saved ones on restore.
       read_only: only restore: the directory must exist, is never created or cleaned, and ``save`` raises.
         (A training job's temporary directories are left alone, so an evaluator can read beside it.)
     """
@@ -231,7 +358,7 @@ class AdapterCheckpointer:
     def __init__(
         self,
         directory: str | os.PathLike[str],
-        cfg: LoraConfig,
+        cfg: MethodConfig,
         params: Any,
         *,
         max_to_keep: int | None = 3,
@@ -240,36 +367,27 @@ class AdapterCheckpointer:
         layouts: Mapping[str, Layout] | None = None,
         read_only: bool = False,
     ) -> None:
+        if not isinstance(cfg, MethodConfig):
+            raise TypeError(f"`cfg` is a {type(cfg).__name__}; expected a method config such as jaxpeft.LoraConfig.")
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"`max_to_keep`={max_to_keep!r}; expected a positive number of steps, or None for all.")
         if save_interval_steps < 1:
             raise ValueError(f"`save_interval_steps`={save_interval_steps!r}; expected a positive integer.")
         self._directory = _absolute(directory)
         self._read_only = read_only
-        if read_only and "://" not in self._directory and not os.path.isdir(self._directory):
-            raise FileNotFoundError(f"no checkpoint directory {self._directory!r}.")
         self._cfg = cfg
         self._config = cfg.to_dict()
-        self._params = params
-        self._fingerprint = fingerprint(params)
+        self._params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), params)
+        self._fingerprint = fingerprint(self._params)
         self._layouts = dict(layouts) if layouts is not None else None
-        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        for item, handler, save_args, restore_args in (
-            (_ADAPTERS, ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore),
-            (_OPT, ocp.StandardCheckpointHandler, ocp.args.StandardSave, ocp.args.StandardRestore),
-            (_META, ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore),
-        ):
-            instance = handler()
-            registry.add(item, save_args, instance)
-            registry.add(item, restore_args, instance)
-        options = ocp.CheckpointManagerOptions(
+        self._plan_cache: tuple[dict[str, Layout], Any, dict[str, Any]] | None = None
+        self._manager = _open_manager(
+            self._directory,
+            read_only=read_only,
             save_interval_steps=save_interval_steps,
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only,
-            create=not read_only,
         )
-        self._manager = ocp.CheckpointManager(self._directory, options=options, handler_registry=registry)
 
     @property
     def directory(self) -> str:
@@ -298,19 +416,44 @@ class AdapterCheckpointer:
         """Wait for pending saves and release the manager."""
         self._manager.close()
 
+    def _where(self, step: int) -> str:
+        return f"checkpoint step {step} in {self._directory!r}"
+
+    def _planned(self, layouts: Mapping[str, Layout]) -> tuple[Any, dict[str, Any]]:
+        """The adapters the config makes on the params, abstractly (``jax.eval_shape`` of the method's init), and
+        their node table; the last result is cached, so saving every step re-traces nothing."""
+        if self._plan_cache is None or self._plan_cache[0] != layouts:
+
+            def make(params: Any, key: jax.Array) -> Any:
+                return method_init(self._cfg, params, key=key, layouts=layouts)
+
+            expected = jax.eval_shape(make, self._params, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+            self._plan_cache = (dict(layouts), expected, _node_table(expected))
+        return self._plan_cache[1], self._plan_cache[2]
+
     # ------------------------------------------------------------------------------------------------ save
 
-    def save(self, step: int, adapters: Any, opt_state: Any = None, *, force: bool = False) -> bool:
-        """Save ``adapters`` (and ``opt_state``) as ``step``; returns whether a checkpoint was written.
+    def save(self, step: int, adapters: Any, opt_state: Any = None, *, extra: Any = None, force: bool = False) -> bool:
+        """Save ``adapters`` (and ``opt_state``, ``extra``) as ``step``; returns whether a checkpoint was written.
 
-        Checks first that ``adapters`` are exactly what the config selects on the params (paths and shapes), so
-        that every saved step can be restored. Steps off ``save_interval_steps`` are skipped unless ``force``.
-        With ``async_save`` the arrays are copied off the device before this returns and written in the
-        background; call ``wait`` (or ``close``) before relying on the files.
+        Checks first that ``adapters`` are exactly what the config makes on the params (paths, node types,
+        array shapes and dtypes, layouts), so that every saved step can be restored; nothing is written when a
+        check fails. Steps off ``save_interval_steps`` or not after the latest saved step are skipped (False)
+        unless ``force``; a step already on disk is never overwritten. With ``async_save`` the arrays are copied
+        off the device before this returns and written in the background; call ``wait`` (or ``close``) before
+        relying on the files.
+
+        Args:
+          step: the step number.
+          adapters: the adapter tree.
+          opt_state: the optimizer state (any pytree of arrays), or None.
+          extra: any other trained pytree of arrays saved beside the adapters (a classifier head, the norms),
+            or None.
+          force: write even off the save interval.
 
         Raises:
-          ValueError: the adapters do not match the config on these params; a non-array optimizer-state leaf;
-            the config holds a predicate target (not JSON-serialisable).
+          ValueError: the adapters do not match the config on these params; a non-array leaf in ``adapters``,
+            ``opt_state`` or ``extra``; ``force`` with a step already on disk; a read-only checkpointer.
         """
         if self._read_only:
             raise ValueError(
@@ -319,78 +462,52 @@ class AdapterCheckpointer:
         step = int(step)
         if not force and not self._manager.should_save(step):
             return False
-        layouts = {**_derived_layouts(adapters, self._params), **(self._layouts or {})}
-        rows = _plan_rows(
-            self._cfg,
-            self._params,
-            layouts,
-            "cannot check `adapters` against `cfg` on these params (if `cfg` selects a parameter that `adapters` "
-            "lack, they were made with another config)",
-        )
-        given = {p: (tuple(w.a.shape), tuple(w.b.shape)) for p, w in adapter_items(adapters)}
-        planned = {p: (t.a_shape, t.b_shape) for p, t in rows.items()}
-        diff = _diff_table(planned, given, "A, B shapes", left="config", right="in `adapters`")
-        if diff:
+        if step in self._manager.all_steps():
             raise ValueError(
-                "`adapters` are not what `cfg` makes on these params: "
-                + _listed(diff)
-                + ". Pass the config and params the adapters were initialised with."
+                f"`step`={step} is already saved in {self._directory!r}; checkpoints are never overwritten: save "
+                "under a new step (or delete that step's directory first)."
             )
-        for path, lora in adapter_items(adapters):
-            want = jnp.dtype(self._cfg.dtype)
-            if lora.a.dtype != want or lora.b.dtype != want:
-                raise ValueError(
-                    f"adapter {path!r} has dtype {lora.a.dtype}/{lora.b.dtype} but `cfg.dtype`={self._cfg.dtype!r}."
-                )
-        arrays = {}
-        for path, lora in adapter_items(adapters):
-            arrays[f"{path}/a"] = lora.a
-            arrays[f"{path}/b"] = lora.b
-        opt_flat = _array_leaves(opt_state, "opt_state") if opt_state is not None else {}
-        meta = {
+        meta: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
             "step": step,
             "config": self._config,
-            "adapters": _adapter_table(rows),
+            "adapters": self._check_adapters(adapters),
             "base": self._fingerprint,
-            "opt_state": None
-            if opt_state is None
-            else {p: list(_shape_dtype(leaf)) for p, leaf in sorted(opt_flat.items())},
         }
-        items: dict[str, Any] = {
-            _ADAPTERS: ocp.args.StandardSave(_nested(arrays)),
-            _META: ocp.args.JsonSave(meta),
-        }
-        if opt_flat:
-            items[_OPT] = ocp.args.StandardSave(_nested(opt_flat))
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        trees = {_ADAPTERS: _array_leaves(adapters, _ADAPTERS)}
+        for item, tree in ((_OPT, opt_state), (_EXTRA, extra)):
+            flat = None if tree is None else _array_leaves(tree, item)
+            meta[item] = None if flat is None else _shape_table(flat)
+            if flat:  # an empty state (e.g. plain SGD's) is rebuilt from its `*_like` structure alone
+                trees[item] = flat
+        args = {item: ocp.args.StandardSave(_nested(flat)) for item, flat in trees.items()}
+        args[_META] = ocp.args.JsonSave(meta)
+        return bool(self._manager.save(step, args=ocp.args.Composite(**args), force=True))
+
+    def _check_adapters(self, adapters: Any) -> dict[str, Any]:
+        """The node table of ``adapters`` after checking it equals the one the config makes on the params."""
+        given = _node_table(adapters)
+        try:
+            _, planned = self._planned({**layouts_of(adapters), **(self._layouts or {})})
+        except ValueError as err:
+            raise ValueError(
+                "cannot check `adapters` against `cfg` on these params (if `cfg` selects a parameter that "
+                f"`adapters` lack, they were made with another config): {err}"
+            ) from err
+        diff = _diff_table(planned, given, "adapter", left="config", right="in `adapters`")
+        if diff:
+            raise ValueError(
+                f"`adapters` are not what `cfg` ({type(self._cfg).__name__}) makes on these params: {_listed(diff)}. "
+                "Pass the config and params the adapters were initialised with."
+            )
+        return given
 
     # ------------------------------------------------------------------------------------------------ restore
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata of ``step`` (default: the latest)."""
-        step = self._resolve_step(step)
-        meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"step {step} in {self._directory!r} is not a jaxpeft adapter checkpoint.")
-        if meta.get("version") != VERSION:
-            raise ValueError(
-                f"step {step} in {self._directory!r} has format version {meta.get('version')!r}; this jaxpeft "
-                f"reads version {VERSION}."
-            )
-        return meta
-
-    def _resolve_step(self, step: int | None) -> int:
-        if step is None:
-            step = self._manager.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no complete checkpoint in {self._directory!r}.")
-        elif int(step) not in self._manager.all_steps():
-            raise FileNotFoundError(
-                f"`step`={step!r} is not in {self._directory!r}; complete steps are {self.all_steps()}."
-            )
-        return int(step)
+        return _read_meta(self._manager, self._directory, _resolve_step(self._manager, self._directory, step))
 
     def restore(
         self,
@@ -398,20 +515,27 @@ class AdapterCheckpointer:
         *,
         adapters_like: Any = None,
         opt_state_like: Any = None,
+        extra_like: Any = None,
+        skip: Sequence[str] = (),
         sharding: ShardingSpec = None,
         check_base: bool = True,
     ) -> Restored:
         """Restore ``step`` (default: the latest) against abstract targets from the current config and shardings.
 
-        Guarantees: the restored adapters have exactly the paths and shapes that the current config selects on
-        the current params; no leaf is left abstract; the base weights are not read.
+        Guarantees: the restored adapters have exactly the paths, node types and shapes that the method's
+        ``init`` makes from the current config on the current params, and its static parts; nothing saved is
+        silently dropped (a saved ``opt_state`` or ``extra`` must be given a target or skipped explicitly); every
+        check runs before any array is read; no leaf is left abstract; the base weights are not read.
 
         Args:
           step: which step; None for the latest complete one.
           adapters_like: the current adapters (arrays or ``jax.ShapeDtypeStruct``, e.g. freshly initialised and
             sharded); each restored array takes its leaf's sharding.
           opt_state_like: the current optimizer state (e.g. ``tx.init(adapters)`` or its ``jax.eval_shape``);
-            the saved state is restored into its structure with its shardings. None skips the optimizer state.
+            the saved state is restored into its structure with its shardings.
+          extra_like: the structure (arrays or ``jax.ShapeDtypeStruct``) of the ``extra`` tree saved beside the
+            adapters; restored into it with its shardings.
+          skip: items not to restore although saved: ``("opt_state",)``, ``("extra",)`` or both.
           sharding: for leaves whose sharding is not given by a ``*_like`` tree: one ``Sharding`` for all, or
             ``fn(path, ShapeDtypeStruct) -> Sharding``; default the first local device.
           check_base: compare the base fingerprint (paths, shapes, dtypes of every param). Turn off only to
@@ -421,127 +545,99 @@ class AdapterCheckpointer:
         Raises:
           FileNotFoundError: no such step.
           ValueError: the saved config or fingerprint differs from the current one (the message names the fields
-            or paths); the on-disk arrays differ from the targets; ``opt_state_like`` does not match the saved
-            optimizer state, or the checkpoint has none; a restored leaf would stay abstract.
+            or paths); the on-disk arrays differ from the targets; a ``*_like`` tree does not match what was
+            saved, or nothing was saved for it; a saved ``opt_state``/``extra`` with neither a target nor
+            ``skip``; ``skip`` names an unknown item or one whose ``*_like`` is given; a leaf would stay abstract.
         """
-        if self._manager.is_saving_in_progress():
-            self._manager.wait_until_finished()
-        step = self._resolve_step(step)
-        meta = self.read_meta(step)
-        config_diff = _config_diff(meta["config"], self._config)
+        likes = {_OPT: opt_state_like, _EXTRA: extra_like}
+        _check_skip(skip, likes)
+        self.wait()
+        step = _resolve_step(self._manager, self._directory, step)
+        meta = _read_meta(self._manager, self._directory, step)
+        self._check_saved(meta, step, check_base)
+        targets = {_ADAPTERS: self._adapter_target(meta, step, adapters_like, sharding)}
+        for item, like in likes.items():
+            if like is not None:
+                targets[item] = _aux_target(item, like, meta.get(item), self._where(step), sharding)
+            elif meta.get(item) is not None and item not in skip:
+                raise ValueError(
+                    f"{self._where(step)} holds `{item}`; say how to restore it: pass {_HOW[item]}, or "
+                    f"skip=({item!r},) to leave it."
+                )
+        self._check_on_disk(step, targets)
+        args = {item: ocp.args.StandardRestore(_nested(t.arrays)) for item, t in targets.items() if t.arrays}
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        trees = {item: t.rebuild(restored[item] if item in args else {}, item, step) for item, t in targets.items()}
+        config = type(self._cfg).from_dict(meta["config"])
+        return Restored(step, trees[_ADAPTERS], trees.get(_OPT), config, trees.get(_EXTRA))
+
+    def _check_saved(self, meta: Mapping[str, Any], step: int, check_base: bool) -> None:
+        """Raise when the saved config (or, with ``check_base``, the base fingerprint) differs from the current."""
+        config_diff = _config_diff(self._cfg, meta["config"], self._config)
         if config_diff:
             raise ValueError(
-                f"checkpoint step {step} in {self._directory!r} was saved with a different config: "
-                + _listed(config_diff)
-                + ". Restore with the saved config (jaxpeft.checkpoint.read_config) or start a new directory."
+                f"{self._where(step)} was saved with a different config: {_listed(config_diff)}. Restore with the "
+                "saved config (jaxpeft.checkpoint.read_config) or start a new directory."
             )
         if check_base and meta["base"]["digest"] != self._fingerprint["digest"]:
             diff = _diff_table(meta["base"]["params"], self._fingerprint["params"], "base param shape, dtype")
             raise ValueError(
-                f"checkpoint step {step} in {self._directory!r} was saved for a different base model: "
-                + _listed(diff)
-                + ". Load the base model it was trained on (or pass check_base=False if only non-adapted "
-                "leaves changed on purpose)."
+                f"{self._where(step)} was saved for a different base model: {_listed(diff)}. Load the base model "
+                "it was trained on (or pass check_base=False if only non-adapted leaves changed on purpose)."
             )
+
+    def _adapter_target(
+        self, meta: Mapping[str, Any], step: int, adapters_like: Any, sharding: ShardingSpec
+    ) -> _Target:
+        """The abstract adapter tree from the method's init (checked against the saved table) and its targets."""
         layouts = self._layouts
         if layouts is None:
             layouts = {p: Layout(**info["layout"]) for p, info in meta["adapters"].items()}
-        rows = _plan_rows(self._cfg, self._params, layouts, "the current config does not plan on these params")
-        saved_shapes = {p: (tuple(info["a"]), tuple(info["b"])) for p, info in meta["adapters"].items()}
-        diff = _diff_table(saved_shapes, {p: (t.a_shape, t.b_shape) for p, t in rows.items()}, "A, B shapes")
+        try:
+            expected, table = self._planned(layouts)
+        except ValueError as err:
+            raise ValueError(f"the current config does not plan on these params: {err}") from err
+        diff = _diff_table(meta["adapters"], table, "adapter")
         if diff:
             raise ValueError(
-                f"checkpoint step {step} in {self._directory!r} holds adapters that the current config "
-                f"does not make on these params: {_listed(diff)}."
+                f"{self._where(step)} holds adapters that the current config does not make on these params: "
+                f"{_listed(diff)}."
             )
-
-        dtype = jnp.dtype(self._cfg.dtype)
-        wanted = {f"{p}/a": t.a_shape for p, t in rows.items()} | {f"{p}/b": t.b_shape for p, t in rows.items()}
-        like: dict[str, Any] = {}
+        abstract = dict(leaves_with_paths(expected))
+        like = dict(leaves_with_paths(adapters_like)) if adapters_like is not None else {}
         if adapters_like is not None:
-            for p, w in adapter_items(adapters_like):
-                like[f"{p}/a"], like[f"{p}/b"] = w.a, w.b
+            shapes = {p: list(x.shape) for p, x in abstract.items()}
             diff = _diff_table(
-                {k: list(v) for k, v in wanted.items()},
-                {k: list(x.shape) for k, x in like.items()},
-                "adapter shape",
-                right="in `adapters_like`",
+                shapes, {p: list(x.shape) for p, x in like.items()}, "adapter array", right="in `adapters_like`"
             )
             if diff:
                 raise ValueError(f"`adapters_like` does not match the adapters in the checkpoint: {_listed(diff)}.")
-        abstract: dict[str, jax.ShapeDtypeStruct] = {}
-        for key, shape in wanted.items():
-            plain = jax.ShapeDtypeStruct(shape, dtype)
-            abstract[key] = jax.ShapeDtypeStruct(
-                shape, dtype, sharding=_sharding_for(key, plain, like.get(key), sharding)
-            )
-        on_disk = self._manager.item_metadata(step)
-        disk = _tree_metadata(on_disk[_ADAPTERS])
-        diff = _diff_table(disk, {p: (list(x.shape), dtype.name) for p, x in abstract.items()}, "on-disk adapter array")
-        if diff:
-            raise ValueError(
-                f"checkpoint step {step} in {self._directory!r}: on-disk adapter arrays differ: {_listed(diff)}."
-            )
-        items: dict[str, Any] = {_ADAPTERS: ocp.args.StandardRestore(_nested(abstract))}
+        return _Target({p: _target(p, x, like.get(p), sharding) for p, x in abstract.items()}, expected)
 
-        opt_abstract: dict[str, jax.ShapeDtypeStruct] = {}
-        opt_treedef = None
-        opt_paths: list[str] = []
-        if opt_state_like is not None:
-            if meta.get("opt_state") is None:
-                raise ValueError(
-                    f"checkpoint step {step} in {self._directory!r} has no optimizer state; pass opt_state_like=None."
-                )
-            flat_like = _array_leaves(opt_state_like, "opt_state_like")
-            opt_paths = [p for p, _ in leaves_with_paths(opt_state_like)]
-            opt_treedef = jax.tree_util.tree_structure(opt_state_like)
-            current = {p: list(_shape_dtype(x)) for p, x in flat_like.items()}
-            diff = _diff_table(meta["opt_state"], current, "optimizer state leaf", right="in `opt_state_like`")
+    def _check_on_disk(self, step: int, targets: Mapping[str, _Target]) -> None:
+        """Raise when orbax's on-disk array metadata differs from the restore targets (a damaged step)."""
+        disk = self._manager.item_metadata(step)
+        for item, target in targets.items():
+            if not target.arrays:
+                continue
+            found = {p: _shape_dtype(x) for p, x in leaves_with_paths(getattr(disk[item], "tree", disk[item]))}
+            diff = _diff_table(found, _shape_table(target.arrays), f"on-disk {item} array", right="expected")
             if diff:
-                raise ValueError(
-                    f"`opt_state_like` does not match the optimizer state saved at step {step}: {_listed(diff)}. "
-                    "Build it with the same optimizer over the same adapters."
-                )
-            for p, x in flat_like.items():
-                plain = jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-                opt_abstract[p] = jax.ShapeDtypeStruct(
-                    plain.shape, plain.dtype, sharding=_sharding_for(p, plain, x, sharding)
-                )
-            if opt_abstract:
-                items[_OPT] = ocp.args.StandardRestore(_nested(opt_abstract))
-
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        arrays = dict(leaves_with_paths(restored[_ADAPTERS]))
-        _check_concrete(arrays, set(abstract), "adapters", step)
-        adapters: dict[str, Any] = {}
-        for p in sorted(rows):
-            lora = LoraWeights(arrays[f"{p}/a"], arrays[f"{p}/b"], self._cfg.scale_for(p), self._cfg.dropout)
-            adapters = set_path(adapters, p, lora)
-        opt_state = None
-        if opt_treedef is not None:
-            opt_arrays = dict(leaves_with_paths(restored[_OPT])) if opt_abstract else {}
-            _check_concrete(opt_arrays, set(opt_abstract), "opt_state", step)
-            opt_state = jax.tree_util.tree_unflatten(opt_treedef, [opt_arrays[p] for p in opt_paths])
-        return Restored(step, adapters, opt_state, LoraConfig.from_dict(meta["config"]))
+                raise ValueError(f"{self._where(step)}: on-disk {item} arrays differ: {_listed(diff)}.")
 
 
-def _check_concrete(arrays: Mapping[str, Any], expected: set[str], what: str, step: int) -> None:
-    missing = sorted(expected - set(arrays))
-    abstract = sorted(p for p, x in arrays.items() if not isinstance(x, jax.Array))
-    if missing or abstract:
-        raise ValueError(
-            f"restoring step {step} would leave {what} leaves unfilled: missing {missing[:_MAX_LISTED]}, "
-            f"abstract {abstract[:_MAX_LISTED]}; the checkpoint is incomplete."
-        )
+# ------------------------------------------------------------------------------------------------ one-shot
 
 
 def save_adapters(
     directory: str | os.PathLike[str],
     step: int,
     adapters: Any,
-    cfg: LoraConfig,
+    cfg: MethodConfig,
     params: Any,
     opt_state: Any = None,
+    *,
+    extra: Any = None,
     **options: Any,
 ) -> str:
     """Save one step and wait until it is on disk; returns the absolute directory.
@@ -550,26 +646,41 @@ def save_adapters(
     always written (``force=True``). For a training loop keep one :class:`AdapterCheckpointer` open instead.
     """
     with AdapterCheckpointer(directory, cfg, params, **options) as ckpt:
-        ckpt.save(step, adapters, opt_state, force=True)
+        ckpt.save(step, adapters, opt_state, extra=extra, force=True)
         ckpt.wait()
         return ckpt.directory
 
 
 def restore_adapters(
     directory: str | os.PathLike[str],
-    cfg: LoraConfig,
+    cfg: MethodConfig,
     params: Any,
     *,
     step: int | None = None,
     layouts: Mapping[str, Layout] | None = None,
     **restore_kwargs: Any,
 ) -> Restored:
-    """Restore one step (default: the latest); keyword arguments as :meth:`AdapterCheckpointer.restore`."""
+    """Restore one step (default: the latest) read-only; keyword arguments as :meth:`AdapterCheckpointer.restore`."""
     with AdapterCheckpointer(directory, cfg, params, layouts=layouts, async_save=False, read_only=True) as ckpt:
         return ckpt.restore(step, **restore_kwargs)
 
 
-def read_config(directory: str | os.PathLike[str], step: int | None = None) -> LoraConfig:
-    """The config a checkpoint step (default: the latest) was saved with, e.g. to rebuild adapters for inference."""
-    with AdapterCheckpointer(directory, LoraConfig(), {}, async_save=False, read_only=True) as ckpt:
-        return LoraConfig.from_dict(ckpt.read_meta(step)["config"])
+def read_config(
+    directory: str | os.PathLike[str], step: int | None = None, *, configs: Sequence[type[MethodConfig]] = ()
+) -> MethodConfig:
+    """The config a checkpoint step (default: the latest) was saved with, e.g. to rebuild adapters for inference.
+
+    Built-in methods are found by their ``method`` name; for a method of your own pass its config class in
+    ``configs``. The directory is only read.
+    """
+    path = _absolute(directory)
+    manager = _open_manager(path, read_only=True)
+    try:
+        step = _resolve_step(manager, path, step)
+        meta = _read_meta(manager, path, step)
+    finally:
+        manager.close()
+    try:
+        return config_from_dict(meta["config"], configs)
+    except ValueError as err:
+        raise ValueError(f"step {step} in {path!r}: {err}") from None

@@ -1,9 +1,10 @@
-"""Flax Linen support: learn kernel layouts from the model, then run it with adapters in the forward.
+"""Flax Linen support: learn kernel layouts from the model, then run it with any method's adapters in the forward.
 
-``apply`` places the adapters beside their kernels in the ``params`` collection (so ``nn.scan``, ``nn.vmap``
-and ``nn.remat`` slice them exactly like the kernel) and, for the dynamic extent of that one call, intercepts
-``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed`` to add ``s·(x·A)·B`` to the
-base output. ``W + ΔW`` is never formed and no gradient of a frozen kernel is ever computed.
+``apply`` places each adapter's arrays beside their kernel in the ``params`` collection (so ``nn.scan``,
+``nn.vmap`` and ``nn.remat`` slice them exactly like the kernel) and, for the dynamic extent of that one call,
+intercepts ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed``: each adapted call is
+described once as a framework-neutral ``jaxpeft.LayerCall`` and handed to the adapter's own forward rule. The
+built-in rules never form ``W + ΔW`` and no gradient of a frozen kernel is ever computed.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxpeft import ops
-from jaxpeft._paths import leaves_with_paths, set_path
+from jaxpeft._paths import leaves_with_paths, path_str, set_path
 from jaxpeft._select import Layout
-from jaxpeft.methods.lora import LoraConfig, LoraWeights, adapter_items
-from jaxpeft.methods.lora import init as lora_init
+from jaxpeft.methods.base import Adapter, LayerCall, MethodConfig, Plan, adapter_items, check_fits
+from jaxpeft.methods.base import init as method_init
+from jaxpeft.methods.base import plan as method_plan
 
-__all__ = ["apply", "infer_layouts", "init"]
+__all__ = ["apply", "infer_layouts", "init", "plan"]
 
-_A = "lora_a::"
-_B = "lora_b::"
+_PREFIX = "peft::"
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 
 
@@ -106,8 +108,23 @@ def infer_layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: An
     return layouts
 
 
+def _check_params(params: Any, layouts: Mapping[str, Layout]) -> None:
+    if isinstance(params, Mapping) and "params" in params and not any(p.startswith("params/") for p in layouts):
+        raise ValueError(
+            f"`params` has the top-level keys {sorted(params)[:4]}: it looks like the whole variables dict. Pass "
+            "its 'params' collection, e.g. jaxpeft.linen.init(cfg, model, variables['params'], x, key=key)."
+        )
+
+
+def plan(cfg: MethodConfig, model: nn.Module, params: Any, *args: Any, method: Any = None, **kwargs: Any) -> Plan:
+    """``jaxpeft.plan`` with layouts inferred from ``model`` on the sample inputs ``args`` (a dry run)."""
+    layouts = infer_layouts(model, *args, method=method, **kwargs)
+    _check_params(params, layouts)
+    return method_plan(cfg, params, layouts=layouts)
+
+
 def init(
-    cfg: LoraConfig,
+    cfg: MethodConfig,
     model: nn.Module,
     params: Any,
     *args: Any,
@@ -115,23 +132,103 @@ def init(
     method: Any = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """``jaxpeft.init`` with layouts inferred from ``model`` on the sample inputs ``args``."""
+    """``jaxpeft.init`` with layouts inferred from ``model`` on the sample inputs ``args``.
+
+    Raises:
+      ValueError: ``params`` is the whole ``{"params": ...}`` variables dict; and as ``jaxpeft.init``.
+    """
     layouts = infer_layouts(model, *args, method=method, **kwargs)
-    return lora_init(cfg, params, key=key, layouts=layouts)
+    _check_params(params, layouts)
+    return method_init(cfg, params, key=key, layouts=layouts)
 
 
-def _augment(params: Any, adapters: Any) -> tuple[Any, dict[tuple[str, ...], dict[str, LoraWeights]]]:
-    """Params with each adapter's A and B stored beside its kernel, and the static per-module table."""
-    table: dict[tuple[str, ...], dict[str, LoraWeights]] = {}
-    for path, lora in adapter_items(adapters):
+class _Stored:
+    """How one adapter node travels through ``params``: its treedef, leaf names and stored rank."""
+
+    def __init__(self, node: Adapter) -> None:
+        flat, self.treedef = jax.tree_util.tree_flatten_with_path(node)
+        self.names = tuple(path_str(kp) for kp, _ in flat)
+        self.ndim = flat[0][1].ndim if flat else 0
+        self.node = node
+
+    def rebuild(self, module: nn.Module, leaf: str) -> Adapter:
+        """The call-level node from the (possibly scan-sliced) arrays stored beside the kernel."""
+        leaves = [module.get_variable("params", f"{_PREFIX}{leaf}::{name}") for name in self.names]
+        node: Adapter = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return node.at_call(self.ndim - leaves[0].ndim) if leaves else node
+
+
+def _augment(params: Any, adapters: Any) -> tuple[Any, dict[tuple[str, ...], dict[str, _Stored]]]:
+    """Params with each adapter's arrays stored beside its kernel, and the static per-module table."""
+    table: dict[tuple[str, ...], dict[str, _Stored]] = {}
+    shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(params)}
+    for path, node in adapter_items(adapters):
+        if path in shapes:
+            check_fits(path, node, shapes[path])
         module_path, _, leaf = path.rpartition("/")
-        params = set_path(params, f"{module_path}/{_A}{leaf}" if module_path else f"{_A}{leaf}", lora.a)
-        params = set_path(params, f"{module_path}/{_B}{leaf}" if module_path else f"{_B}{leaf}", lora.b)
-        table.setdefault(tuple(module_path.split("/")) if module_path else (), {})[leaf] = lora
+        stored = _Stored(node)
+        for name, value in zip(stored.names, jax.tree.leaves(node), strict=True):
+            key = f"{_PREFIX}{leaf}::{name}"
+            params = set_path(params, f"{module_path}/{key}" if module_path else key, value)
+        table.setdefault(tuple(module_path.split("/")) if module_path else (), {})[leaf] = stored
     return params, table
 
 
-def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, LoraWeights]], used: set[str]) -> Any:
+def _bias(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], y_ndim: int) -> Any:
+    """The layer's bias shaped to broadcast against its output (None without one)."""
+    if not module.has_variable("params", "bias"):
+        return None
+    bias = module.get_variable("params", "bias")
+    if isinstance(module, nn.Einsum):
+        p = ops.einsum_plan(_einsum_str(module, args, kwargs))
+        return ops.broadcast_to_spec(
+            bias, "".join(c for c in p.out_spec if c in p.stack + p.fan_out), p.out_spec, y_ndim
+        )
+    return bias
+
+
+def _layer_call(
+    module: nn.Module, method: str, next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> LayerCall:
+    """The one place that translates a Linen layer call into the neutral ``LayerCall``."""
+    if args:
+        x, rest = args[0], args[1:]
+
+        def base(inp: jax.Array) -> jax.Array:
+            return next_fun(inp, *rest, **kwargs)
+    else:
+        name = next(iter(kwargs))
+        x = kwargs[name]
+
+        def base(inp: jax.Array) -> jax.Array:
+            return next_fun(**{**kwargs, name: inp})
+
+    def dropout_key() -> jax.Array | None:
+        return module.make_rng("dropout") if module.scope.has_rng("dropout") else None
+
+    kernel = module.get_variable("params", _weight_name(module))
+    precision = getattr(module, "precision", None)
+    common = {"x": x, "base": base, "kernel": kernel, "precision": precision, "dropout_key": dropout_key}
+    if isinstance(module, nn.Embed):
+        return LayerCall(kind="attend" if method == "attend" else "embed", **common)
+    bias = _bias(module, args, kwargs, jnp.ndim(x)) if not isinstance(module, nn.Einsum) else None
+    if isinstance(module, nn.Dense):
+        return LayerCall(kind="dense", bias=bias, **common)
+    if isinstance(module, nn.DenseGeneral):
+        return LayerCall(kind="dense_general", bias=bias, axes=_as_tuple(module.axis), **common)
+    if isinstance(module, nn.Einsum):
+        subscripts = _einsum_str(module, args, kwargs)
+        out_ndim = len(subscripts.replace(" ", "").split("->")[1])
+        return LayerCall(kind="einsum", bias=_bias(module, args, kwargs, out_ndim), subscripts=subscripts, **common)
+
+    def conv(inp: jax.Array, k: jax.Array) -> jax.Array:
+        branch = module.clone(parent=None, name=None, features=k.shape[-1], use_bias=False, dtype=inp.dtype)
+        return branch.apply({"params": {"kernel": k}}, inp)
+
+    return LayerCall(kind="conv", bias=bias, conv=conv, **common)
+
+
+def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, _Stored]], used: set[str]) -> Any:
     def intercept(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context: Any) -> Any:
         module = context.module
         entry = table.get(module.path) if isinstance(module, _SUPPORTED) and module.scope is not None else None
@@ -139,41 +236,12 @@ def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, LoraWeights]], use
         if entry is None or method not in ("__call__", "attend"):
             return next_fun(*args, **kwargs)
         leaf = _weight_name(module)
-        meta = entry.get(leaf)
-        if meta is None or (method == "attend" and not isinstance(module, nn.Embed)):
+        stored = entry.get(leaf)
+        if stored is None or (method == "attend" and not isinstance(module, nn.Embed)):
             return next_fun(*args, **kwargs)
         used.add("/".join((*module.path, leaf)))
-        lora = LoraWeights(
-            module.get_variable("params", _A + leaf),
-            module.get_variable("params", _B + leaf),
-            meta.scale,
-            meta.dropout,
-        )
-        y = next_fun(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
-        key = None
-        if lora.dropout > 0.0 and not isinstance(module, nn.Embed) and module.scope.has_rng("dropout"):
-            key = module.make_rng("dropout")
-        if isinstance(module, nn.Embed):
-            delta = (
-                ops.embed_delta(x, lora, y.dtype) if method == "__call__" else ops.attend_delta(x.astype(y.dtype), lora)
-            )
-        elif isinstance(module, nn.Dense):
-            delta = ops.dense_delta(x.astype(y.dtype), lora, dropout_key=key, precision=module.precision)
-        elif isinstance(module, nn.DenseGeneral):
-            axes = _as_tuple(module.axis)
-            delta = ops.dense_delta(x.astype(y.dtype), lora, axes=axes, dropout_key=key, precision=module.precision)
-        elif isinstance(module, nn.Einsum):
-            subscripts = _einsum_str(module, args, kwargs)
-            delta = ops.einsum_delta(subscripts, x.astype(y.dtype), lora, dropout_key=key, precision=module.precision)
-        else:
-            branch = module.clone(parent=None, name=None, features=lora.rank, use_bias=False, dtype=y.dtype)
-
-            def conv(inp: jax.Array, k: jax.Array) -> jax.Array:
-                return branch.apply({"params": {"kernel": k}}, inp)
-
-            delta = ops.conv_delta(x.astype(y.dtype), lora, conv, dropout_key=key)
-        return y + delta.astype(y.dtype)
+        node = stored.rebuild(module, leaf)
+        return node.forward(_layer_call(module, method, next_fun, args, kwargs))
 
     return intercept
 
@@ -189,17 +257,18 @@ def apply(
     strict: bool = True,
     **kwargs: Any,
 ) -> Any:
-    """``model.apply(variables, *args)`` with every adapted layer computing ``base(x) + s·(x·A)·B``.
+    """``model.apply(variables, *args)`` with every adapted layer running its adapter's forward rule.
 
-    Differentiate with respect to ``adapters`` only (close over ``variables``): the gradient then contains the
-    adapters alone, and no kernel gradient is ever computed. Works under ``jax.jit`` and inside ``nn.scan``,
-    ``nn.vmap`` and ``nn.remat`` stacks. LoRA dropout runs when ``rngs`` has a ``"dropout"`` key and the
-    config's dropout rate is positive (a scanned stack should split the ``"dropout"`` rng, as usual).
+    For LoRA that is ``base(x) + s·(x·A)·B``; for DoRA and IA3 see their adapter classes. Differentiate with
+    respect to ``adapters`` only (close over ``variables``): the gradient then contains the adapters alone, and
+    no kernel gradient is ever computed. Works under ``jax.jit`` and inside ``nn.scan``, ``nn.vmap`` and
+    ``nn.remat`` stacks. Dropout runs when ``rngs`` has a ``"dropout"`` key and the method's dropout rate is
+    positive (a scanned stack should split the ``"dropout"`` rng, as usual).
 
     Args:
       model: the Linen module.
       variables: its variables, e.g. ``{"params": params}`` (other collections pass through).
-      adapters: the tree from ``jaxpeft.init`` / ``jaxpeft.linen.init``.
+      adapters: the tree from ``jaxpeft.init`` / ``jaxpeft.linen.init`` (any method).
       *args: the call's inputs.
       rngs: optional rngs for ``model.apply`` (``{"dropout": key}`` enables dropout).
       method: optional method to call instead of ``__call__``.
@@ -209,6 +278,10 @@ def apply(
 
     Returns:
       Whatever ``model.apply`` returns.
+
+    Raises:
+      ValueError: no ``params`` collection; an adapter that does not fit its weight (names the path and both
+        shapes); with ``strict``, an adapter the call never used.
     """
     if "params" not in variables:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Flax NNX support: wrap targeted layers so they compute ``base(x) + s·(x·A)·B``, and convert to and from pytrees."""
+"""Flax NNX support: wrap targeted layers so they run their adapter's forward rule, and convert to and from pytrees."""
 
 from __future__ import annotations
 
@@ -7,25 +7,27 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxpeft import ops
-from jaxpeft._paths import set_path
+from jaxpeft._paths import path_str, set_path
 from jaxpeft._select import Layout
-from jaxpeft.methods.lora import LoraConfig, LoraWeights, Plan, adapter_items
-from jaxpeft.methods.lora import init as lora_init
-from jaxpeft.methods.lora import plan as lora_plan
+from jaxpeft.methods.base import Adapter, LayerCall, MethodConfig, Plan, adapter_items, check_fits
+from jaxpeft.methods.base import init as method_init
+from jaxpeft.methods.base import plan as method_plan
 
 __all__ = [
-    "LoraLayer",
-    "LoraParam",
+    "AdapterLayer",
+    "AdapterParam",
+    "adapt",
     "adapters_of",
-    "apply_lora",
     "attach",
     "base_params",
     "infer_layouts",
     "load_adapters",
     "merge",
+    "optimizer",
     "plan",
     "remove",
     "unmerge",
@@ -37,16 +39,17 @@ PathParts = tuple[Hashable, ...]
 # Layer types jaxpeft.nnx can adapt (exact flax behaviour; subclasses that override ``__call__`` are refused).
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 _BASE = "base"
+_RESERVED = ("base", "treedef", "names", "stored_ndim", "deterministic", "rngs", "n_transform")
 
 
-class LoraParam(nnx.Variable):
-    """The variable type of LoRA factors A and B: the filter that selects exactly the trainable adapters.
+class AdapterParam(nnx.Variable):
+    """The variable type of every adapter array (LoRA's A and B, DoRA's magnitude, IA3's vectors, yours).
 
     It subclasses ``nnx.Variable``, **not** ``nnx.Param``, so ``nnx.state(model, nnx.Param)`` is the frozen base
-    and ``nnx.state(model, LoraParam)`` the adapters. Use it wherever NNX takes a filter:
-    ``nnx.split(model, LoraParam, ...)``, ``nnx.Optimizer(model, tx, wrt=LoraParam)``,
-    ``nnx.grad(f, argnums=nnx.DiffState(0, LoraParam))``. (flax's own ``nnx.LoRAParam`` *is* an ``nnx.Param``,
-    so a ``wrt=nnx.Param`` filter trains the whole base model along with it.)
+    and ``nnx.state(model, AdapterParam)`` the adapters. Use it wherever NNX takes a filter:
+    ``nnx.split(model, AdapterParam, ...)``, ``nnx.grad(f, argnums=nnx.DiffState(0, AdapterParam))`` and, best,
+    ``jaxpeft.nnx.optimizer(model, tx)``. (flax's own ``nnx.LoRAParam`` *is* an ``nnx.Param`` and is not what
+    jaxpeft creates: ``wrt=nnx.LoRAParam`` trains nothing here, ``wrt=nnx.Param`` the whole base.)
     """
 
 
@@ -63,8 +66,8 @@ def _own_layout(module: Any) -> Layout:
     if overridden:
         return Layout(
             kind="unsupported",
-            reason=f"its class {type(module).__name__} overrides nnx.{cls.__name__}.{overridden[0]}, so the LoRA "
-            "branch would not match its forward.",
+            reason=f"its class {type(module).__name__} overrides nnx.{cls.__name__}.{overridden[0]}, so the adapted "
+            "forward would not match it.",
         )
     if isinstance(module, nnx.Embed):
         return Layout(kind="embed")
@@ -108,11 +111,11 @@ def _path_text(parts: Sequence[Hashable]) -> str:
 
 
 class _Canon:
-    """Maps NNX graph paths to canonical paths: the ``base`` hop under every ``LoraLayer`` is dropped."""
+    """Maps NNX graph paths to canonical paths: the ``base`` hop under every ``AdapterLayer`` is dropped."""
 
     def __init__(self, model: Any) -> None:
         self.nodes = list(nnx.iter_graph(model))
-        self.wrappers = {p: n for p, n in self.nodes if isinstance(n, LoraLayer)}
+        self.wrappers = {p: n for p, n in self.nodes if isinstance(n, AdapterLayer)}
 
     def __call__(self, parts: PathParts) -> PathParts:
         return tuple(k for i, k in enumerate(parts) if not (k == _BASE and parts[:i] in self.wrappers))
@@ -123,102 +126,14 @@ class _Canon:
             if isinstance(node, _SUPPORTED):
                 yield (*self(parts), _weight_name(node)), node
 
-    def adapted(self) -> list[tuple[str, LoraLayer]]:
-        """``(canonical weight path, wrapper)`` for each ``LoraLayer``, sorted by path."""
+    def adapted(self) -> list[tuple[str, AdapterLayer]]:
+        """``(canonical weight path, wrapper)`` for each ``AdapterLayer``, sorted by path."""
         rows = [(_path_text((*self(p), _weight_name(w.base))), w) for p, w in self.wrappers.items()]
         return sorted(rows, key=lambda row: row[0])
 
 
-class LoraLayer(nnx.Module):
-    """A supported layer and its LoRA factors; calling it computes ``base(x) + scale·(dropout(x)·A)·B``.
-
-    ``W + ΔW`` is never formed, so differentiating with respect to the ``LoraParam`` variables never computes a
-    gradient for the base kernel. The branch computes in the base output's dtype (A and B are cast down to it).
-    Inside ``nnx.scan``/``nnx.vmap`` stacks, A and B carry the kernel's leading stack axes and are sliced with it.
-
-    Attributes:
-      base: the wrapped ``nnx.Linear``/``LinearGeneral``/``Einsum``/``Conv``/``Embed``.
-      lora_a: A, ``(*stack, *fan_in, r)``.
-      lora_b: B, ``(*stack, r, *fan_out)``.
-      scale: static ``alpha / rank``.
-      dropout: static dropout rate of the branch input; active when ``rngs`` is set and not ``deterministic``.
-      deterministic: disables dropout (``model.eval()``, ``nnx.view(model, deterministic=True)``).
-      rngs: the dropout ``nnx.RngStream`` or ``None``.
-    """
-
-    def __init__(self, base: nnx.Module, lora: LoraWeights, *, rngs: nnx.RngStream | None = None) -> None:
-        if not isinstance(base, _SUPPORTED):
-            raise TypeError(
-                f"LoraLayer wraps {', '.join('nnx.' + c.__name__ for c in _SUPPORTED)}; got {type(base).__name__}."
-            )
-        self.base = base
-        self.lora_a = LoraParam(jnp.asarray(lora.a))
-        self.lora_b = LoraParam(jnp.asarray(lora.b))
-        self.scale = float(lora.scale)
-        self.dropout = float(lora.dropout)
-        self.deterministic = False
-        self.rngs = nnx.data(rngs)
-
-    def __getattr__(self, name: str) -> Any:
-        base = self.__dict__.get("base")
-        if name.startswith("_") or base is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        raise AttributeError(
-            f"LoraLayer (wrapping nnx.{type(base).__name__}) has no attribute {name!r}. The wrapped layer is `.base`, "
-            "but reading its weights directly skips the LoRA branch: call the layer, or jaxpeft.nnx.merge(model) "
-            "first."
-        )
-
-    @property
-    def weights(self) -> LoraWeights:
-        """The current adapter as ``LoraWeights`` (the pure-pytree form)."""
-        return LoraWeights(self.lora_a.get_value(), self.lora_b.get_value(), self.scale, self.dropout)
-
-    def set_view(self, deterministic: bool | None = None) -> None:
-        """Used by ``nnx.view``: ``deterministic=True`` disables LoRA dropout."""
-        if deterministic is not None:
-            self.deterministic = deterministic
-
-    def _dropout_key(self) -> jax.Array | None:
-        if self.dropout == 0.0 or self.deterministic or self.rngs is None:
-            return None
-        return self.rngs()
-
-    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """``base(x, *args, **kwargs) + delta``; at init (B or A zero) the delta is exactly zero."""
-        base = self.base
-        y = base(x, *args, **kwargs)
-        lora = self.weights
-        dtype = y.dtype
-        if isinstance(base, nnx.Embed):
-            delta = ops.embed_delta(x, lora, dtype)
-        elif isinstance(base, nnx.Linear):
-            delta = ops.dense_delta(x.astype(dtype), lora, dropout_key=self._dropout_key(), precision=base.precision)
-        elif isinstance(base, nnx.LinearGeneral):
-            delta = ops.dense_delta(
-                x.astype(dtype), lora, axes=base.axis, dropout_key=self._dropout_key(), precision=base.precision
-            )
-        elif isinstance(base, nnx.Einsum):
-            subscripts = kwargs.get("einsum_str", args[0] if args else None) or base.einsum_str
-            delta = ops.einsum_delta(
-                subscripts, x.astype(dtype), lora, dropout_key=self._dropout_key(), precision=base.precision
-            )
-        else:
-            delta = ops.conv_delta(x.astype(dtype), lora, _conv_branch(base, dtype), dropout_key=self._dropout_key())
-        return y + delta.astype(dtype)
-
-    def attend(self, query: jax.Array, **kwargs: Any) -> jax.Array:
-        """``nnx.Embed.attend`` plus the branch ``scale·(q·Bᵀ)·Aᵀ`` (a tied output head); embeddings only."""
-        if not isinstance(self.base, nnx.Embed):
-            raise AttributeError(
-                f"`attend` exists on wrapped nnx.Embed layers only; this wraps nnx.{type(self.base).__name__}."
-            )
-        y = self.base.attend(query, **kwargs)
-        return y + ops.attend_delta(query.astype(y.dtype), self.weights).astype(y.dtype)
-
-
-def _conv_branch(base: nnx.Conv, dtype: Any) -> Any:
-    """``conv(x, A)`` with the base layer's window, strides, padding and dilations (no bias, no mask)."""
+def _conv_fn(base: nnx.Conv) -> Any:
+    """``conv(x, kernel)`` with the base layer's window, strides, padding and dilations (no bias, no mask)."""
 
     def conv(inp: jax.Array, kernel: jax.Array) -> jax.Array:
         branch = nnx.Conv(
@@ -230,7 +145,7 @@ def _conv_branch(base: nnx.Conv, dtype: Any) -> Any:
             input_dilation=base.input_dilation,
             kernel_dilation=base.kernel_dilation,
             use_bias=False,
-            dtype=dtype,
+            dtype=inp.dtype,
             param_dtype=kernel.dtype,
             precision=base.precision,
             kernel_init=lambda *_: kernel,
@@ -244,13 +159,118 @@ def _conv_branch(base: nnx.Conv, dtype: Any) -> Any:
     return conv
 
 
+def _layer_call(base: Any, method: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any) -> LayerCall:
+    """The one place that translates an NNX layer call into the neutral ``LayerCall``."""
+    fn = base.attend if method == "attend" else base
+
+    def run(inp: jax.Array) -> jax.Array:
+        return fn(inp, *args, **kwargs)
+
+    kernel = getattr(base, _weight_name(base)).get_value()
+    common = {"x": x, "base": run, "kernel": kernel, "precision": getattr(base, "precision", None), "dropout_key": key}
+    if isinstance(base, nnx.Embed):
+        return LayerCall(kind="attend" if method == "attend" else "embed", **common)
+    bias_var = getattr(base, "bias", None)
+    bias = bias_var.get_value() if bias_var is not None else None
+    if isinstance(base, nnx.Linear):
+        return LayerCall(kind="dense", bias=bias, **common)
+    if isinstance(base, nnx.LinearGeneral):
+        return LayerCall(kind="dense_general", bias=bias, axes=tuple(base.axis), **common)
+    if isinstance(base, nnx.Einsum):
+        subscripts = kwargs.get("einsum_str", args[0] if args else None) or base.einsum_str
+        if bias is not None:
+            p = ops.einsum_plan(subscripts)
+            letters = "".join(c for c in p.out_spec if c in p.stack + p.fan_out)
+            bias = ops.broadcast_to_spec(bias, letters, p.out_spec, len(p.out_spec))
+        return LayerCall(kind="einsum", bias=bias, subscripts=subscripts, **common)
+    return LayerCall(kind="conv", bias=bias, conv=_conv_fn(base), **common)
+
+
+class AdapterLayer(nnx.Module):
+    """A supported layer and its adapter; calling it runs the adapter's forward rule (``LoRA: base(x) + s·(x·A)·B``).
+
+    The adapter's arrays are ``AdapterParam`` attributes named after its fields (``a``, ``b``, ``magnitude``,
+    ``vector``, ...); its static part (class, scale, layout) is kept as graph metadata. Inside
+    ``nnx.scan``/``nnx.vmap`` stacks the arrays carry the kernel's leading stack axes and are sliced with it.
+
+    Attributes:
+      base: the wrapped ``nnx.Linear``/``LinearGeneral``/``Einsum``/``Conv``/``Embed``.
+      deterministic: disables dropout (``model.eval()``, ``nnx.view(model, deterministic=True)``).
+      rngs: the dropout ``nnx.RngStream`` or ``None``.
+    """
+
+    def __init__(self, base: nnx.Module, adapter: Adapter, *, rngs: nnx.RngStream | None = None) -> None:
+        if not isinstance(base, _SUPPORTED):
+            raise TypeError(
+                f"AdapterLayer wraps {', '.join('nnx.' + c.__name__ for c in _SUPPORTED)}; got {type(base).__name__}."
+            )
+        self.base = base
+        self.deterministic = False
+        self.rngs = nnx.data(rngs)
+        self._store(adapter)
+
+    def _store(self, adapter: Adapter) -> None:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(adapter)
+        names = tuple(path_str(kp) for kp, _ in flat)
+        clash = [n for n in names if n in _RESERVED or not n.isidentifier()]
+        if clash:
+            raise ValueError(
+                f"{type(adapter).__name__} has array fields {clash} that jaxpeft.nnx cannot store as attributes; "
+                f"rename them (reserved: {_RESERVED})."
+            )
+        self.treedef = treedef
+        self.names = names
+        self.stored_ndim = flat[0][1].ndim if flat else 0
+        for name, (_, value) in zip(names, flat, strict=True):
+            setattr(self, name, AdapterParam(jnp.asarray(value)))
+
+    def __getattr__(self, name: str) -> Any:
+        base = self.__dict__.get("base")
+        if name.startswith("_") or base is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(
+            f"AdapterLayer (wrapping nnx.{type(base).__name__}) has no attribute {name!r}. The wrapped layer is "
+            "`.base`, but reading its weights directly skips the adapter: call the layer, or "
+            "jaxpeft.nnx.merge(model) first."
+        )
+
+    @property
+    def adapter(self) -> Adapter:
+        """The current adapter node (the pure-pytree form; sliced inside ``nnx.scan``/``nnx.vmap``)."""
+        leaves = [getattr(self, n).get_value() for n in self.names]
+        node: Adapter = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return node.at_call(self.stored_ndim - leaves[0].ndim) if leaves else node
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by ``nnx.view``: ``deterministic=True`` disables dropout."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def _dropout_key(self) -> jax.Array | None:
+        if self.deterministic or self.rngs is None:
+            return None
+        return self.rngs()
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The adapted layer; at init every built-in method returns exactly ``base(x, *args, **kwargs)``."""
+        return self.adapter.forward(_layer_call(self.base, "__call__", x, args, kwargs, self._dropout_key))
+
+    def attend(self, query: jax.Array, **kwargs: Any) -> jax.Array:
+        """``nnx.Embed.attend`` with the adapter applied (a tied output head); embeddings only."""
+        if not isinstance(self.base, nnx.Embed):
+            raise AttributeError(
+                f"`attend` exists on wrapped nnx.Embed layers only; this wraps nnx.{type(self.base).__name__}."
+            )
+        return self.adapter.forward(_layer_call(self.base, "attend", query, (), kwargs, self._dropout_key))
+
+
 def infer_layouts(model: Any) -> dict[str, Layout]:
     """The layout of every ``nnx.Param`` leaf, read from the modules' own configuration (no tracing).
 
     Weights of ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` get their kind, fan-in and
     fan-out; extra leading axes (stacks built with ``nnx.vmap``/``nnx.scan``) count as ``stack``. Every other
     parameter gets ``kind="unsupported"`` with the reason, so a target that selects it fails loudly.
-    Paths are canonical: ``"layers/0/attn/q_proj/kernel"`` (a ``LoraLayer`` adds no path level).
+    Paths are canonical: ``"layers/0/attn/q_proj/kernel"`` (an ``AdapterLayer`` adds no path level).
 
     Args:
       model: an NNX module (real or abstract, e.g. from ``nnx.eval_shape``), adapted or not.
@@ -289,7 +309,7 @@ def base_params(model: Any) -> dict[Hashable, Any]:
     """The frozen parameters as a pure nested dict with canonical paths (adapters and wrapper levels left out).
 
     On an unadapted model this equals ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``; on an adapted one it is
-    the same dict as before ``apply_lora`` (integer keys of ``nnx.List`` stay integers). Arrays are shared, not
+    the same dict as before ``adapt`` (integer keys of ``nnx.List`` stay integers). Arrays are shared, not
     copied. Pass it to ``jaxpeft.init``/``plan``/``summary`` together with ``infer_layouts(model)``.
     """
     canon = _Canon(model)
@@ -299,30 +319,29 @@ def base_params(model: Any) -> dict[Hashable, Any]:
     return out
 
 
-def plan(cfg: LoraConfig, model: Any) -> Plan:
-    """The dry run of ``apply_lora(model, cfg)``: one row per target with path, shape, layout, rank and cost."""
-    return lora_plan(cfg, base_params(model), layouts=infer_layouts(model))
+def plan(cfg: MethodConfig, model: Any) -> Plan:
+    """The dry run of ``adapt(model, cfg)``: one row per target with path, shape, layout and adapter cost."""
+    return method_plan(cfg, base_params(model), layouts=infer_layouts(model))
 
 
 def adapters_of(model: Any) -> dict[str, Any]:
-    """The adapters of an adapted model as the framework-neutral pytree: nested dicts with ``LoraWeights`` leaves.
+    """The adapters of an adapted model as the framework-neutral pytree: nested dicts with adapter nodes.
 
     The layout is exactly that of ``jaxpeft.init`` on ``base_params(model)`` (string keys, e.g.
     ``adapters["layers"]["0"]["q_proj"]["kernel"]``), so it can be saved with ``jaxpeft.checkpoint``, merged
     with ``jaxpeft.merge``, or applied to a Linen model whose parameter paths agree. Arrays are shared.
 
     Raises:
-      ValueError: the model has no ``LoraLayer``.
+      ValueError: the model has no ``AdapterLayer``.
     """
     rows = _Canon(model).adapted()
     if not rows:
         raise ValueError(
-            f"`model` ({type(model).__name__}) has no LoRA adapters; call jaxpeft.nnx.apply_lora(model, cfg, "
-            "key=key) first."
+            f"`model` ({type(model).__name__}) has no adapters; call jaxpeft.nnx.adapt(model, cfg, key=key) first."
         )
     out: dict[str, Any] = {}
     for path, wrapper in rows:
-        out = set_path(out, path, wrapper.weights)
+        out = set_path(out, path, wrapper.adapter)
     return out
 
 
@@ -330,54 +349,20 @@ def _check_unadapted(model: Any, what: str) -> None:
     rows = _Canon(model).adapted()
     if rows:
         raise ValueError(
-            f"`model` already has LoRA adapters (e.g. at {rows[0][0]!r}); {what} takes a plain model. Call "
+            f"`model` already has adapters (e.g. at {rows[0][0]!r}); {what} takes a plain model. Call "
             "jaxpeft.nnx.merge(model) or jaxpeft.nnx.remove(model) first, or jaxpeft.nnx.load_adapters(model, "
             "adapters) to replace the adapter values."
         )
 
 
-def _check_fits(path: str, lora: LoraWeights, shape: tuple[int, ...], layout: Layout) -> None:
-    stack, fan_in, fan_out = layout.split(shape)
-    rank = lora.a.shape[-1] if lora.a.ndim else 0
-    want_a, want_b = (*stack, *fan_in, rank), (*stack, rank, *fan_out)
-    if tuple(lora.a.shape) != want_a or tuple(lora.b.shape) != want_b:
-        raise ValueError(
-            f"adapter {path!r} has A {tuple(lora.a.shape)} and B {tuple(lora.b.shape)}, but the layer's weight "
-            f"{shape} ({layout.kind}, stack {layout.stack}) needs A {want_a} and B {want_b}; were the adapters made "
-            "for this model?"
-        )
-
-
-def _dropout_streams(
-    table: Mapping[str, LoraWeights], shapes: Mapping[str, tuple[tuple[int, ...], Layout]], rngs: nnx.Rngs | None
-) -> dict[str, nnx.RngStream]:
-    if rngs is None:
-        return {}
-    streams: dict[str, nnx.RngStream] = {}
-    for path in sorted(table):
-        if table[path].dropout == 0.0:
-            continue
-        shape, layout = shapes[path]
-        stack = layout.split(shape)[0]
-        try:
-            source = rngs["dropout"]
-        except (AttributeError, KeyError) as err:
-            raise ValueError(
-                f"`rngs` has no 'dropout' (or 'default') stream for the LoRA dropout of {path!r}; pass "
-                "nnx.Rngs(dropout=seed)."
-            ) from err
-        streams[path] = source.split(stack) if stack else source.fork()
-    return streams
-
-
-def _validated(model: Any, adapters: Any) -> tuple[dict[str, LoraWeights], dict[str, tuple[tuple[int, ...], Layout]]]:
+def _validated(model: Any, adapters: Any) -> tuple[dict[str, Adapter], dict[str, tuple[tuple[int, ...], Layout]]]:
     """The adapter table and each supported layer's ``(weight shape, layout)``, after checking that they fit."""
     table = dict(adapter_items(adapters))
     shapes: dict[str, tuple[tuple[int, ...], Layout]] = {}
     for parts, module in _Canon(model).layers():
         shapes[_path_text(parts)] = (tuple(getattr(module, _weight_name(module)).shape), _kernel_layout(module))
     layouts = infer_layouts(model)
-    for path, lora in sorted(table.items()):
+    for path, node in sorted(table.items()):
         if path not in shapes:
             known = [p for p, (_, lay) in shapes.items() if lay.kind != "unsupported"][:4]
             why = f" {layouts[path].reason}" if path in layouts else ""
@@ -389,12 +374,35 @@ def _validated(model: Any, adapters: Any) -> tuple[dict[str, LoraWeights], dict[
         shape, layout = shapes[path]
         if layout.kind == "unsupported":
             raise ValueError(f"adapter {path!r}: the layer cannot be adapted: {layout.reason}")
-        _check_fits(path, lora, shape, layout)
+        check_fits(path, node, shape)
     return table, shapes
 
 
+def _dropout_streams(table: Mapping[str, Adapter], model: Any, rngs: nnx.Rngs | None) -> dict[str, nnx.RngStream]:
+    """One dropout stream per adapter with a positive rate, split over the ``nnx.vmap``/``nnx.scan`` axes only."""
+    if rngs is None:
+        return {}
+    modules = {_path_text(parts): module for parts, module in _Canon(model).layers()}
+    streams: dict[str, nnx.RngStream] = {}
+    for path in sorted(table):
+        if table[path].dropout <= 0.0:
+            continue
+        module = modules[path]
+        weight_shape = tuple(getattr(module, _weight_name(module)).shape)
+        transformed = weight_shape[: len(weight_shape) - _own_layout(module).ndim]
+        try:
+            source = rngs["dropout"]
+        except (AttributeError, KeyError) as err:
+            raise ValueError(
+                f"`rngs` has no 'dropout' (or 'default') stream for the dropout of {path!r}; pass "
+                "nnx.Rngs(dropout=seed)."
+            ) from err
+        streams[path] = source.split(transformed) if transformed else source.fork()
+    return streams
+
+
 def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
-    """A copy of ``model`` whose layers at the adapters' paths are wrapped in ``LoraLayer`` with these values.
+    """A copy of ``model`` whose layers at the adapters' paths are wrapped in ``AdapterLayer`` with these values.
 
     Takes any adapter tree in the pure form: from ``jaxpeft.init``, ``adapters_of``, a checkpoint, or one trained
     on a Linen model whose parameter paths agree. ``model`` is left untouched; the copy shares its base arrays
@@ -402,9 +410,9 @@ def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
 
     Args:
       model: an NNX module without adapters.
-      adapters: nested dicts with a ``LoraWeights`` at each adapted weight path.
-      rngs: ``nnx.Rngs`` whose ``"dropout"`` stream feeds LoRA dropout (each layer forks its own stream, split
-        along the stack axes for stacked layers). Without it, dropout is off.
+      adapters: nested dicts with an adapter node at each adapted weight path.
+      rngs: ``nnx.Rngs`` whose ``"dropout"`` stream feeds the adapters' dropout (each layer forks its own stream,
+        split along the ``nnx.vmap``/``nnx.scan`` axes for stacked layers). Without it, dropout is off.
 
     Returns:
       The adapted model.
@@ -413,39 +421,38 @@ def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
       ValueError: the model is already adapted; an adapter path names no supported layer; shapes do not fit.
     """
     _check_unadapted(model, "jaxpeft.nnx.attach")
-    table, shapes = _validated(model, adapters)
-    streams = _dropout_streams(table, shapes, rngs)
+    table, _ = _validated(model, adapters)
+    streams = _dropout_streams(table, model, rngs)
 
     def wrap(parts: PathParts, node: Any) -> Any:
         if isinstance(node, _SUPPORTED):
             path = _path_text((*parts, _weight_name(node)))
             if path in table:
-                return LoraLayer(node, table[path], rngs=streams.get(path))
+                return AdapterLayer(node, table[path], rngs=streams.get(path))
         return node
 
     return nnx.recursive_map(wrap, nnx.clone(model))
 
 
-def apply_lora(model: M, cfg: LoraConfig, *, key: jax.Array, rngs: nnx.Rngs | None = None) -> M:
-    """A copy of ``model`` with LoRA on the layers ``cfg`` selects; its output equals the base output at init.
+def adapt(model: M, cfg: MethodConfig, *, key: jax.Array, rngs: nnx.Rngs | None = None) -> M:
+    """A copy of ``model`` with the method of ``cfg`` on the layers it selects; its output equals the base at init.
 
-    Selection, ranks, scales and initial values are exactly those of ``jaxpeft.init(cfg, base_params(model),
-    key=key, layouts=infer_layouts(model))`` (same key, same adapters). Each targeted layer is wrapped in a
-    ``LoraLayer`` computing ``base(x) + s·(x·A)·B``. ``model`` is left untouched; base arrays are shared.
+    Selection and initial values are exactly those of ``jaxpeft.init(cfg, base_params(model), key=key,
+    layouts=infer_layouts(model))`` (same key, same adapters). Each targeted layer is wrapped in an
+    ``AdapterLayer``. ``model`` is left untouched; base arrays are shared.
 
-    The functional view is a three-way split::
+    Train the adapters with ``jaxpeft.nnx.optimizer(model, tx)``, or functionally with a three-way split::
 
-        graphdef, lora, frozen = nnx.split(model, jaxpeft.nnx.LoraParam, ...)
-        grads = jax.grad(lambda l: loss(nnx.merge(graphdef, l, frozen)))(lora)   # adapters only
+        graphdef, adapters, frozen = nnx.split(model, jaxpeft.nnx.AdapterParam, ...)
+        grads = jax.grad(lambda t: loss(nnx.merge(graphdef, t, frozen, copy=True)))(adapters)   # adapters only
 
-    and ``nnx.Optimizer(model, tx, wrt=jaxpeft.nnx.LoraParam)`` trains the adapters alone (never ``wrt=nnx.Param``:
-    that trains the base). With dropout, split ``nnx.RngState`` out as a fourth part and carry it between steps.
+    With dropout, split ``nnx.RngState`` out as a fourth part and carry it between steps.
 
     Args:
       model: an NNX module without adapters (real, or abstract from ``nnx.eval_shape``).
-      cfg: the LoRA config; ``"all-linear"`` adapts Linear/LinearGeneral/Einsum layers except output heads.
+      cfg: the method config; ``"all-linear"`` adapts Linear/LinearGeneral/Einsum layers except output heads.
       key: ``jax.random`` key for the adapter init.
-      rngs: optional ``nnx.Rngs`` with a ``"dropout"`` stream; LoRA dropout runs only when given.
+      rngs: optional ``nnx.Rngs`` with a ``"dropout"`` stream; dropout runs only when given.
 
     Returns:
       The adapted model.
@@ -454,16 +461,32 @@ def apply_lora(model: M, cfg: LoraConfig, *, key: jax.Array, rngs: nnx.Rngs | No
       ValueError: as ``jaxpeft.plan`` (nothing matched, unsupported layer selected, ...) or the model already has
         adapters.
     """
-    _check_unadapted(model, "jaxpeft.nnx.apply_lora")
-    adapters = lora_init(cfg, base_params(model), key=key, layouts=infer_layouts(model))
+    _check_unadapted(model, "jaxpeft.nnx.adapt")
+    adapters = method_init(cfg, base_params(model), key=key, layouts=infer_layouts(model))
     return attach(model, adapters, rngs=rngs)
 
 
-def load_adapters(model: Any, adapters: Any) -> None:
-    """Set the adapter values (and their static scale/dropout) of an adapted model in place, from the pure form.
+def optimizer(model: Any, tx: optax.GradientTransformation) -> nnx.Optimizer:
+    """``nnx.Optimizer`` over exactly the adapters of ``model`` (``wrt=AdapterParam``): the base stays frozen.
+
+    The filter is the one place where a typo trains the wrong thing silently (``wrt=nnx.LoRAParam`` holds no
+    state here, ``wrt=nnx.Param`` trains the base), so this builds it for you and checks the result.
 
     Raises:
-      ValueError: the adapter paths differ from the model's adapted layers, or a shape does not fit.
+      ValueError: ``model`` has no adapters, or the optimizer would hold no adapter state.
+    """
+    adapters_of(model)  # raises with the fix when there are none
+    opt = nnx.Optimizer(model, tx, wrt=AdapterParam)
+    if not jax.tree.leaves(nnx.state(model, AdapterParam)):
+        raise ValueError("the optimizer would train nothing: `model` holds no AdapterParam arrays.")
+    return opt
+
+
+def load_adapters(model: Any, adapters: Any) -> None:
+    """Set the adapters of an adapted model in place (values and static parts), from the pure form.
+
+    Raises:
+      ValueError: the adapter paths differ from the model's adapted layers, or a node's type or shapes differ.
     """
     table = dict(adapter_items(adapters))
     rows = dict(_Canon(model).adapted())
@@ -475,60 +498,76 @@ def load_adapters(model: Any, adapters: Any) -> None:
             "adapters) to adapt a different set of layers."
         )
     for path, wrapper in rows.items():
-        lora = table[path]
-        if lora.a.shape != wrapper.lora_a.shape or lora.b.shape != wrapper.lora_b.shape:
+        old, new = wrapper.adapter, table[path]
+        old_shapes = {n: tuple(x.shape) for n, x in zip(wrapper.names, jax.tree.leaves(old), strict=True)}
+        flat, _ = jax.tree_util.tree_flatten_with_path(new)
+        new_shapes = {path_str(kp): tuple(x.shape) for kp, x in flat}
+        if type(old) is not type(new) or old_shapes != new_shapes:
             raise ValueError(
-                f"adapter {path!r} has A {tuple(lora.a.shape)} and B {tuple(lora.b.shape)}; the model's layer holds "
-                f"A {tuple(wrapper.lora_a.shape)} and B {tuple(wrapper.lora_b.shape)}. Use adapters of the same ranks."
+                f"adapter {path!r} is a {type(new).__name__} with {new_shapes}; the model's layer holds a "
+                f"{type(old).__name__} with {old_shapes}. Use adapters of the same method and shapes."
             )
     for path, wrapper in rows.items():
-        lora = table[path]
-        wrapper.lora_a.set_value(jnp.asarray(lora.a))
-        wrapper.lora_b.set_value(jnp.asarray(lora.b))
-        wrapper.scale = float(lora.scale)
-        wrapper.dropout = float(lora.dropout)
+        node = table[path]
+        flat, treedef = jax.tree_util.tree_flatten_with_path(node)
+        wrapper.treedef = treedef
+        for name, (_, value) in zip(wrapper.names, flat, strict=True):
+            getattr(wrapper, name).set_value(jnp.asarray(value))
 
 
 def remove(model: M) -> M:
-    """A copy of ``model`` with every ``LoraLayer`` replaced by its base layer: the plain model, weights unchanged."""
-    return nnx.recursive_map(lambda _, node: node.base if isinstance(node, LoraLayer) else node, nnx.clone(model))
+    """A copy of ``model`` with every ``AdapterLayer`` replaced by its base layer: the plain model, unchanged."""
+    return nnx.recursive_map(lambda _, node: node.base if isinstance(node, AdapterLayer) else node, nnx.clone(model))
 
 
-@jax.jit
-def _fold_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array, sign: jax.Array) -> jax.Array:
-    """``W ± scale·A·B`` in float32, cast back to ``W``'s dtype; one compilation per weight shape."""
-    delta = LoraWeights(a, b, 1.0).delta(w.shape) * scale
-    return (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
+def _fold_fn(weight: jax.Array, bias: jax.Array | None, node: Adapter, sign: int) -> Any:
+    return node.fold(weight, bias, sign)
 
 
-def _fold_into(plain: M, adapters: Any, sign: float) -> M:
-    """Fold ``sign·ΔW`` into the weights of a plain model, in place (its variables must not be shared)."""
+# One compilation per weight shape and node type; `sign` is static.
+_fold_jit = jax.jit(_fold_fn, static_argnums=3)
+
+
+def _fold_into(plain: M, adapters: Any, sign: int) -> M:
+    """Fold each adapter into (or out of) the weights of a plain model, in place (its variables are not shared)."""
     table, _ = _validated(plain, adapters)
     for parts, module in _Canon(plain).layers():
-        lora = table.get(_path_text(parts))
-        if lora is not None:
-            weight = getattr(module, _weight_name(module))
-            s, f = jnp.float32(lora.scale), jnp.float32(sign)
-            weight.set_value(_fold_weight(weight.get_value(), jnp.asarray(lora.a), jnp.asarray(lora.b), s, f))
+        path = _path_text(parts)
+        node = table.get(path)
+        if node is None:
+            continue
+        weight = getattr(module, _weight_name(module))
+        bias_var = getattr(module, "bias", None)
+        bias = bias_var.get_value() if bias_var is not None else None
+        new_w, new_b = _fold_jit(weight.get_value(), bias, node, sign)
+        weight.set_value(new_w)
+        if new_b is not None and bias_var is not None:
+            bias_var.set_value(new_b)
     return plain
 
 
 def merge(model: M) -> M:
-    """A plain copy of an adapted model with ``W + scale·A·B`` folded into each adapted weight.
+    """A plain copy of an adapted model with each adapter folded into its weight (and bias, where it scales it).
 
-    The result has no ``LoraLayer``: its forward is exactly the base model's code, and its outputs match the
-    adapted model's up to float rounding (the sum is formed in float32, then cast to the weight's dtype).
+    The result has no ``AdapterLayer``: its forward is exactly the base model's code, and its outputs match the
+    adapted model's up to float rounding (folds are formed in float32, then cast to the weight's dtype).
     ``model`` is left untouched.
+
+    Raises:
+      NotMergeableError: a method that cannot be merged.
     """
     adapters = adapters_of(model)
-    return _fold_into(remove(model), adapters, 1.0)
+    return _fold_into(remove(model), adapters, 1)
 
 
 def unmerge(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
-    """The inverse of ``merge``: ``W - scale·A·B`` at each adapted weight, with the adapters attached again.
+    """The inverse of ``merge``: each adapter taken back out of its weight, with the adapters attached again.
 
     ``unmerge(merge(m), adapters_of(m))`` equals ``m`` up to float rounding. ``model`` is left untouched.
+
+    Raises:
+      NotMergeableError: a method whose merge cannot be undone (DoRA: keep the model you merged instead).
     """
     _check_unadapted(model, "jaxpeft.nnx.unmerge")
-    plain = _fold_into(nnx.clone(model), adapters, -1.0)
+    plain = _fold_into(nnx.clone(model), adapters, -1)
     return attach(plain, adapters, rngs=rngs)

@@ -154,7 +154,7 @@ def test_unsupported_layers_say_why():
 
 def test_base_params_and_adapters_match_the_pure_form():
     model = zoo()
-    adapted = jnnx.apply_lora(model, ALL_WEIGHTS, key=jax.random.key(1))
+    adapted = jnnx.adapt(model, ALL_WEIGHTS, key=jax.random.key(1))
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     chex.assert_trees_all_equal(jnnx.base_params(model), pure)
     chex.assert_trees_all_equal(jnnx.base_params(adapted), pure)  # the wrapper level is dropped
@@ -177,7 +177,7 @@ def test_all_linear_skips_heads_embeddings_and_convs():
 
     abstract = nnx.eval_shape(lambda: WithHead(nnx.Rngs(0)))
     assert [t.path for t in jnnx.plan(jaxpeft.LoraConfig(), abstract).targets] == ["proj/kernel"]
-    adapted = jnnx.apply_lora(abstract, jaxpeft.LoraConfig(rank=2), key=jax.random.key(0))
+    adapted = jnnx.adapt(abstract, jaxpeft.LoraConfig(rank=2), key=jax.random.key(0))
     assert list(jnnx.adapters_of(adapted)) == ["proj"]
     assert isinstance(adapted.proj.base.kernel.get_value(), jax.ShapeDtypeStruct)  # the base stays abstract
 
@@ -188,18 +188,18 @@ def test_all_linear_skips_heads_embeddings_and_convs():
 def test_identity_at_init_and_input_untouched():
     model = zoo()
     before = nnx.to_pure_dict(nnx.state(model))
-    adapted = jnnx.apply_lora(model, ALL_WEIGHTS, key=jax.random.key(1))
+    adapted = jnnx.adapt(model, ALL_WEIGHTS, key=jax.random.key(1))
     np.testing.assert_array_equal(adapted(IDS), model(IDS))  # eager: op by op, base(x) + 0 is exact
     # Compiled, XLA may merge dots that share an input (q·Eᵀ and q·Bᵀ of the tied head), so only rounding-close.
     np.testing.assert_allclose(forward(adapted, IDS), forward(model, IDS), rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model)), before)
-    assert isinstance(model.out, nnx.Linear) and isinstance(adapted.out, jnnx.LoraLayer)
+    assert isinstance(model.out, nnx.Linear) and isinstance(adapted.out, jnnx.AdapterLayer)
 
 
 def test_explicit_formula_single_linear():
     base = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
     cfg = jaxpeft.LoraConfig(rank=2, alpha=3, targets="all-linear")
-    adapted = jnnx.apply_lora(base, cfg, key=jax.random.key(1))
+    adapted = jnnx.adapt(base, cfg, key=jax.random.key(1))
     jnnx.load_adapters(adapted, perturb(jnnx.adapters_of(adapted)))
     lora = jnnx.adapters_of(adapted)["kernel"]
     x = jax.random.normal(jax.random.key(2), (4, 5))
@@ -210,11 +210,11 @@ def test_explicit_formula_single_linear():
 
 
 def test_merged_equals_unmerged_and_round_trips():
-    adapted = jnnx.apply_lora(zoo(), ALL_WEIGHTS, key=jax.random.key(1))
+    adapted = jnnx.adapt(zoo(), ALL_WEIGHTS, key=jax.random.key(1))
     jnnx.load_adapters(adapted, perturb(jnnx.adapters_of(adapted)))
     y = forward(adapted, IDS)
     merged = jnnx.merge(adapted)
-    assert not any(isinstance(n, jnnx.LoraLayer) for _, n in nnx.iter_graph(merged))
+    assert not any(isinstance(n, jnnx.AdapterLayer) for _, n in nnx.iter_graph(merged))
     assert type(merged.out) is nnx.Linear
     np.testing.assert_allclose(forward(merged, IDS), y, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(y) - np.asarray(forward(zoo(), IDS))).max() > 1e-2  # the adapters really change the output
@@ -232,23 +232,23 @@ def test_equivalent_to_flax_lora_linear():
     base = nnx.Linear(6, 4, rngs=nnx.Rngs(9))
     base.kernel.set_value(flax_layer.kernel.get_value())
     base.bias.set_value(flax_layer.bias.get_value())
-    ours = jnnx.apply_lora(base, jaxpeft.LoraConfig(rank=3, alpha=3, targets="all-linear"), key=jax.random.key(2))
+    ours = jnnx.adapt(base, jaxpeft.LoraConfig(rank=3, alpha=3, targets="all-linear"), key=jax.random.key(2))
     a, b = flax_layer.lora.lora_a.get_value(), flax_layer.lora.lora_b.get_value()
     jnnx.load_adapters(ours, {"kernel": jaxpeft.LoraWeights(a, b, scale=1.0)})
     x = jax.random.normal(jax.random.key(3), (5, 6))
     np.testing.assert_allclose(ours(x), flax_layer(x), rtol=1e-6, atol=1e-6)
-    assert issubclass(nnx.LoRAParam, nnx.Param) and not issubclass(jnnx.LoraParam, nnx.Param)
+    assert issubclass(nnx.LoRAParam, nnx.Param) and not issubclass(jnnx.AdapterParam, nnx.Param)
 
 
 # ---------------------------------------------------------------- functional view and training
 
 
 def test_split_is_three_way_and_param_filter_excludes_adapters():
-    adapted = jnnx.apply_lora(zoo(), ALL_WEIGHTS, key=jax.random.key(1))
-    graphdef, lora, frozen = nnx.split(adapted, jnnx.LoraParam, ...)
+    adapted = jnnx.adapt(zoo(), ALL_WEIGHTS, key=jax.random.key(1))
+    graphdef, lora, frozen = nnx.split(adapted, jnnx.AdapterParam, ...)
     assert nbytes(lora) == nbytes(jnnx.adapters_of(adapted))
     assert nbytes(nnx.state(adapted, nnx.Param)) == nbytes(frozen) == nbytes(jnnx.base_params(adapted))
-    assert not jax.tree.leaves(nnx.state(adapted, nnx.All(nnx.Param, jnnx.LoraParam)))
+    assert not jax.tree.leaves(nnx.state(adapted, nnx.All(nnx.Param, jnnx.AdapterParam)))
     np.testing.assert_array_equal(forward(nnx.merge(graphdef, lora, frozen), IDS), forward(adapted, IDS))
 
 
@@ -268,8 +268,8 @@ def _pure_step(graphdef, tx):
 
 
 def test_pure_train_step_grads_only_adapters_and_base_frozen():
-    adapted = jnnx.apply_lora(zoo(), ALL_WEIGHTS, key=jax.random.key(1))
-    graphdef, lora, frozen = nnx.split(adapted, jnnx.LoraParam, ...)
+    adapted = jnnx.adapt(zoo(), ALL_WEIGHTS, key=jax.random.key(1))
+    graphdef, lora, frozen = nnx.split(adapted, jnnx.AdapterParam, ...)
     frozen_before = jax.tree.map(np.asarray, frozen)
     tx = optax.adam(3e-2)
     step = jax.jit(chex.assert_max_traces(_pure_step(graphdef, tx), n=1))
@@ -289,9 +289,9 @@ def test_pure_train_step_grads_only_adapters_and_base_frozen():
 
 def test_jit_matches_no_jit():
     model = nnx.Linear(5, 12, rngs=nnx.Rngs(0))
-    adapted = jnnx.apply_lora(model, ALL_WEIGHTS, key=jax.random.key(1))
+    adapted = jnnx.adapt(model, ALL_WEIGHTS, key=jax.random.key(1))
     jnnx.load_adapters(adapted, perturb(jnnx.adapters_of(adapted)))
-    graphdef, lora, frozen = nnx.split(adapted, jnnx.LoraParam, ...)
+    graphdef, lora, frozen = nnx.split(adapted, jnnx.AdapterParam, ...)
     tx = optax.sgd(1e-2)
     step = _pure_step(graphdef, tx)
     x = jax.random.normal(jax.random.key(2), (3, 5))
@@ -301,9 +301,9 @@ def test_jit_matches_no_jit():
 
 
 def test_nnx_optimizer_trains_only_adapters():
-    adapted = jnnx.apply_lora(small(), ALL_WEIGHTS, key=jax.random.key(1))
+    adapted = jnnx.adapt(small(), ALL_WEIGHTS, key=jax.random.key(1))
     base_before = jnnx.base_params(adapted)
-    optimizer = nnx.Optimizer(adapted, optax.adam(3e-2), wrt=jnnx.LoraParam)
+    optimizer = nnx.Optimizer(adapted, optax.adam(3e-2), wrt=jnnx.AdapterParam)
     target = np.linspace(-1.0, 1.0, 12, dtype=np.float32)
 
     @nnx.jit
@@ -311,7 +311,7 @@ def test_nnx_optimizer_trains_only_adapters():
         def loss_fn(model):
             return jnp.mean((model(ids) - target) ** 2)
 
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, jnnx.LoraParam))(model)
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, jnnx.AdapterParam))(model)
         optimizer.update(model, grads)
         return loss
 
@@ -324,9 +324,9 @@ def test_nnx_optimizer_trains_only_adapters():
 def test_bf16_base_with_float32_adapters():
     model = small(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model))} == {jnp.dtype("bfloat16")}
-    adapted = jnnx.apply_lora(model, ALL_WEIGHTS, key=jax.random.key(1))
+    adapted = jnnx.adapt(model, ALL_WEIGHTS, key=jax.random.key(1))
     assert nnx.eval_shape(lambda m: m(IDS), adapted).dtype == jnp.bfloat16  # the branch computes in bf16
-    graphdef, lora, frozen = nnx.split(adapted, jnnx.LoraParam, ...)
+    graphdef, lora, frozen = nnx.split(adapted, jnnx.AdapterParam, ...)
     assert {x.dtype for x in jax.tree.leaves(lora)} == {jnp.dtype("float32")}
     tx = optax.adam(3e-2)
     step = jax.jit(_pure_step(graphdef, tx))
@@ -396,7 +396,7 @@ def test_linen_and_nnx_adapters_share_one_layout():
     assert jax.tree.map(jnp.shape, linen_shapes) == jax.tree.map(jnp.shape, params)
     cfg = jaxpeft.LoraConfig(rank=2, targets="all-linear")
     from_linen = jaxpeft.linen.init(cfg, linen, params, x, key=jax.random.key(5))
-    adapted = jnnx.apply_lora(model, cfg, key=jax.random.key(5))
+    adapted = jnnx.adapt(model, cfg, key=jax.random.key(5))
     chex.assert_trees_all_equal(jnnx.adapters_of(adapted), from_linen)  # same paths, shapes, stack axes, values
     trained = perturb(from_linen)  # e.g. adapters trained on the Linen model, restored from a checkpoint
     jnnx.load_adapters(adapted, trained)
@@ -427,35 +427,35 @@ def test_checkpoint_written_from_linen_restores_into_nnx(tmp_path):
 def test_errors_name_the_path_and_the_fix():
     model = zoo()
     with pytest.raises(ValueError, match=r"matched no parameter. Paths look like"):
-        jnnx.apply_lora(model, jaxpeft.LoraConfig(targets=["nope"]), key=jax.random.key(0))
+        jnnx.adapt(model, jaxpeft.LoraConfig(targets=["nope"]), key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"'heads/bias' cannot be adapted: only the layer's `kernel` is adapted, not"):
-        jnnx.apply_lora(model, jaxpeft.LoraConfig(targets=r"heads/bias"), key=jax.random.key(0))
-    adapted = jnnx.apply_lora(model, ALL_WEIGHTS, key=jax.random.key(1))
-    with pytest.raises(ValueError, match=r"already has LoRA adapters \(e.g. at 'blocks/0/down/kernel'\)"):
-        jnnx.apply_lora(adapted, ALL_WEIGHTS, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"already has LoRA adapters"):
+        jnnx.adapt(model, jaxpeft.LoraConfig(targets=r"heads/bias"), key=jax.random.key(0))
+    adapted = jnnx.adapt(model, ALL_WEIGHTS, key=jax.random.key(1))
+    with pytest.raises(ValueError, match=r"already has adapters \(e.g. at 'blocks/0/down/kernel'\)"):
+        jnnx.adapt(adapted, ALL_WEIGHTS, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"already has adapters"):
         jnnx.unmerge(adapted, jnnx.adapters_of(adapted))
-    with pytest.raises(ValueError, match=r"`model` \(Zoo\) has no LoRA adapters; call jaxpeft.nnx.apply_lora"):
+    with pytest.raises(ValueError, match=r"`model` \(Zoo\) has no adapters; call jaxpeft.nnx.adapt"):
         jnnx.adapters_of(model)
     lora = jaxpeft.LoraWeights(np.zeros((WIDTH, 2), np.float32), np.zeros((2, WIDTH), np.float32), 1.0)
     with pytest.raises(ValueError, match=r"adapter 'missing/kernel' names no nnx.Linear"):
         jnnx.attach(model, {"missing": {"kernel": lora}})
-    with pytest.raises(ValueError, match=r"adapter 'layers/up/kernel' has A \(8, 2\).*needs A \(3, 8, 2\)"):
+    with pytest.raises(ValueError, match=r"adapter 'layers/up/kernel' \(LoraWeights: a \(8, 2\), b \(2, 8\)\) does not fit the weight of shape \(3, 8, 16\)"):
         jnnx.attach(model, {"layers": {"up": {"kernel": lora}}})
     with pytest.raises(ValueError, match=r"do not match the model's adapted layers: missing \['blocks/0/down/kernel'"):
         jnnx.load_adapters(adapted, {"out": {"kernel": lora}})
     wrong_rank = jax.tree.map(lambda x: np.zeros((*x.shape[:-1], 3), np.float32), jnnx.adapters_of(adapted))
-    with pytest.raises(ValueError, match=r"Use adapters of the same ranks"):
+    with pytest.raises(ValueError, match=r"Use adapters of the same method and shapes"):
         jnnx.load_adapters(adapted, wrong_rank)
     dropout = jaxpeft.LoraConfig(rank=2, targets="all-linear", dropout=0.1)
     with pytest.raises(ValueError, match=r"`rngs` has no 'dropout' \(or 'default'\) stream"):
-        jnnx.apply_lora(model, dropout, key=jax.random.key(0), rngs=nnx.Rngs(params=0))
+        jnnx.adapt(model, dropout, key=jax.random.key(0), rngs=nnx.Rngs(params=0))
     with pytest.raises(AttributeError, match=r"has no attribute 'kernel'. The wrapped layer is `.base`"):
         _ = adapted.out.kernel
     with pytest.raises(AttributeError, match=r"`attend` exists on wrapped nnx.Embed layers only"):
         adapted.out.attend(np.ones((WIDTH,), np.float32))
-    with pytest.raises(TypeError, match=r"LoraLayer wraps nnx.Linear"):
-        jnnx.LoraLayer(nnx.LayerNorm(4, rngs=nnx.Rngs(0)), lora)
+    with pytest.raises(TypeError, match=r"AdapterLayer wraps nnx.Linear"):
+        jnnx.AdapterLayer(nnx.LayerNorm(4, rngs=nnx.Rngs(0)), lora)
 
 
 def test_subclass_with_its_own_forward_is_refused():
@@ -465,7 +465,7 @@ def test_subclass_with_its_own_forward_is_refused():
 
     layer = Gated(4, 4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"'kernel' cannot be adapted: its class Gated overrides nnx.Linear.__call__"):
-        jnnx.apply_lora(layer, jaxpeft.LoraConfig(targets=r"kernel$"), key=jax.random.key(0))
+        jnnx.adapt(layer, jaxpeft.LoraConfig(targets=r"kernel$"), key=jax.random.key(0))
 
 
 # ---------------------------------------------------------------- efficiency

@@ -9,9 +9,12 @@ import jaxpeft
 from jaxpeft import ops
 
 
-def lora(a_shape, b_shape, scale=0.5, seed=0):
+def lora(a_shape, b_shape, scale=0.5, seed=0, layout=None):
+    """A hand-built adapter; the layout defaults to one fan-in and one fan-out axis after the stack axes."""
     ka, kb = jax.random.split(jax.random.key(seed))
-    return jaxpeft.LoraWeights(jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape), scale)
+    if layout is None:
+        layout = jaxpeft.Layout(fan_in=len(a_shape) - 1, fan_out=len(b_shape) - 1)
+    return jaxpeft.LoraWeights(jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape), scale, layout=layout)
 
 
 def close(x, y):
@@ -43,7 +46,7 @@ def test_lora_einsum_equals_merged_weight():
 
 def test_einsum_with_batch_letters_is_stacked():
     x = jax.random.normal(jax.random.key(1), (3, 2, 6))  # "l" is shared: a per-layer batch axis
-    ad = lora((3, 6, 2), (3, 2, 5))
+    ad = lora((3, 6, 2), (3, 2, 5), layout=jaxpeft.Layout(stack=1, kind="einsum"))
     w = jax.random.normal(jax.random.key(2), (3, 6, 5))
     assert ops.einsum_plan("lbd,ldh->lbh").layout == jaxpeft.Layout(stack=1, kind="einsum")
     close(ops.lora_einsum("lbd,ldh->lbh", x, w, ad), jnp.einsum("lbd,ldh->lbh", x, w + ad.delta(w.shape)))
@@ -78,7 +81,7 @@ def test_embed_and_attend_equal_merged_table():
 def test_lora_conv_equals_merged_kernel():
     x = jax.random.normal(jax.random.key(1), (2, 7, 7, 3))
     w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
-    ad = lora((3, 3, 3, 2), (2, 4))
+    ad = lora((3, 3, 3, 2), (2, 4), layout=jaxpeft.Layout(fan_in=3, kind="conv"))
     merged = w + ad.delta(w.shape)
     expected = ops.lora_conv(x, merged, jaxpeft.LoraWeights(ad.a, ad.b * 0, 1.0), strides=(2, 2), padding="SAME")
     close(ops.lora_conv(x, w, ad, strides=(2, 2), padding="SAME"), expected)
@@ -86,7 +89,7 @@ def test_lora_conv_equals_merged_kernel():
 
 def test_stacked_adapters_inside_lax_scan_match_merge():
     kernels = jax.random.normal(jax.random.key(1), (3, 4, 4))
-    ad = lora((3, 4, 2), (3, 2, 4))
+    ad = lora((3, 4, 2), (3, 2, 4), layout=jaxpeft.Layout(stack=1))
     x = jax.random.normal(jax.random.key(2), (5, 4))
 
     def layer(h, slices):
@@ -101,7 +104,7 @@ def test_stacked_adapters_inside_lax_scan_match_merge():
 
 def test_unsliced_stacked_adapter_is_an_error():
     with pytest.raises(ValueError, match=r"stacked adapters must be sliced like their kernel"):
-        ops.dense_delta(jnp.ones((2, 4, 4)), lora((3, 4, 2), (3, 2, 4)), axes=(2,))
+        ops.dense_delta(jnp.ones((2, 4, 4)), lora((3, 4, 2), (3, 2, 4), layout=jaxpeft.Layout(stack=1)), axes=(2,))
 
 
 def test_dropout_is_inverted_and_keyed():

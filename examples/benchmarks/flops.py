@@ -190,8 +190,8 @@ def step_flops(mode: str, cfg: BenchConfig) -> float:
         if mode == "nnx-full":
             return _nnx_step_flops(nnx_model, nnx.Param, ids, tx)
         if mode == "nnx-lora":
-            lora_model = jaxpeft.nnx.apply_lora(nnx_model, lora_cfg, key=jax.random.key(1))
-            return _nnx_step_flops(lora_model, jaxpeft.nnx.LoraParam, ids, tx)
+            lora_model = jaxpeft.nnx.adapt(nnx_model, lora_cfg, key=jax.random.key(1))
+            return _nnx_step_flops(lora_model, jaxpeft.nnx.AdapterParam, ids, tx)
     adapters = jax.eval_shape(lambda: jaxpeft.linen.init(lora_cfg, model, params, ids, key=jax.random.key(1)))
     if mode == "lora":
         forward = lambda p, a, x: jaxpeft.linen.apply(model, {"params": p}, a, x)  # noqa: E731

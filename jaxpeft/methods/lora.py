@@ -1,41 +1,22 @@
-"""LoRA: config, the adapter leaf type, and pure ``plan`` / ``init`` / ``merge`` / ``unmerge``."""
+"""LoRA: the config, the adapter node ``LoraWeights`` and its forward rule ``base(x) + s·(x·A)·B``."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
 
-from jaxpeft._paths import leaves_with_paths, map_with_paths, set_path
-from jaxpeft._select import ALL_LINEAR, Layout, TargetSpec, compile_regex, match_pattern, select_targets
+from jaxpeft._select import ALL_LINEAR, Layout, TargetSpec, compile_regex, match_pattern
+from jaxpeft.methods.base import STATIC, Adapter, LayerCall, MethodConfig, check_ndim, fold_weight
 
-__all__ = [
-    "LoraConfig",
-    "LoraWeights",
-    "Plan",
-    "TargetInfo",
-    "adapter_items",
-    "init",
-    "merge",
-    "plan",
-    "unmerge",
-]
+__all__ = ["LoraConfig", "LoraWeights"]
 
 _INITS = ("kaiming", "gaussian")
-
-
-def _freeze_spec(value: Any, name: str) -> Any:
-    if callable(value) or isinstance(value, str):
-        return value
-    if isinstance(value, Sequence):
-        return tuple(value)
-    raise ValueError(f"`{name}` must be 'all-linear', a regex, a list of module names or a predicate; got {value!r}.")
 
 
 def _freeze_pattern(value: Any, name: str, kind: type) -> tuple[tuple[str, Any], ...]:
@@ -50,8 +31,19 @@ def _freeze_pattern(value: Any, name: str, kind: type) -> tuple[tuple[str, Any],
     return tuple((p, kind(n)) for p, n in items)
 
 
+def check_dtype(value: str) -> str:
+    """The canonical name of a floating adapter dtype; ``ValueError`` otherwise."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as err:
+        raise ValueError(f"`dtype`={value!r} is not a dtype name; use e.g. 'float32'.") from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"`dtype`={value!r}; adapters need a floating dtype such as 'float32'.")
+    return dtype.name
+
+
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(MethodConfig):
     """LoRA hyper-parameters; frozen, hashable (static under ``jax.jit``) and JSON round-trippable.
 
     Args:
@@ -74,6 +66,10 @@ class LoraConfig:
       Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023.
     """
 
+    method: ClassVar[str] = "lora"
+    restore_free: ClassVar[tuple[str, ...]] = ("dropout", "init")
+    json_mappings: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
+
     rank: int = 8
     alpha: float = 8.0
     targets: TargetSpec = ALL_LINEAR
@@ -94,22 +90,11 @@ class LoraConfig:
             raise ValueError(f"`dropout`={self.dropout!r}; expected a rate in [0, 1).")
         if self.init not in _INITS:
             raise ValueError(f"`init`={self.init!r}; expected one of {_INITS}.")
-        try:
-            dtype = jnp.dtype(self.dtype)
-        except TypeError as err:
-            raise ValueError(f"`dtype`={self.dtype!r} is not a dtype name; use e.g. 'float32'.") from err
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"`dtype`={self.dtype!r}; adapters need a floating dtype such as 'float32'.")
-        object.__setattr__(self, "dtype", dtype.name)
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
         object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "targets", _freeze_spec(self.targets, "targets"))
-        object.__setattr__(self, "exclude", _freeze_spec(self.exclude, "exclude"))
+        self._freeze_selection()
         object.__setattr__(self, "rank_pattern", _freeze_pattern(self.rank_pattern, "rank_pattern", int))
         object.__setattr__(self, "alpha_pattern", _freeze_pattern(self.alpha_pattern, "alpha_pattern", float))
-        for field in ("targets", "exclude"):
-            spec = getattr(self, field)
-            if isinstance(spec, str) and spec != ALL_LINEAR:
-                compile_regex(spec, field)
         for field in ("rank_pattern", "alpha_pattern"):
             for pattern, _ in getattr(self, field):
                 compile_regex(pattern, field)
@@ -129,239 +114,102 @@ class LoraConfig:
         rank = self.rank_for(path)
         return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; ``ValueError`` if a target is a predicate (code cannot be saved)."""
-        out: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if callable(value):
-                raise ValueError(
-                    f"`{field.name}` is a function and cannot be written to JSON; give module names or a regex."
-                )
-            if field.name in ("rank_pattern", "alpha_pattern"):
-                value = dict(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[field.name] = value
-        return {"method": "lora", **out}
+    def check_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> None:
+        paths = [p for p, _, _ in rows]
+        for field in ("rank_pattern", "alpha_pattern"):
+            for pattern, _ in getattr(self, field):
+                if not any(match_pattern(pattern, p) for p in paths):
+                    raise ValueError(
+                        f"`{field}` key {pattern!r} matches none of the {len(paths)} targets (e.g. {paths[0]!r}); "
+                        "fix the regex or drop the entry."
+                    )
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+    def factor_shapes(self, path: str, shape: Sequence[int], layout: Layout) -> tuple[tuple[int, ...], ...]:
+        """``(A shape, B shape)`` of the adapter at ``path`` on a weight of ``shape``."""
+        stack, fan_in, fan_out = layout.split(shape)
+        rank = self.rank_for(path)
+        return (*stack, *fan_in, rank), (*stack, rank, *fan_out)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
-        data = dict(data)
-        method = data.pop("method", "lora")
-        if method != "lora":
-            raise ValueError(f"config has method={method!r}; LoraConfig reads method='lora' only.")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"LoraConfig got unknown fields {unknown}; known fields are {sorted(names)}.")
-        return cls(**data)
+    def init_factors(self, path: str, shape: Sequence[int], layout: Layout, key: jax.Array) -> tuple[Any, Any]:
+        """HF PEFT's initial ``(A, B)``: ``A·B = 0``."""
+        dtype = jnp.dtype(self.dtype)
+        a_shape, b_shape = self.factor_shapes(path, shape, layout)
+        if layout.kind == "embed":
+            return jnp.zeros(a_shape, dtype), jax.random.normal(key, b_shape, dtype)
+        if self.init == "kaiming":
+            bound = 1.0 / math.sqrt(layout.fan_in_size(shape))
+            a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+        else:
+            a = jax.random.normal(key, a_shape, dtype) / self.rank_for(path)
+        return a, jnp.zeros(b_shape, dtype)
 
-    @classmethod
-    def from_json(cls, text: str) -> LoraConfig:
-        return cls.from_dict(json.loads(text))
+    def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> LoraWeights:
+        a, b = self.init_factors(path, weight.shape, layout, key)
+        return LoraWeights(a, b, self.scale_for(path), self.dropout, layout)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["a", "b"], meta_fields=["scale", "dropout"])
+def factors_delta(a: jax.Array, b: jax.Array, scale: float, layout: Layout, shape: Sequence[int]) -> jax.Array:
+    """``scale · A·B`` as a float32 array of the weight's ``shape`` (stack axes batched)."""
+    shape = tuple(shape)
+    stack = math.prod(layout.split(shape)[0])
+    rank = a.shape[-1]
+    a2 = jnp.reshape(a.astype(jnp.float32), (stack, -1, rank))
+    b2 = jnp.reshape(b.astype(jnp.float32), (stack, rank, -1))
+    return jnp.reshape(jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST) * scale, shape)
+
+
+def check_factors(a: Any, b: Any, layout: Layout, weight_shape: tuple[int, ...]) -> str | None:
+    """Why factors A, B do not fit a weight of ``weight_shape`` under ``layout`` (None when they do)."""
+    if problem := check_ndim(layout, weight_shape):
+        return problem
+    stack, fan_in, fan_out = layout.split(weight_shape)
+    rank = a.shape[-1] if a.ndim else 0
+    want_a, want_b = (*stack, *fan_in, rank), (*stack, rank, *fan_out)
+    if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+        return f"expected A {want_a} and B {want_b} (rank {rank})"
+    return None
+
+
+@functools.partial(jax.tree_util.register_dataclass)
 @dataclasses.dataclass(frozen=True)
-class LoraWeights:
+class LoraWeights(Adapter):
     """One LoRA adapter: ``ΔW = scale · A·B`` with A ``(*stack, *fan_in, r)`` and B ``(*stack, r, *fan_out)``.
 
-    A pytree node whose leaves are ``a`` and ``b``; ``scale`` and ``dropout`` are static metadata, so
-    gradients, optimizer updates and ``jax.jit`` see only the two arrays.
+    A pytree node whose leaves are ``a`` and ``b``; ``scale``, ``dropout`` and ``layout`` are static metadata,
+    so gradients, optimizer updates and ``jax.jit`` see only the two arrays. Its forward never forms
+    ``W + ΔW``: the adapted layer computes ``base(x) + scale·(dropout(x)·A)·B``.
     """
 
     a: Any
     b: Any
-    scale: float
-    dropout: float = 0.0
+    scale: float = dataclasses.field(metadata=STATIC)
+    dropout: float = dataclasses.field(default=0.0, metadata=STATIC)
+    layout: Layout = dataclasses.field(default=Layout(), metadata=STATIC)
 
     @property
     def rank(self) -> int:
         return int(self.a.shape[-1])
 
-    def n_stack(self, kernel_ndim: int) -> int:
-        """Leading stack axes, read off the shapes: ``a.ndim + b.ndim - 2 - kernel.ndim``."""
-        return self.a.ndim + self.b.ndim - 2 - kernel_ndim
+    def describe(self) -> str:
+        return f"r={self.rank} scale={self.scale:g}"
 
     def delta(self, kernel_shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
         """``scale · A·B`` reshaped to ``kernel_shape`` (computed in float32, returned in ``dtype``)."""
-        kernel_shape = tuple(kernel_shape)
-        n_stack = self.n_stack(len(kernel_shape))
-        stack = kernel_shape[:n_stack]
-        s = math.prod(stack)
-        a = jnp.reshape(self.a.astype(jnp.float32), (s, -1, self.rank))
-        b = jnp.reshape(self.b.astype(jnp.float32), (s, self.rank, -1))
-        d = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * self.scale
-        return jnp.reshape(d, kernel_shape).astype(dtype)
+        return factors_delta(self.a, self.b, self.scale, self.layout, kernel_shape).astype(dtype)
 
+    def check(self, weight_shape: tuple[int, ...]) -> str | None:
+        return check_factors(self.a, self.b, self.layout, weight_shape)
 
-def _is_lora(x: Any) -> bool:
-    return isinstance(x, LoraWeights)
+    def fold(self, weight: jax.Array, bias: jax.Array | None, sign: int) -> tuple[jax.Array, jax.Array | None]:
+        return fold_weight(weight, self.delta(weight.shape), sign), None
 
-
-def adapter_items(adapters: Any) -> Iterator[tuple[str, LoraWeights]]:
-    """``(path, LoraWeights)`` for each adapter in an adapter tree, in flattening order."""
-    for path, leaf in leaves_with_paths(adapters, is_leaf=_is_lora):
-        if not isinstance(leaf, LoraWeights):
-            raise ValueError(
-                f"adapter tree entry {path!r} is a {type(leaf).__name__}, not LoraWeights; "
-                "pass the tree returned by jaxpeft.init (or restored by jaxpeft.checkpoint)."
-            )
-        yield path, leaf
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetInfo:
-    """One row of a dry run: which leaf is adapted, its layout and what the adapter costs."""
-
-    path: str
-    shape: tuple[int, ...]
-    layout: Layout
-    rank: int
-    alpha: float
-    scale: float
-
-    @property
-    def a_shape(self) -> tuple[int, ...]:
-        stack, fan_in, _ = self.layout.split(self.shape)
-        return (*stack, *fan_in, self.rank)
-
-    @property
-    def b_shape(self) -> tuple[int, ...]:
-        stack, _, fan_out = self.layout.split(self.shape)
-        return (*stack, self.rank, *fan_out)
-
-    @property
-    def n_params(self) -> int:
-        return math.prod(self.a_shape) + math.prod(self.b_shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """The dry run of a config over a params tree: the rows that ``init`` would create."""
-
-    targets: tuple[TargetInfo, ...]
-
-    @property
-    def n_params(self) -> int:
-        return sum(t.n_params for t in self.targets)
-
-    def __str__(self) -> str:
-        rows = [("path", "shape", "kind", "rank", "scale", "params")]
-        rows += [
-            (t.path, str(t.shape), t.layout.kind, str(t.rank), f"{t.scale:g}", f"{t.n_params:,}") for t in self.targets
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-        lines.append(f"{len(self.targets)} targets, {self.n_params:,} adapter parameters")
-        return "\n".join(lines)
-
-
-def plan(cfg: LoraConfig, params: Any, *, layouts: Mapping[str, Layout] | None = None) -> Plan:
-    """What ``init`` would adapt: path, shape, layout, rank, scale and parameter count per target.
-
-    Raises:
-      ValueError: as ``select_targets``; also when a ``rank_pattern``/``alpha_pattern`` entry matches no target.
-    """
-    chosen = select_targets(params, cfg.targets, cfg.exclude, layouts)
-    paths = [p for p, _, _ in chosen]
-    for field in ("rank_pattern", "alpha_pattern"):
-        for pattern, _ in getattr(cfg, field):
-            if not any(match_pattern(pattern, p) for p in paths):
-                raise ValueError(
-                    f"`{field}` key {pattern!r} matches none of the {len(paths)} targets (e.g. {paths[0]!r}); "
-                    "fix the regex or drop the entry."
-                )
-    rows = tuple(
-        TargetInfo(p, tuple(leaf.shape), layout, cfg.rank_for(p), cfg.alpha_for(p), cfg.scale_for(p))
-        for p, leaf, layout in chosen
-    )
-    return Plan(rows)
-
-
-def _init_one(cfg: LoraConfig, target: TargetInfo, key: jax.Array) -> LoraWeights:
-    dtype = jnp.dtype(cfg.dtype)
-    if target.layout.kind == "embed":
-        a = jnp.zeros(target.a_shape, dtype)
-        b = jax.random.normal(key, target.b_shape, dtype)
-    else:
-        if cfg.init == "kaiming":
-            bound = 1.0 / math.sqrt(target.layout.fan_in_size(target.shape))
-            a = jax.random.uniform(key, target.a_shape, dtype, -bound, bound)
+    def forward(self, call: LayerCall) -> jax.Array:
+        y = call.base(call.x)
+        if call.kind == "embed":
+            delta = call.lowrank(call.x, self.a, self.b, self.scale, dtype=y.dtype)
+        elif call.kind == "attend":
+            delta = call.lowrank(call.x.astype(y.dtype), self.a, self.b, self.scale)
         else:
-            a = jax.random.normal(key, target.a_shape, dtype) / target.rank
-        b = jnp.zeros(target.b_shape, dtype)
-    return LoraWeights(a, b, target.scale, cfg.dropout)
-
-
-def init(
-    cfg: LoraConfig, params: Any, *, key: jax.Array, layouts: Mapping[str, Layout] | None = None
-) -> dict[str, Any]:
-    """LoRA adapters for the leaves of ``params`` that ``cfg`` selects.
-
-    The result is a nested dict mirroring the adapted paths, with a ``LoraWeights`` where each adapted leaf is
-    (e.g. ``adapters["layers"]["q_proj"]["kernel"].a``). ``ΔW = 0`` at init, so the adapted model's output
-    equals the base model's exactly. Per-target keys are split from ``key`` in sorted path order, so the
-    result does not depend on dict insertion order; the same key gives the same adapters.
-
-    Args:
-      cfg: the LoRA config.
-      params: the base parameters (arrays or ``jax.ShapeDtypeStruct``; they are only read for shapes).
-      key: a ``jax.random`` key.
-      layouts: kernel layouts for leaves with more than 2 dims (``jaxpeft.linen.infer_layouts``).
-
-    Returns:
-      The adapter tree.
-    """
-    targets = plan(cfg, params, layouts=layouts).targets
-    keys = jax.random.split(key, len(targets))
-    adapters: dict[str, Any] = {}
-    for target, k in zip(targets, keys, strict=True):
-        adapters = set_path(adapters, target.path, _init_one(cfg, target, k))
-    return adapters
-
-
-def _fold(params: Any, adapters: Any, sign: float) -> Any:
-    table = dict(adapter_items(adapters))
-    seen: set[str] = set()
-
-    def fold(path: str, w: Any) -> Any:
-        lora = table.get(path)
-        if lora is None:
-            return w
-        seen.add(path)
-        expected = (lora.a.shape[:-1], lora.b.shape[1:])
-        n_stack = lora.n_stack(w.ndim)
-        if n_stack < 0 or w.shape != (*lora.a.shape[:-1], *lora.b.shape[1 + n_stack :]):
-            raise ValueError(
-                f"adapter {path!r} (A {lora.a.shape}, B {lora.b.shape}) does not fit the parameter's shape "
-                f"{w.shape} (expected stack+fan_in {expected[0]} and fan_out); were the adapters made for this model?"
-            )
-        delta = lora.delta(w.shape)
-        return (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
-
-    out = map_with_paths(fold, params)
-    missing = sorted(set(table) - seen)
-    if missing:
-        raise ValueError(
-            f"adapters {missing[:4]} have no matching parameter; were the adapters made for this model's params?"
-        )
-    return out
-
-
-def merge(params: Any, adapters: Any) -> Any:
-    """``W + scale·A·B`` at every adapted path; other leaves are returned as they are.
-
-    Pure: returns new params and leaves the inputs untouched. The sum is formed in float32 and cast back to
-    each weight's dtype, so ``unmerge(merge(p, a), a) ≈ p`` up to that dtype's rounding.
-    """
-    return _fold(params, adapters, 1.0)
-
-
-def unmerge(params: Any, adapters: Any) -> Any:
-    """``W - scale·A·B`` at every adapted path: the inverse of ``merge`` up to float rounding."""
-    return _fold(params, adapters, -1.0)
+            x = call.dropout(call.x.astype(y.dtype), self.dropout)
+            delta = call.lowrank(x, self.a, self.b, self.scale)
+        return y + delta.astype(y.dtype)

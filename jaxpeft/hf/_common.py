@@ -1,0 +1,554 @@
+"""What every HF PEFT method shares: module names, HF's matching rules, per-layer targets, file I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft._paths import leaves_with_paths, set_path
+from jaxpeft._select import WEIGHT_NAMES, Layout
+from jaxpeft.methods.base import Adapter, MethodConfig, adapter_items, check_fits, plan
+
+#: File names that ``PeftModel.save_pretrained`` writes.
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+#: Placeholder for the layer index of a scan-stacked parameter in a module-name template.
+LAYER = "{layer}"
+PREFIX = "base_model.model."
+#: The key suffix of the base weight copy PEFT saves for an embedding it adapts.
+BASE_SUFFIX = ".base_layer.weight"
+ModuleName = Callable[[str], str] | Mapping[str, str]
+_MAX_LISTED = 6
+
+
+def listed(items: Iterable[str]) -> str:
+    """Up to six items, sorted and quoted, with a count of the rest."""
+    items = sorted(items)
+    shown = ", ".join(repr(i) for i in items[:_MAX_LISTED])
+    return shown + (f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def number(x: float) -> int | float:
+    """``x`` as JSON writes it in HF configs: ``8`` rather than ``8.0``."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ----------------------------------------------------------------------------------------------- module names
+
+
+def module_name_map(
+    rules: Sequence[tuple[str, str]] | Mapping[str, str] = (),
+    *,
+    stacked: str | Sequence[str] = (),
+    prefix: str = "",
+    split_indices: bool = True,
+) -> Callable[[str], str]:
+    """A rule-based ``module_name`` function: our module path -> HF module-name template.
+
+    The steps, in order: each ``(regex, replacement)`` of ``rules`` is applied with ``re.sub`` to the slash
+    path; a path equal to, or under, an entry of ``stacked`` gets ``{layer}`` inserted after that entry (its
+    parameters carry a leading ``nn.scan`` axis); with ``split_indices`` a component ``name_N`` becomes
+    ``name.N`` (Flax's ``layer_3`` -> HF's ``layer.3``); ``/`` becomes ``.``; ``prefix`` is prepended.
+
+    ``module_name_map(stacked="model/layers")`` maps ``"model/layers/self_attn/q_proj"`` to
+    ``"model.layers.{layer}.self_attn.q_proj"``; ``module_name_map()`` maps
+    ``"encoder/layer_3/attention/self/query"`` to ``"encoder.layer.3.attention.self.query"``.
+
+    Args:
+      rules: ``(regex, replacement)`` pairs (or a dict), applied first, in order.
+      stacked: module path(s) (after ``rules``) whose parameters are stacked along a leading layer axis.
+      prefix: prepended to every name, e.g. ``"bert."``.
+      split_indices: turn ``name_N`` components into ``name.N``.
+
+    Returns:
+      ``fn(module_path) -> str``.
+    """
+    pairs = tuple(rules.items()) if isinstance(rules, Mapping) else tuple(tuple(r) for r in rules)
+    compiled = []
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise ValueError(f"`rules` entries must be (regex, replacement) string pairs, got {pair!r}.")
+        try:
+            compiled.append((re.compile(pair[0]), pair[1]))
+        except re.error as err:
+            raise ValueError(f"`rules` entry {pair[0]!r} is not a valid regular expression: {err}.") from err
+    stacks = (stacked,) if isinstance(stacked, str) else tuple(stacked)
+    stacks = tuple(s.strip("/") for s in stacks)
+
+    def module_name(path: str) -> str:
+        path = path.strip("/")
+        for regex, repl in compiled:
+            path = regex.sub(repl, path)
+        for stack in stacks:
+            if path == stack or path.startswith(stack + "/"):
+                path = stack + "/" + LAYER + path[len(stack) :]
+                break
+        parts = path.split("/")
+        if split_indices:
+            parts = [re.sub(r"^(.+?)_(\d+)$", r"\1/\2", p) for p in parts]
+        return prefix + ".".join("/".join(parts).split("/"))
+
+    return module_name
+
+
+def as_fn(module_name: ModuleName) -> Callable[[str], str]:
+    """``module_name`` as a function (a dict becomes a lookup that names the missing module)."""
+    if isinstance(module_name, Mapping):
+        table = dict(module_name)
+
+        def lookup(path: str) -> str:
+            if path not in table:
+                raise KeyError(f"`module_name` has no entry for module {path!r}")
+            return table[path]
+
+        return lookup
+    if not callable(module_name):
+        raise TypeError(
+            f"`module_name` must be a function from module path to HF module name (or a dict), got "
+            f"{type(module_name).__name__}; try jaxpeft.hf.module_name_map(stacked='model/layers')."
+        )
+    return module_name
+
+
+def module_of(path: str) -> tuple[str, str]:
+    """``(module path, leaf name)`` of a parameter path."""
+    module, _, leaf = path.rpartition("/")
+    return module, leaf
+
+
+def template(module_name: Callable[[str], str], path: str) -> str:
+    """The HF module-name template of the parameter at ``path`` (at most one ``{layer}``)."""
+    module, _ = module_of(path)
+    name = module_name(module)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`module_name`({module!r}) returned {name!r}; expected a dotted HF module name.")
+    if name.count(LAYER) > 1:
+        raise ValueError(f"`module_name`({module!r}) returned {name!r}; use at most one {LAYER} placeholder.")
+    return name
+
+
+def hf_modules(params: Any, module_name: Callable[[str], str]) -> dict[str, tuple[str, int | None]]:
+    """``{hf module name: (our weight path, layer index or None)}`` for every weight leaf the mapping accepts."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for path, leaf in leaves_with_paths(params):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if module_of(path)[1] not in WEIGHT_NAMES or len(shape) < 2:
+            continue
+        try:
+            name = template(module_name, path)
+        except (ValueError, KeyError):
+            continue
+        layers: list[int | None] = list(range(shape[0])) if LAYER in name else [None]
+        for layer in layers:
+            hf_name = name if layer is None else name.replace(LAYER, str(layer))
+            if hf_name in out and out[hf_name][0] != path:
+                raise ValueError(
+                    f"`module_name` maps both {out[hf_name][0]!r} and {path!r} to HF module {hf_name!r}; each "
+                    "adapted weight needs its own HF module name."
+                )
+            out[hf_name] = (path, layer)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- HF matching
+
+
+def hf_pattern_key(patterns: Sequence[str], name: str) -> str | None:
+    """The first ``rank_pattern``/``alpha_pattern`` key that HF PEFT would apply to module ``name``."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def hf_targets(target_modules: str | Sequence[str], name: str) -> bool:
+    """Whether HF PEFT's ``target_modules`` selects module ``name`` (list: suffix match; str: full regex)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def hf_feedforward(feedforward_modules: str | Sequence[str], name: str) -> bool:
+    """Whether HF PEFT's IA3 ``feedforward_modules`` marks module ``name`` (list: bare ``endswith``; str: regex)."""
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, name) is not None
+    return any(name.endswith(f) for f in feedforward_modules)
+
+
+def short_names(names: Iterable[str], universe: Iterable[str], rule: Callable[[Sequence[str], str], bool]) -> list[str]:
+    """The last components of ``names`` when ``rule`` with them selects exactly ``names`` in ``universe``; else []."""
+    names = set(names)
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n in set(universe) | names if rule(short, n)}
+    return short if selected == names else []
+
+
+def target_modules_for(
+    names: Iterable[str], universe: Iterable[str], override: str | Sequence[str] | None
+) -> str | list[str]:
+    """HF ``target_modules`` selecting exactly ``names``: short names when exact, else full names; or ``override``
+    after checking that it selects every one of ``names``."""
+    names = sorted(names)
+    if override is None:
+        return short_names(names, universe, hf_targets) or names
+    targets = override if isinstance(override, str) else list(override)
+    missed = [n for n in names if not hf_targets(targets, n)]
+    if missed:
+        raise ValueError(
+            f"`target_modules`={override!r} does not select the exported modules {listed(missed)}; "
+            "HF PEFT would not load their weights."
+        )
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def hf_kind(layout: Layout) -> str:
+    """The HF layer type of an adapted weight: ``"conv"``, ``"embed"`` or ``"linear"`` (dense, DenseGeneral, einsum)."""
+    return layout.kind if layout.kind in ("conv", "embed") else "linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One exported adapter: where it sits, its node, the weight's shape and its HF module-name template."""
+
+    path: str
+    node: Any
+    shape: tuple[int, ...]
+    template: str
+
+    @property
+    def layout(self) -> Layout:
+        return self.node.layout
+
+    @property
+    def kind(self) -> str:
+        return hf_kind(self.node.layout)
+
+    @property
+    def n_layers(self) -> int | None:
+        return self.shape[0] if self.layout.stack else None
+
+    def layers(self) -> list[tuple[str, int | None]]:
+        """``(HF module name, layer index or None)`` of each HF module this adapter is written as."""
+        if self.n_layers is None:
+            return [(self.template, None)]
+        return [(self.template.replace(LAYER, str(i)), i) for i in range(self.n_layers)]
+
+    def array(self, field: str, layer: int | None) -> np.ndarray:
+        """The node's array ``field`` as numpy, sliced at ``layer`` (the whole array when None)."""
+        value = np.asarray(jax.device_get(getattr(self.node, field)))
+        return value if layer is None else value[layer]
+
+
+def _check_layout(path: str, node: Adapter, layout: Layout | None) -> None:
+    lay = node.layout
+    if layout is not None and (layout.stack, layout.fan_in, layout.fan_out, layout.kind) != (
+        lay.stack,
+        lay.fan_in,
+        lay.fan_out,
+        lay.kind,
+    ):
+        raise ValueError(f"`layouts`[{path!r}]={layout} disagrees with the adapter's own layout {lay}.")
+    if lay.stack > 1:
+        raise ValueError(
+            f"adapter {path!r} has {lay.stack} stack axes; HF modules are indexed by one layer axis. "
+            "Unstack the extra axes first."
+        )
+
+
+def export_targets(
+    adapters: Any,
+    node_type: type[Adapter],
+    cfg: MethodConfig,
+    params: Any,
+    module_name: Callable[[str], str],
+    layouts: Mapping[str, Layout] | None,
+) -> list[Target]:
+    """The adapters as export targets, checked: all ``node_type``, fitting ``params``, named one HF module each."""
+    shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(params)}
+    layouts = dict(layouts or {})
+    targets: list[Target] = []
+    owner: dict[str, str] = {}
+    for path, node in adapter_items(adapters):
+        if type(node) is not node_type:
+            raise ValueError(
+                f"adapter {path!r} is a {type(node).__name__}; a {type(cfg).__name__} exports {node_type.__name__} "
+                "only. Pass the config the adapters were made with."
+            )
+        if path not in shapes:
+            raise ValueError(f"adapter {path!r} has no parameter in `params`; were the adapters made for this model?")
+        check_fits(path, node, shapes[path])
+        _check_layout(path, node, layouts.get(path))
+        target = Target(path, node, shapes[path], template(module_name, path))
+        if (LAYER in target.template) != (node.layout.stack == 1):
+            raise ValueError(
+                f"`module_name` maps {path!r} (shape {target.shape}, {node.layout.stack} stack axes) to "
+                f"{target.template!r}: a scan-stacked parameter needs exactly one {LAYER} placeholder and an "
+                "unstacked one none."
+            )
+        for name, _ in target.layers():
+            if owner.setdefault(name, path) != path:
+                raise ValueError(
+                    f"`module_name` maps both {owner[name]!r} and {path!r} to HF module {name!r}; each adapted "
+                    "weight needs its own HF module name."
+                )
+        targets.append(target)
+    if not targets:
+        raise ValueError(f"`adapters` holds no {node_type.__name__}; pass the tree returned by jaxpeft.init.")
+    return targets
+
+
+def conv_vector(v: np.ndarray, layout: Layout) -> np.ndarray:
+    """A per-channel vector ``(C,)`` as a torch ConvNd buffer ``(1, C, 1, ...)`` (one 1 per window axis)."""
+    return np.reshape(v, (1, -1, *([1] * (layout.fan_in - 1))))
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file next to ``path`` and rename it into place (removed on failure)."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_directory(directory: str | os.PathLike[str], config: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` atomically; the absolute directory."""
+    from safetensors.numpy import save_file
+
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    write_atomic(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(dict(tensors), tmp, {"format": "pt"}))
+    write_atomic(os.path.join(directory, CONFIG_NAME), write_config)
+    return directory
+
+
+def read_directory(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(config, tensors)`` of a HF PEFT adapter directory; a pickled ``adapter_model.bin`` is refused."""
+    from safetensors import safe_open
+
+    directory = os.path.abspath(os.fspath(directory))
+    config_file = os.path.join(directory, CONFIG_NAME)
+    weights_file = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}; expected a PeftModel.save_pretrained directory.")
+    if not os.path.isfile(weights_file):
+        legacy = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
+        hint = (
+            " It has a pickled adapter_model.bin, which jaxpeft does not read; re-save it with safe_serialization=True."
+            if legacy
+            else ""
+        )
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}.{hint}")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file!r} does not hold a JSON object.")
+    with safe_open(weights_file, framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
+    return config, tensors
+
+
+# ----------------------------------------------------------------------------------------------- import
+
+
+def split_keys(tensors: Mapping[str, Any], suffixes: Mapping[str, str], what: str) -> dict[str, dict[str, Any]]:
+    """``{hf module: {part: tensor}}`` from safetensors keys, by key suffix (longest first); ``"w"`` is the base
+    weight copy. Keys with no known suffix are refused, naming ``what`` the method imports."""
+    strip = all(k.startswith(PREFIX) for k in tensors)
+    table = sorted({**suffixes, BASE_SUFFIX: "w"}.items(), key=lambda kv: -len(kv[0]))
+    modules: dict[str, dict[str, Any]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        name = key[len(PREFIX) :] if strip else key
+        match = next(((s, part) for s, part in table if name.endswith(s)), None)
+        if match is None or match[1] in modules.get(name[: -len(match[0])], {}):
+            unknown.append(key)
+            continue
+        modules.setdefault(name[: -len(match[0])], {})[match[1]] = value
+    if unknown:
+        raise ValueError(f"the adapter file holds tensors that are not {what}: {listed(unknown)}.")
+    return modules
+
+
+def check_matched(modules: Mapping[str, Any], index: Mapping[str, tuple[str, int | None]]) -> None:
+    """Raise when a HF module of the file has no parameter through ``module_name``."""
+    unmatched = [n for n in modules if n not in index]
+    if unmatched:
+        raise ValueError(
+            f"HF modules {listed(unmatched)} match no parameter through `module_name` (it maps this model's "
+            f"weights to e.g. {listed(list(index)[:3])}); fix `module_name` or pass the params of the adapter's "
+            "base model."
+        )
+
+
+def check_base_weight(
+    name: str, w: np.ndarray, where: tuple[str, int | None], params_flat: Mapping[str, Any], policy: str
+) -> None:
+    """Check PEFT's saved copy of a base weight against ``params`` (``policy`` ``"check"`` or ``"ignore"``)."""
+    if policy == "ignore":
+        return
+    path, layer = where
+    ours = params_flat[path]
+    if not isinstance(ours, (jax.Array, np.ndarray)):
+        raise ValueError(
+            f"the adapter file carries base weight {name + BASE_SUFFIX!r} (HF saves embeddings it adapts); "
+            "`params` are abstract, so it cannot be checked. Pass concrete params, or `base_weights='ignore'` if "
+            "that weight was neither trained nor resized."
+        )
+    ours = np.asarray(jax.device_get(ours if layer is None else ours[layer]), np.float32)
+    theirs = np.asarray(w, np.float32)
+    if module_of(path)[1] == "kernel":
+        theirs = theirs.T
+    tol = 4 * float(jnp.finfo(params_flat[path].dtype).eps) * max(1.0, float(np.max(np.abs(ours), initial=0.0)))
+    if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=0.0, atol=tol):
+        raise ValueError(
+            f"the adapter file carries base weight {name + BASE_SUFFIX!r} that differs from `params` at {path!r} "
+            "(resized or trained in HF?). jaxpeft adapters hold only the adapter's own weights: load that weight "
+            "into your params first, or pass `base_weights='ignore'` to skip the check."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """The HF modules of one of our parameters: one per layer of a ``{layer}`` stack, else one."""
+
+    path: str
+    shape: tuple[int, ...]
+    stacked: bool
+    modules: tuple[tuple[str, dict[str, Any]], ...]  # (HF name, {part: tensor}) in layer order
+
+    @property
+    def first(self) -> str:
+        return self.modules[0][0]
+
+    def stack(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Per-module arrays (in ``modules`` order) as our array: stacked along a new leading axis if stacked."""
+        return np.stack(arrays) if self.stacked else arrays[0]
+
+
+def group_modules(
+    modules: Mapping[str, dict[str, Any]],
+    index: Mapping[str, tuple[str, int | None]],
+    params: Any,
+    base_weights: str,
+) -> list[Group]:
+    """The file's HF modules grouped by our parameter path (sorted), base weight copies checked and dropped.
+
+    Raises when a module has no parameter, or a ``{layer}`` stack misses layers.
+    """
+    if base_weights not in ("check", "ignore"):
+        raise ValueError(f"`base_weights`={base_weights!r}; expected 'check' or 'ignore'.")
+    check_matched(modules, index)
+    params_flat = dict(leaves_with_paths(params))
+    by_path: dict[str, dict[int | None, tuple[str, dict[str, Any]]]] = {}
+    for name, entry in modules.items():
+        path, layer = index[name]
+        if "w" in entry:
+            check_base_weight(name, entry["w"], (path, layer), params_flat, base_weights)
+        parts = {k: v for k, v in entry.items() if k != "w"}
+        if parts:
+            by_path.setdefault(path, {})[layer] = (name, parts)
+    groups = []
+    for path in sorted(by_path):
+        layers, shape = by_path[path], tuple(params_flat[path].shape)
+        stacked = None not in layers
+        order: list[int | None] = sorted(i for i in layers if i is not None) if stacked else [None]
+        missing = sorted(set(range(shape[0])) - set(order)) if stacked else []
+        if missing:
+            raise ValueError(
+                f"HF modules like {layers[order[0]][0]!r} stack into {path!r} ({shape[0]} layers), but the "
+                f"file has no adapter for layers {missing}; a jaxpeft stack needs every layer."
+            )
+        groups.append(Group(path, shape, stacked, tuple(layers[i] for i in order)))
+    return groups
+
+
+def import_layout(group: Group, kind: str, layout: Layout | None) -> Layout:
+    """The layout of ``group``'s weight: ``layout`` (checked against the file), or derived for 2-D kernels, convs
+    and embeddings. ``kind`` is the HF layer type the file's tensors show (``linear``, ``conv`` or ``embed``)."""
+    path, shape, stacked = group.path, group.shape, group.stacked
+    per_layer = shape[1:] if stacked else shape
+    if layout is None:
+        if kind == "conv":
+            layout = Layout(stack=int(stacked), fan_in=len(per_layer) - 1, fan_out=1, kind="conv")
+        elif len(per_layer) == 2:
+            is_embed = kind == "embed" or module_of(path)[1] == "embedding"
+            layout = Layout(stack=int(stacked), kind="embed" if is_embed else "dense")
+        else:
+            raise ValueError(
+                f"{path!r} has shape {shape}: which axes are fan-in and fan-out is unknown; pass "
+                "`layouts=jaxpeft.linen.infer_layouts(model, *sample_args)`."
+            )
+    if layout.stack != int(stacked) or layout.ndim != len(shape):
+        raise ValueError(
+            f"`layouts`[{path!r}]={layout} does not fit {path!r} of shape {shape} with "
+            f"{'a' if stacked else 'no'} {LAYER} axis from `module_name`."
+        )
+    if kind != hf_kind(layout):
+        raise ValueError(
+            f"HF module {group.first!r} holds {kind} adapter weights but {path!r} is a {layout.kind} parameter; "
+            "fix `module_name`."
+        )
+    return layout
+
+
+def adapter_dtype(arrays: Iterable[np.ndarray], dtype: Any) -> str:
+    """``dtype``'s name, or the one dtype of the file's arrays (float32 when they differ)."""
+    if dtype is not None:
+        return jnp.dtype(dtype).name
+    dtypes = {np.dtype(a.dtype) for a in arrays}
+    return jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32).name
+
+
+def exact_paths(paths: Iterable[str]) -> str:
+    """An anchored regex selecting exactly ``paths`` (``re.search`` semantics)."""
+    return "^(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")$"
+
+
+def build_adapters(
+    cfg: MethodConfig, params: Any, layouts: Mapping[str, Layout], arrays: Mapping[str, Mapping[str, np.ndarray]]
+) -> dict[str, Any]:
+    """The adapter tree of ``cfg`` over ``params`` with ``arrays[path][field]`` as each node's arrays.
+
+    The nodes are ``jaxpeft.plan``'s (so scale, dropout, layout and other static fields are the config's), and
+    every array must have the planned shape: the config reproduces exactly the imported adapters.
+    """
+    rows = {t.path: t for t in plan(cfg, params, layouts=layouts).targets}
+    if set(rows) != set(arrays):  # pragma: no cover - internal consistency
+        raise AssertionError(f"planned {sorted(rows)}, imported {sorted(arrays)}")
+    dtype = jnp.dtype(getattr(cfg, "dtype", "float32"))
+    tree: dict[str, Any] = {}
+    for path, fields in sorted(arrays.items()):
+        row = rows[path]
+        built = {k: tuple(v.shape) for k, v in fields.items()}
+        if built != row.shapes:  # pragma: no cover - internal consistency
+            raise AssertionError(f"{path!r}: planned {row.shapes}, built {built}")
+        node = dataclasses.replace(row.node, **{k: jnp.asarray(v, dtype) for k, v in fields.items()})
+        tree = set_path(tree, path, node)
+    return tree
