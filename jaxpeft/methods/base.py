@@ -265,7 +265,8 @@ class MethodConfig:
     """Base class of method configs: frozen dataclasses, hashable, validated, JSON round-trippable.
 
     Subclasses define ``method`` (the JSON name), the fields ``targets`` and ``exclude`` (the selection, see
-    :func:`jaxpeft.plan`) and ``init_target``. They call ``self._freeze_selection()`` in ``__post_init__``.
+    :func:`jaxpeft.plan`) and ``init_target``. A subclass with its own ``__post_init__`` calls
+    ``super().__post_init__()`` (it freezes and checks the selection fields).
     """
 
     #: The method's name in JSON (``{"method": "lora", ...}``), checkpoints and plan tables.
@@ -278,7 +279,7 @@ class MethodConfig:
     targets: TargetSpec
     exclude: TargetSpec
 
-    def _freeze_selection(self) -> None:
+    def __post_init__(self) -> None:
         for field in ("targets", "exclude"):
             spec = _freeze_spec(getattr(self, field), field)
             object.__setattr__(self, field, spec)

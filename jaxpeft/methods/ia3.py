@@ -115,7 +115,7 @@ class IA3Config(MethodConfig):
     init_ones: bool = True
 
     def __post_init__(self) -> None:
-        self._freeze_selection()
+        super().__post_init__()
         object.__setattr__(self, "feedforward", _freeze_spec(self.feedforward, "feedforward"))
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
 

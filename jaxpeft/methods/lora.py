@@ -92,7 +92,7 @@ class LoraConfig(MethodConfig):
             raise ValueError(f"`init`={self.init!r}; expected one of {_INITS}.")
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
         object.__setattr__(self, "alpha", float(self.alpha))
-        self._freeze_selection()
+        super().__post_init__()
         object.__setattr__(self, "rank_pattern", _freeze_pattern(self.rank_pattern, "rank_pattern", int))
         object.__setattr__(self, "alpha_pattern", _freeze_pattern(self.alpha_pattern, "alpha_pattern", float))
         for field in ("rank_pattern", "alpha_pattern"):
