@@ -236,3 +236,43 @@ def test_train_state_composition():
     grads = jax.grad(loss_fn)(state.params)
     new = state.apply_gradients(grads=grads)
     assert new.step == 1 and jax.tree.structure(new.params) == jax.tree.structure(adapters)
+
+
+def test_init_and_plan_refuse_the_whole_variables_dict():
+    cfg = jaxpeft.LoraConfig(rank=2, targets=["up"])
+    with pytest.raises(ValueError, match=r"`params` has the top-level keys \['params'\]: it looks like the whole"):
+        jaxpeft.linen.init(cfg, MODEL, {"params": PARAMS}, IDS, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"Pass its 'params' collection"):
+        jaxpeft.linen.plan(cfg, MODEL, {"params": PARAMS}, IDS)
+
+
+def test_plan_matches_init():
+    cfg = jaxpeft.LoraConfig(rank=2, targets=TARGETS)
+    plan = jaxpeft.linen.plan(cfg, MODEL, PARAMS, IDS)
+    adapters = jaxpeft.linen.init(cfg, MODEL, PARAMS, IDS, key=jax.random.key(0))
+    assert [t.path for t in plan.targets] == [p for p, _ in jaxpeft.adapter_items(adapters)]
+    assert plan.n_params == sum(x.size for x in jax.tree.leaves(adapters))
+    layers_up = next(t for t in plan.targets if t.path == "layers/up/kernel")
+    assert layers_up.shapes == {"a": (2, 8, 2), "b": (2, 2, 16)} and layers_up.layout.stack == 1
+
+
+def test_adapters_for_a_wider_model_name_the_path_and_shapes():
+    wider = {"lm_head": {"kernel": jnp.zeros((16, 12))}}
+    adapters = jaxpeft.init(jaxpeft.LoraConfig(rank=2, targets=["lm_head"]), wider, key=jax.random.key(0))
+    with pytest.raises(
+        ValueError,
+        match=r"adapter 'lm_head/kernel' \(LoraWeights: a \(16, 2\), b \(2, 12\)\) does not fit the weight of shape "
+        r"\(8, 12\): expected A \(8, 2\) and B \(2, 12\)",
+    ):
+        jaxpeft.linen.apply(MODEL, {"params": PARAMS}, adapters, IDS)
+
+
+def test_hand_built_adapter_with_mismatched_rank_is_named():
+    adapters = make_adapters(jaxpeft.LoraConfig(rank=2, targets=["lm_head"]), perturbed=False)
+    node = adapters["lm_head"]["kernel"]
+    bad = {"lm_head": {"kernel": jaxpeft.LoraWeights(node.a, jnp.zeros((3, 12)), 1.0, layout=node.layout)}}
+    with pytest.raises(
+        ValueError,
+        match=r"adapter 'lm_head/kernel' \(LoraWeights: a \(8, 2\), b \(3, 12\)\) .* expected A \(8, 2\) and B \(2, 12\)",
+    ):
+        jaxpeft.linen.apply(MODEL, {"params": PARAMS}, bad, IDS)

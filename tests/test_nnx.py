@@ -440,7 +440,10 @@ def test_errors_name_the_path_and_the_fix():
     lora = jaxpeft.LoraWeights(np.zeros((WIDTH, 2), np.float32), np.zeros((2, WIDTH), np.float32), 1.0)
     with pytest.raises(ValueError, match=r"adapter 'missing/kernel' names no nnx.Linear"):
         jnnx.attach(model, {"missing": {"kernel": lora}})
-    with pytest.raises(ValueError, match=r"adapter 'layers/up/kernel' \(LoraWeights: a \(8, 2\), b \(2, 8\)\) does not fit the weight of shape \(3, 8, 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapter 'layers/up/kernel' \(LoraWeights: a \(8, 2\), b \(2, 8\)\) does not fit the weight of shape \(3, 8, 16\)",
+    ):
         jnnx.attach(model, {"layers": {"up": {"kernel": lora}}})
     with pytest.raises(ValueError, match=r"do not match the model's adapted layers: missing \['blocks/0/down/kernel'"):
         jnnx.load_adapters(adapted, {"out": {"kernel": lora}})
@@ -477,3 +480,43 @@ def test_lora_step_flops_at_most_072_of_full_fine_tuning():
     cfg = BenchConfig(width=256, ffn=1024, layers=2, heads=8, tokens=256, seq=32, vocab=256, rank=8)
     full, lora = step_flops("nnx-full", cfg), step_flops("nnx-lora", cfg)
     assert lora / full <= 0.72, (full, lora)
+
+
+def test_dropout_on_an_einsum_with_its_own_head_axis():
+    """The dropout stream is split over nnx.vmap/scan axes only, not over an einsum kernel's own batch axis."""
+
+    class Heads(nnx.Module):
+        def __init__(self, rngs):
+            self.mix = nnx.Einsum("bthd,hde->bthe", (2, 4, 3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.mix(x)
+
+    model = build(lambda: Heads(nnx.Rngs(0)))
+    cfg = jaxpeft.LoraConfig(rank=2, targets=["mix"], dropout=0.5)
+    adapted = jnnx.adapt(model, cfg, key=jax.random.key(1), rngs=nnx.Rngs(dropout=3))
+    adapted.mix.b.set_value(jnp.ones_like(adapted.mix.b.get_value()))
+    x = jnp.ones((2, 5, 2, 4))
+    first, second = forward(adapted, x), forward(adapted, x)
+    assert first.shape == (2, 5, 2, 3) and np.abs(np.asarray(first) - np.asarray(second)).max() > 0.0
+
+
+def test_optimizer_helper_trains_adapters_only_and_refuses_plain_models():
+    adapted = jnnx.adapt(small(), ALL_WEIGHTS, key=jax.random.key(1))
+    opt = jnnx.optimizer(adapted, optax.sgd(0.1))
+    assert nnx.state(opt, nnx.OptState) is not None
+    base_before = jax.tree.map(jnp.copy, nnx.state(adapted, nnx.Param))
+    before = jnnx.adapters_of(adapted)
+    grads = nnx.grad(lambda m: jnp.sum(m(IDS) ** 2), argnums=nnx.DiffState(0, jnnx.AdapterParam))(adapted)
+    opt.update(adapted, grads)
+    chex.assert_trees_all_equal(nnx.state(adapted, nnx.Param), base_before)
+    assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), jnnx.adapters_of(adapted), before)))
+    with pytest.raises(ValueError, match=r"has no adapters; call jaxpeft.nnx.adapt"):
+        jnnx.optimizer(small(), optax.sgd(0.1))
+
+
+def test_flax_lora_param_filter_holds_nothing_of_ours():
+    """The one-letter trap: flax's nnx.LoRAParam selects nothing on a jaxpeft model (use jnnx.optimizer)."""
+    adapted = jnnx.adapt(small(), ALL_WEIGHTS, key=jax.random.key(1))
+    assert not jax.tree.leaves(nnx.state(adapted, nnx.LoRAParam))
+    assert jax.tree.leaves(nnx.state(adapted, jnnx.AdapterParam))
