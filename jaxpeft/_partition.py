@@ -50,6 +50,11 @@ def _decide(spec: Any, path: str, leaf: Any) -> bool:
 def trainable_mask(tree: Any, filter_spec: Any, *, is_leaf: Callable[[Any], bool] | None = None) -> Any:
     """A tree of bools like ``tree``: True = train, False = frozen (one polarity everywhere).
 
+    Do not hand it to ``optax.masked`` to freeze the base: ``optax.masked(tx, mask)`` passes the *unmasked*
+    leaves' raw gradients through as updates, so a frozen weight moves by its gradient (one step of that turns a
+    base model into NaN/inf). Use ``jaxpeft.freeze(tx, spec)``, which gives frozen leaves zero updates and no
+    state, or differentiate only the trainable half from ``partition``.
+
     Args:
       tree: any pytree.
       filter_spec: a bool, a callable ``leaf -> bool``, ``jaxpeft.path_filter(...)`` (sees the path), or a

@@ -153,7 +153,7 @@ class _Stored:
 
     def rebuild(self, module: nn.Module, leaf: str) -> Adapter:
         """The call-level node from the (possibly scan-sliced) arrays stored beside the kernel."""
-        leaves = [module.get_variable("params", f"{_PREFIX}{leaf}::{name}") for name in self.names]
+        leaves: list[Any] = [module.get_variable("params", f"{_PREFIX}{leaf}::{name}") for name in self.names]
         node: Adapter = jax.tree_util.tree_unflatten(self.treedef, leaves)
         return node.at_call(self.ndim - leaves[0].ndim) if leaves else node
 
@@ -178,7 +178,7 @@ def _bias(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], y
     """The layer's bias shaped to broadcast against its output (None without one)."""
     if not module.has_variable("params", "bias"):
         return None
-    bias = module.get_variable("params", "bias")
+    bias: Any = module.get_variable("params", "bias")
     if isinstance(module, nn.Einsum):
         p = ops.einsum_plan(_einsum_str(module, args, kwargs))
         return ops.broadcast_to_spec(
@@ -204,9 +204,10 @@ def _layer_call(
             return next_fun(**{**kwargs, name: inp})
 
     def dropout_key() -> jax.Array | None:
-        return module.make_rng("dropout") if module.scope.has_rng("dropout") else None
+        scope = module.scope
+        return module.make_rng("dropout") if scope is not None and scope.has_rng("dropout") else None
 
-    kernel = module.get_variable("params", _weight_name(module))
+    kernel: Any = module.get_variable("params", _weight_name(module))
     precision = getattr(module, "precision", None)
     common = {"x": x, "base": base, "kernel": kernel, "precision": precision, "dropout_key": dropout_key}
     if isinstance(module, nn.Embed):
@@ -223,7 +224,8 @@ def _layer_call(
 
     def conv(inp: jax.Array, k: jax.Array) -> jax.Array:
         branch = module.clone(parent=None, name=None, features=k.shape[-1], use_bias=False, dtype=inp.dtype)
-        return branch.apply({"params": {"kernel": k}}, inp)
+        out: jax.Array = branch.apply({"params": {"kernel": k}}, inp)  # type: ignore[assignment]
+        return out
 
     return LayerCall(kind="conv", bias=bias, conv=conv, **common)
 

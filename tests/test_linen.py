@@ -273,6 +273,7 @@ def test_hand_built_adapter_with_mismatched_rank_is_named():
     bad = {"lm_head": {"kernel": jaxpeft.LoraWeights(node.a, jnp.zeros((3, 12)), 1.0, layout=node.layout)}}
     with pytest.raises(
         ValueError,
-        match=r"adapter 'lm_head/kernel' \(LoraWeights: a \(8, 2\), b \(3, 12\)\) .* expected A \(8, 2\) and B \(2, 12\)",
+        match=r"adapter 'lm_head/kernel' \(LoraWeights: a \(8, 2\), b \(3, 12\)\) .* "
+        r"expected A \(8, 2\) and B \(2, 12\)",
     ):
         jaxpeft.linen.apply(MODEL, {"params": PARAMS}, bad, IDS)

@@ -442,7 +442,8 @@ def test_errors_name_the_path_and_the_fix():
         jnnx.attach(model, {"missing": {"kernel": lora}})
     with pytest.raises(
         ValueError,
-        match=r"adapter 'layers/up/kernel' \(LoraWeights: a \(8, 2\), b \(2, 8\)\) does not fit the weight of shape \(3, 8, 16\)",
+        match=r"adapter 'layers/up/kernel' \(LoraWeights: a \(8, 2\), b \(2, 8\)\) does not fit the weight of "
+        r"shape \(3, 8, 16\)",
     ):
         jnnx.attach(model, {"layers": {"up": {"kernel": lora}}})
     with pytest.raises(ValueError, match=r"do not match the model's adapted layers: missing \['blocks/0/down/kernel'"):

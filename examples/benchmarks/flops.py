@@ -1,4 +1,4 @@
-"""XLA cost-analysis FLOPs of one train step: full fine-tuning, the frozen floor, jaxpeft LoRA, merge-on-the-fly.
+"""XLA cost-analysis FLOPs of one train step: full fine-tuning, the frozen floor, LoRA, DoRA, IA3, merge-on-the-fly.
 
 The same transformer is built in Flax Linen and in Flax NNX (``nnx-full``, ``nnx-lora``).
 
@@ -150,7 +150,7 @@ def _nnx_step_flops(model: nnx.Module, wrt: Any, ids: jax.ShapeDtypeStruct, tx: 
     return _flops(step, trainable, frozen, jax.eval_shape(tx.init, trainable), ids)
 
 
-MODES = ("full", "floor", "lora", "merged", "nnx-full", "nnx-lora")
+MODES = ("full", "floor", "lora", "dora", "ia3", "merged", "nnx-full", "nnx-lora")
 
 
 def step_flops(mode: str, cfg: BenchConfig) -> float:
@@ -183,6 +183,11 @@ def step_flops(mode: str, cfg: BenchConfig) -> float:
 
         return _flops(step, train, frozen, jax.eval_shape(tx.init, train), ids)
     lora_cfg = jaxpeft.LoraConfig(rank=cfg.rank, alpha=2 * cfg.rank, targets="all-linear")
+    method_cfg: jaxpeft.MethodConfig = lora_cfg
+    if mode == "dora":
+        method_cfg = jaxpeft.DoraConfig(rank=cfg.rank, alpha=2 * cfg.rank, targets="all-linear")
+    elif mode == "ia3":  # HF's defaults for this naming: keys, values and the FFN down projection (its input)
+        method_cfg = jaxpeft.IA3Config(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"])
     if mode.startswith("nnx-"):
         nnx_model = nnx.eval_shape(
             lambda: NnxTransformer(cfg.vocab, cfg.width, cfg.ffn, cfg.layers, cfg.heads, rngs=nnx.Rngs(0))
@@ -192,8 +197,8 @@ def step_flops(mode: str, cfg: BenchConfig) -> float:
         if mode == "nnx-lora":
             lora_model = jaxpeft.nnx.adapt(nnx_model, lora_cfg, key=jax.random.key(1))
             return _nnx_step_flops(lora_model, jaxpeft.nnx.AdapterParam, ids, tx)
-    adapters = jax.eval_shape(lambda: jaxpeft.linen.init(lora_cfg, model, params, ids, key=jax.random.key(1)))
-    if mode == "lora":
+    adapters = jax.eval_shape(lambda p: jaxpeft.linen.init(method_cfg, model, p, ids, key=jax.random.key(1)), params)
+    if mode in ("lora", "dora", "ia3"):
         forward = lambda p, a, x: jaxpeft.linen.apply(model, {"params": p}, a, x)  # noqa: E731
     elif mode == "merged":
         forward = jaxpeft.merged(lambda p, x: model.apply({"params": p}, x))
@@ -215,13 +220,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
     print(f"config: {cfg} (batch {cfg.batch} x seq {cfg.seq}), backend {jax.default_backend()}")
-    modes = MODES[:4] if args.no_nnx else MODES
+    modes = MODES[:6] if args.no_nnx else MODES
     flops = {mode: step_flops(mode, cfg) for mode in modes}
     for mode, value in flops.items():
         print(f"{mode:8s} {value / 1e9:10.2f} GFLOP")
     ratios = {
         "lora/full": flops["lora"] / flops["full"],
         "lora/floor": flops["lora"] / flops["floor"],
+        "dora/lora": flops["dora"] / flops["lora"],
+        "ia3/floor": flops["ia3"] / flops["floor"],
         "merged/full": flops["merged"] / flops["full"],
     }
     if not args.no_nnx:

@@ -97,10 +97,10 @@ class Adapter:
         if n_sliced == 0:
             return self
         lay = self.layout
-        return dataclasses.replace(  # type: ignore[type-var]
-            self,  # type: ignore[arg-type]
-            layout=Layout(lay.stack - n_sliced, lay.fan_in, lay.fan_out, lay.kind),
+        new: Adapter = dataclasses.replace(  # type: ignore[type-var]
+            self, layout=Layout(lay.stack - n_sliced, lay.fan_in, lay.fan_out, lay.kind)
         )
+        return new
 
 
 def check_ndim(layout: Layout, weight_shape: tuple[int, ...]) -> str | None:

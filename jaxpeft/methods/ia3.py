@@ -134,14 +134,14 @@ class IA3Config(MethodConfig):
                     "Add it to `exclude`."
                 )
         spec = self.feedforward
-        entries = (spec,) if callable(spec) or isinstance(spec, str) else tuple(spec)
+        entries: tuple[TargetSpec, ...] = (
+            (spec,) if callable(spec) or isinstance(spec, str) else tuple((e,) for e in spec)
+        )
         for entry in entries:
-            if not any(
-                matcher(entry if not isinstance(spec, tuple) else (entry,), "feedforward")(p, w, lay)
-                for p, w, lay in rows
-            ):
+            if not any(matcher(entry, "feedforward")(p, w, lay) for p, w, lay in rows):
+                name = entry if callable(entry) or isinstance(entry, str) else entry[0]
                 raise ValueError(
-                    f"`feedforward` entry {entry!r} selects none of the {len(rows)} targets (e.g. {rows[0][0]!r}); "
+                    f"`feedforward` entry {name!r} selects none of the {len(rows)} targets (e.g. {rows[0][0]!r}); "
                     "feed-forward modules must also be targets (as in HF PEFT's feedforward_modules)."
                 )
 

@@ -143,7 +143,7 @@ class LoraConfig(MethodConfig):
             a = jax.random.normal(key, a_shape, dtype) / self.rank_for(path)
         return a, jnp.zeros(b_shape, dtype)
 
-    def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> LoraWeights:
+    def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> Adapter:
         a, b = self.init_factors(path, weight.shape, layout, key)
         return LoraWeights(a, b, self.scale_for(path), self.dropout, layout)
 
