@@ -1,12 +1,17 @@
-"""jaxpeft quickstart: pre-train a small Flax Linen transformer, then LoRA-adapt it to a shifted task (CPU, <1 min).
+"""jaxpeft quickstart: pre-train a small Flax Linen transformer, then adapt it to a shifted task (CPU, <1 min).
 
 Task A: sequences follow a fixed random permutation (next token = perm[token]). Task B, the shift: a quarter of the
 tokens get a new successor. The model is pre-trained on A with full fine-tuning, then adapted to B by training only
-LoRA adapters (rank 4 on every linear layer of the scanned stack); the base weights stay frozen.
+the adapters of one PEFT method (default LoRA, rank 4 on every linear layer of the scanned stack); the base weights
+stay frozen.
+
+    python examples/quickstart.py                  # LoRA
+    python examples/quickstart.py --method dora    # or ia3
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import flax.linen as nn
@@ -19,6 +24,12 @@ import jaxpeft
 import jaxpeft.linen
 
 VOCAB, WIDTH, HEADS, LAYERS, SEQ, BATCH = 64, 64, 4, 2, 16, 64
+#: The methods the quickstart can run, with the learning rate each trains at.
+METHODS: dict[str, tuple[jaxpeft.MethodConfig, float]] = {
+    "lora": (jaxpeft.LoraConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),
+    "dora": (jaxpeft.DoraConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),
+    "ia3": (jaxpeft.IA3Config(targets=["key", "value", "down"], feedforward=["down"]), 5e-2),
+}
 
 
 class Block(nn.Module):
@@ -74,7 +85,10 @@ def train(loss_fn, trainable, sample, steps: int, lr: float, label: str, key: ja
     return trainable
 
 
-def main() -> float:
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", choices=sorted(METHODS), default="lora")
+    method = parser.parse_args(argv).method
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     perm_a = rng.permutation(VOCAB)
@@ -93,25 +107,26 @@ def main() -> float:
         f"  base model on the shifted task B: loss {float(jax.jit(full_loss)(params, task_b(jax.random.key(3)))):.4f}"
     )
 
-    print("\n2) LoRA on task B: only the adapters train; the base weights are frozen")
-    cfg = jaxpeft.LoraConfig(rank=4, alpha=8, targets="all-linear")
+    print(f"\n2) {method} on task B: only the adapters train; the base weights are frozen")
+    cfg, lr = METHODS[method]
     layouts = jaxpeft.linen.infer_layouts(model, ids)  # abstract trace: which kernel axes are stack/fan-in/fan-out
     print(jaxpeft.plan(cfg, params, layouts=layouts))  # the dry run
     adapters = jax.jit(lambda p, k: jaxpeft.init(cfg, p, key=k, layouts=layouts))(params, jax.random.key(4))
     print()
     print(jaxpeft.summary(params, adapters, tx=optax.adam(1e-3)))
 
-    def lora_loss(adapters, batch):  # differentiate only the adapters: no gradient of a frozen weight exists
+    def peft_loss(adapters, batch):  # differentiate only the adapters: no gradient of a frozen weight exists
         return xent(jaxpeft.linen.apply(model, {"params": params}, adapters, batch), batch)
 
-    adapters = train(lora_loss, adapters, task_b, 100, 1e-2, "lora", jax.random.key(5))
+    adapters = train(peft_loss, adapters, task_b, 100, lr, method, jax.random.key(5))
 
     print("\n   how low-rank is the update that full fine-tuning makes? Fully fine-tune a copy on task B and look")
     tuned = train(full_loss, params, task_b, 60, 3e-3, "full", jax.random.key(7))
-    energy = jaxpeft.update_spectrum(params, tuned, rank=cfg.rank)
+    rank = 4
+    energy = jaxpeft.update_spectrum(params, tuned, rank=rank)
     kernels = {p: e for p, e in energy.items() if p.startswith("layers/") and p.endswith("kernel")}
     print(
-        f"  share of each full-fine-tuning update ΔW in its top-{cfg.rank} directions (1.0 = exactly rank {cfg.rank}):"
+        f"  share of each full-fine-tuning update ΔW in its top-{rank} directions (1.0 = exactly rank {rank}):"
     )
     for path, e in kernels.items():
         print(f"    {path:22s} {e:.2f}")
