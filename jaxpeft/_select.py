@@ -170,9 +170,13 @@ def select_targets(
     take = matcher(targets, "targets")
     drop = matcher(exclude, "exclude") if (callable(exclude) or isinstance(exclude, str) or exclude) else None
     chosen: list[tuple[str, Any, Layout]] = []
+    excluded: list[str] = []
     for path, leaf in sorted(candidates, key=lambda item: item[0]):
         layout = layouts.get(path)
-        if not take(path, leaf, layout) or (drop is not None and drop(path, leaf, layout)):
+        if not take(path, leaf, layout):
+            continue
+        if drop is not None and drop(path, leaf, layout):
+            excluded.append(path)
             continue
         shape = tuple(getattr(leaf, "shape", ()))
         if len(shape) < 2:
@@ -197,6 +201,11 @@ def select_targets(
                 "re-infer the layouts from the same model."
             )
         chosen.append((path, leaf, layout))
+    if not chosen and excluded:
+        raise ValueError(
+            f"`exclude`={exclude!r} removed all {len(excluded)} parameters that `targets`={targets!r} matched "
+            f"(e.g. {excluded[0]!r}); narrow `exclude` or widen `targets`."
+        )
     if not chosen:
         raise ValueError(
             f"`targets`={targets!r} matched no parameter. Paths look like {_examples(candidates)}; "

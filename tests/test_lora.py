@@ -35,12 +35,23 @@ def perturb(adapters, seed=7, scale=0.1):
     [
         ({"rank": 0}, r"`rank`=0; expected a positive integer"),
         ({"rank": 2.5}, r"`rank`=2.5; expected a positive integer"),
-        ({"alpha": -1}, r"`alpha`=-1; expected a positive number"),
-        ({"dropout": 1.0}, r"`dropout`=1.0; expected a rate in \[0, 1\)"),
+        ({"alpha": -1}, r"`alpha`=-1; expected a positive finite number"),
+        ({"alpha": float("nan")}, r"`alpha`=nan; expected a positive finite number"),
+        ({"alpha": float("inf")}, r"`alpha`=inf; expected a positive finite number"),
+        ({"alpha": "16"}, r"`alpha`='16'; expected a positive finite number"),
+        ({"dropout": 1.0}, r"`dropout`=1.0; expected a rate \(a number\) in \[0, 1\)"),
+        ({"dropout": "0.1"}, r"`dropout`='0.1'; expected a rate"),
+        ({"dropout": None}, r"`dropout`=None; expected a rate"),
+        ({"use_rslora": "false"}, r"`use_rslora`='false'; expected True or False \(not a string\)"),
+        ({"alpha_pattern": {"q": float("nan")}}, r"`alpha_pattern`\['q'\]=nan; expected a positive finite number"),
+        ({"rank_pattern": {"q": float("inf")}}, r"`rank_pattern`\['q'\]=inf; expected a positive finite number"),
+        ({"targets": ["q", 3]}, r"`targets` entries must be non-empty module names, got 3"),
+        ({"exclude": "all-linear"}, r"`exclude`=\"all-linear\" is not allowed"),
+        ({"dtype": "float64"}, r"`dtype`='float64' needs 64-bit JAX"),
         ({"init": "pissa"}, r"`init`='pissa'; expected one of"),
         ({"dtype": "int8"}, r"`dtype`='int8'; adapters need a floating dtype"),
         ({"dtype": "floaty"}, r"`dtype`='floaty' is not a dtype name"),
-        ({"rank_pattern": {"q": 0}}, r"`rank_pattern`\['q'\]=0; expected a positive number"),
+        ({"rank_pattern": {"q": 0}}, r"`rank_pattern`\['q'\]=0; expected a positive finite number"),
         ({"rank_pattern": {"q": 1.5}}, r"ranks are whole numbers"),
         ({"targets": 3}, r"`targets` must be 'all-linear', a regex"),
         ({"alpha_pattern": {"(": 2.0}}, r"`alpha_pattern` entry '\(' is not a valid regular expression"),
@@ -193,3 +204,18 @@ def test_stacked_delta_matches_per_layer():
     merged = jaxpeft.merge({"s": {"kernel": w}}, adapters)["s"]["kernel"]
     for i in range(3):
         np.testing.assert_allclose(merged[i], w[i] + lora.scale * lora.a[i] @ lora.b[i], rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_integer_weights_and_float16_overflow():
+    adapters = jaxpeft.init(
+        jaxpeft.LoraConfig(rank=2, targets=["w"]), {"w": {"kernel": jnp.ones((4, 3))}}, key=jax.random.key(0)
+    )
+    with pytest.raises(jaxpeft.NotMergeableError, match=r"adapter 'w/kernel': the weight is int8, not floating"):
+        jaxpeft.merge({"w": {"kernel": jnp.ones((4, 3), jnp.int8)}}, adapters)
+    big = jax.tree.map(lambda x: x + 300.0, adapters)
+    with pytest.raises(
+        ValueError, match=r"folding the adapter into 'w/kernel' overflows float16 \(largest finite 65504\)"
+    ):
+        jaxpeft.merge({"w": {"kernel": jnp.full((4, 3), 60000.0, jnp.float16)}}, big)
+    merged = jax.jit(jaxpeft.merge)({"w": {"kernel": jnp.ones((4, 3), jnp.float16)}}, adapters)  # under jit: no check
+    assert merged["w"]["kernel"].dtype == jnp.float16

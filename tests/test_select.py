@@ -95,3 +95,11 @@ def test_layout_validation():
 def test_selection_is_sorted_and_works_on_abstract_params():
     abstract = jax.eval_shape(lambda: PARAMS)
     assert paths("all-linear", params=abstract) == sorted(paths("all-linear", params=abstract))
+
+
+def test_exclude_removing_every_target_blames_exclude():
+    params = {"a": {"kernel": jnp.ones((2, 3))}, "b": {"kernel": jnp.ones((3, 2))}}
+    with pytest.raises(
+        ValueError, match=r"`exclude`=\('a', 'b'\) removed all 2 parameters that `targets`=\('a', 'b'\)"
+    ):
+        jaxpeft.plan(jaxpeft.LoraConfig(targets=["a", "b"], exclude=["a", "b"]), params)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxpeft import ops
 from jaxpeft._paths import leaves_with_paths, map_with_paths, set_path
-from jaxpeft._select import ALL_LINEAR, Layout, TargetSpec, compile_regex, select_targets
+from jaxpeft._select import Layout, TargetSpec, matcher, select_targets
 
 __all__ = [
     "CALL_KINDS",
@@ -283,8 +283,8 @@ class MethodConfig:
         for field in ("targets", "exclude"):
             spec = _freeze_spec(getattr(self, field), field)
             object.__setattr__(self, field, spec)
-            if isinstance(spec, str) and spec != ALL_LINEAR:
-                compile_regex(spec, field)
+            if field == "targets" or callable(spec) or isinstance(spec, str) or spec:
+                matcher(spec, field)  # validates entries and regexes now, not at the first init
 
     def select(self, params: Any, layouts: Mapping[str, Layout] | None) -> list[tuple[str, Any, Layout]]:
         """``[(path, leaf, layout)]`` of the weights this config adapts, sorted by path (see ``select_targets``)."""
@@ -466,14 +466,21 @@ def _fold(params: Any, adapters: Any, sign: int) -> Any:
         if path not in flat:
             continue
         check_fits(path, node, flat[path].shape)
+        if not jnp.issubdtype(flat[path].dtype, jnp.floating):
+            raise NotMergeableError(
+                f"adapter {path!r}: the weight is {jnp.dtype(flat[path].dtype).name}, not floating; folding into it "
+                "would truncate. Keep the adapters separate (jaxpeft.linen.apply) or dequantise the weight first."
+            )
         module = path.rpartition("/")[0]
         bias_path = f"{module}/bias" if module else "bias"
         try:
             weight, bias = node.fold(flat[path], flat.get(bias_path), sign)
         except NotMergeableError as err:
             raise NotMergeableError(f"adapter {path!r}: {err}") from None
+        _check_finite(path, flat[path], weight)
         flat[path] = weight
         if bias is not None:
+            _check_finite(bias_path, flat[bias_path], bias)
             biases[bias_path] = bias
     missing = sorted(p for p in table if p not in flat)
     if missing:
@@ -484,6 +491,20 @@ def _fold(params: Any, adapters: Any, sign: int) -> Any:
     return map_with_paths(lambda path, w: folded.get(path, w), params)
 
 
+def _check_finite(path: str, before: jax.Array, after: jax.Array) -> None:
+    """Raise when folding made a finite entry inf/NaN (e.g. float16 overflow); values under ``jit`` are unknown."""
+    try:
+        overflow = bool(jnp.any(jnp.isfinite(before) & ~jnp.isfinite(after)))
+    except jax.errors.ConcretizationTypeError:
+        return
+    if overflow:
+        dtype = jnp.dtype(after.dtype)
+        raise ValueError(
+            f"folding the adapter into {path!r} overflows {dtype.name} (largest finite {float(jnp.finfo(dtype).max):g})"
+            "; the result would hold inf and could not be unmerged. Merge into float32 (or bfloat16) params instead."
+        )
+
+
 def merge(params: Any, adapters: Any) -> Any:
     """The params with every adapter folded into its weight (and bias, for methods that scale outputs).
 
@@ -491,7 +512,9 @@ def merge(params: Any, adapters: Any) -> Any:
     each weight's dtype, so the merged model's outputs match the adapted model's up to that rounding.
 
     Raises:
-      NotMergeableError: a method that cannot be merged (the message names the path and why).
+      NotMergeableError: a method that cannot be merged, or a non-floating (e.g. int8) weight (the message names
+        the path and why).
+      ValueError: outside ``jit``, a fold that overflows the weight's dtype (float16 beyond 65504).
     """
     return _fold(params, adapters, 1)
 

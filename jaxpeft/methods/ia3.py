@@ -118,6 +118,9 @@ class IA3Config(MethodConfig):
         super().__post_init__()
         object.__setattr__(self, "feedforward", _freeze_spec(self.feedforward, "feedforward"))
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
+        if not isinstance(self.init_ones, bool):
+            raise ValueError(f"`init_ones`={self.init_ones!r}; expected True or False (not a string).")
+        matcher(self.feedforward, "feedforward")  # validates the entries now, not at the first init
 
     def is_feedforward(self, path: str, weight: Any, layout: Layout) -> bool:
         """Whether the target at ``path`` scales its input (it matches ``feedforward``)."""

@@ -20,25 +20,42 @@ _INITS = ("kaiming", "gaussian")
 
 
 def _freeze_pattern(value: Any, name: str, kind: type) -> tuple[tuple[str, Any], ...]:
-    items = tuple(value.items()) if isinstance(value, Mapping) else tuple(tuple(kv) for kv in value)
+    if isinstance(value, Mapping):
+        items = tuple(value.items())
+    elif isinstance(value, Sequence) and not isinstance(value, str) and all(
+        isinstance(kv, Sequence) and not isinstance(kv, str) and len(kv) == 2 for kv in value
+    ):
+        items = tuple((kv[0], kv[1]) for kv in value)
+    else:
+        raise ValueError(f"`{name}`={value!r}; expected a mapping {{path regex: number}}, e.g. {{'q_proj': 16}}.")
     for pattern, number in items:
         if not isinstance(pattern, str):
             raise ValueError(f"`{name}` keys must be path regexes, got {pattern!r}.")
-        if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
-            raise ValueError(f"`{name}`[{pattern!r}]={number!r}; expected a positive number.")
+        if not is_number(number) or not math.isfinite(number) or number <= 0:
+            raise ValueError(f"`{name}`[{pattern!r}]={number!r}; expected a positive finite number.")
         if kind is int and int(number) != number:
             raise ValueError(f"`{name}`[{pattern!r}]={number!r}; ranks are whole numbers.")
     return tuple((p, kind(n)) for p, n in items)
 
 
+def is_number(value: Any) -> bool:
+    """A real number, not a bool or a string (``"0.1"`` and ``True`` are refused where a rate or scale is meant)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_dtype(value: str) -> str:
-    """The canonical name of a floating adapter dtype; ``ValueError`` otherwise."""
+    """The canonical name of a floating adapter dtype that JAX can hold; ``ValueError`` otherwise."""
     try:
         dtype = jnp.dtype(value)
     except TypeError as err:
         raise ValueError(f"`dtype`={value!r} is not a dtype name; use e.g. 'float32'.") from err
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"`dtype`={value!r}; adapters need a floating dtype such as 'float32'.")
+    if dtype.itemsize == 8 and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            f"`dtype`={value!r} needs 64-bit JAX (jax.config.update('jax_enable_x64', True)); without it the arrays "
+            "would silently be float32. Use 'float32'."
+        )
     return dtype.name
 
 
@@ -84,12 +101,15 @@ class LoraConfig(MethodConfig):
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"`rank`={self.rank!r}; expected a positive integer such as 8.")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"`alpha`={self.alpha!r}; expected a positive number (HF's lora_alpha), e.g. 16.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`dropout`={self.dropout!r}; expected a rate in [0, 1).")
+        if not is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"`alpha`={self.alpha!r}; expected a positive finite number (HF's lora_alpha), e.g. 16.")
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout`={self.dropout!r}; expected a rate (a number) in [0, 1), e.g. 0.05.")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"`use_rslora`={self.use_rslora!r}; expected True or False (not a string).")
         if self.init not in _INITS:
             raise ValueError(f"`init`={self.init!r}; expected one of {_INITS}.")
+        object.__setattr__(self, "dropout", float(self.dropout))
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
         object.__setattr__(self, "alpha", float(self.alpha))
         super().__post_init__()
