@@ -21,6 +21,7 @@ the differing fields or paths and says what to do.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -132,23 +133,22 @@ def _node_table(adapters: Any) -> dict[str, dict[str, Any]]:
 
 def _array_leaves(tree: Any, what: str, *, abstract: bool = False) -> dict[str, Any]:
     """``{path: array}`` of a tree to save (or, with ``abstract``, to restore into: ``ShapeDtypeStruct`` leaves
-    too); Python numbers become numpy scalars, any other leaf raises."""
+    too); Python numbers become numpy scalars. Raises on any other leaf and on paths that collide."""
+    leaves = leaves_with_paths(tree)
     flat: dict[str, Any] = {}
-    for path, leaf in leaves_with_paths(tree):
+    for path, leaf in leaves:
         if isinstance(leaf, (int, float, bool, np.number)):
             leaf = np.asarray(leaf)
-        if (
-            not hasattr(leaf, "shape")
-            or not hasattr(leaf, "dtype")
-            or (isinstance(leaf, jax.ShapeDtypeStruct) and not abstract)
-        ):
+        concrete_only = isinstance(leaf, jax.ShapeDtypeStruct) and not abstract
+        if concrete_only or not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             raise ValueError(f"`{what}` leaf {path!r} is a {type(leaf).__name__}; only arrays can be checkpointed.")
         flat[path] = leaf
-    clashes = sorted(p for p in flat if any(q in flat for q in _prefixes(p)))
-    if clashes or len(flat) < len(leaves_with_paths(tree)):
+    counts = collections.Counter(p for p, _ in leaves)
+    clashes = sorted({p for p, n in counts.items() if n > 1} | {q for p in flat for q in _prefixes(p) if q in flat})
+    if clashes:
         raise ValueError(
-            f"`{what}` has leaves whose paths collide once joined with '/' (e.g. {clashes[:2]}); "
-            "use dict keys without '/'."
+            f"`{what}` has leaves whose paths collide once their keys are joined with '/': {clashes[:_MAX_LISTED]}; "
+            "use keys without '/'."
         )
     return flat
 
@@ -259,8 +259,7 @@ def _aux_target(item: str, like: Any, saved: Mapping[str, Any] | None, where: st
     diff = _diff_table(saved, _shape_table(flat), f"{item} leaf", right=f"in `{item}_like`")
     if diff:
         raise ValueError(
-            f"`{item}_like` does not match the `{item}` saved in {where}: {_listed(diff)}. Build it the same way "
-            "(the same optimizer over the same trainable trees)."
+            f"`{item}_like` does not match the `{item}` saved in {where}: {_listed(diff)}. Pass {_HOW[item]}."
         )
     return _Target({p: _target(p, x, x, sharding) for p, x in flat.items()}, like)
 
@@ -438,10 +437,10 @@ class AdapterCheckpointer:
 
         Checks first that ``adapters`` are exactly what the config makes on the params (paths, node types,
         array shapes and dtypes, layouts), so that every saved step can be restored; nothing is written when a
-        check fails. Steps off ``save_interval_steps`` or not after the latest saved step are skipped (False)
-        unless ``force``; a step already on disk is never overwritten. With ``async_save`` the arrays are copied
-        off the device before this returns and written in the background; call ``wait`` (or ``close``) before
-        relying on the files.
+        check fails. Steps off ``save_interval_steps``, not after the latest saved step, or already on disk are
+        skipped (False) unless ``force``; no step is ever overwritten (with ``force``, an existing step is an
+        error). With ``async_save`` the arrays are copied off the device before this returns and written in the
+        background; call ``wait`` (or ``close``) before relying on the files.
 
         Args:
           step: the step number.
@@ -460,9 +459,10 @@ class AdapterCheckpointer:
                 f"this AdapterCheckpointer of {self._directory!r} is read-only; open one without read_only."
             )
         step = int(step)
-        if not force and not self._manager.should_save(step):
+        exists = step in self._manager.all_steps()
+        if not force and (exists or not self._manager.should_save(step)):
             return False
-        if step in self._manager.all_steps():
+        if exists:
             raise ValueError(
                 f"`step`={step} is already saved in {self._directory!r}; checkpoints are never overwritten: save "
                 "under a new step (or delete that step's directory first)."
@@ -596,12 +596,12 @@ class AdapterCheckpointer:
         try:
             expected, table = self._planned(layouts)
         except ValueError as err:
-            raise ValueError(f"the current config does not plan on these params: {err}") from err
+            raise ValueError(f"{self._where(step)}: the current config does not plan on these params: {err}") from err
         diff = _diff_table(meta["adapters"], table, "adapter")
         if diff:
             raise ValueError(
                 f"{self._where(step)} holds adapters that the current config does not make on these params: "
-                f"{_listed(diff)}."
+                f"{_listed(diff)}. Restore on the base model it was trained on, with the layouts it was saved with."
             )
         abstract = dict(leaves_with_paths(expected))
         like = dict(leaves_with_paths(adapters_like)) if adapters_like is not None else {}
@@ -620,7 +620,8 @@ class AdapterCheckpointer:
         for item, target in targets.items():
             if not target.arrays:
                 continue
-            found = {p: _shape_dtype(x) for p, x in leaves_with_paths(getattr(disk[item], "tree", disk[item]))}
+            tree = getattr(disk.get(item), "tree", None)  # None: the item is missing on disk
+            found = {p: _shape_dtype(x) for p, x in leaves_with_paths(tree)}
             diff = _diff_table(found, _shape_table(target.arrays), f"on-disk {item} array", right="expected")
             if diff:
                 raise ValueError(f"{self._where(step)}: on-disk {item} arrays differ: {_listed(diff)}.")
