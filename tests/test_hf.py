@@ -1,5 +1,6 @@
 """jaxpeft.hf without torch: file format, module-name rules, round trips of every layer kind, refusals."""
 
+import dataclasses
 import json
 import os
 
@@ -27,14 +28,14 @@ BERT = bert.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_a
 
 
 def _randomise(adapters, seed=0):
-    """Non-zero A and B (B starts at zero), drawn with numpy so no per-shape JAX compile is needed."""
+    """Non-zero arrays (B starts at zero), drawn with numpy so no per-shape JAX compile is needed."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.3), adapters)
 
 
 def _random_adapters(cfg, params, layouts=None, seed=0):
-    """Adapters of ``cfg``'s shapes with random A and B (shapes from an abstract ``jaxpeft.init``)."""
-    shapes = jax.eval_shape(lambda: jaxpeft.init(cfg, params, key=jax.random.key(0), layouts=layouts))
+    """Adapters of ``cfg``'s shapes with random arrays (shapes from an abstract ``jaxpeft.init``)."""
+    shapes = jax.eval_shape(lambda p: jaxpeft.init(cfg, p, key=jax.random.key(0), layouts=layouts), params)
     return _randomise(shapes, seed)
 
 
@@ -42,16 +43,34 @@ def _flat(tree):
     return {jaxpeft.path_str(kp): np.asarray(x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _static(node):
+    return {f.name: getattr(node, f.name) for f in dataclasses.fields(node) if f.metadata.get("static")}
+
+
 def _assert_adapters_equal(a, b):
+    """Same arrays bit for bit, same node types and the same static fields (scale, dropout, layout, ...)."""
     fa, fb = _flat(a), _flat(b)
     assert fa.keys() == fb.keys()
     for k in fa:
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
-    la = dict(jaxpeft.methods.lora.adapter_items(a))
-    lb = dict(jaxpeft.methods.lora.adapter_items(b))
-    for k in la:
-        assert la[k].scale == pytest.approx(lb[k].scale, rel=1e-9), k
-        assert la[k].dropout == lb[k].dropout
+    na, nb = dict(jaxpeft.adapter_items(a)), dict(jaxpeft.adapter_items(b))
+    assert na.keys() == nb.keys()
+    for k in na:
+        assert type(na[k]) is type(nb[k]), k
+        sa, sb = _static(na[k]), _static(nb[k])
+        assert sa.pop("scale", 1.0) == pytest.approx(sb.pop("scale", 1.0), rel=1e-9), k
+        assert sa == sb, k
+
+
+def _assert_same_outputs(model, params, x, y, args):
+    y0 = jaxpeft.linen.apply(model, {"params": params}, x, *args)
+    y1 = jaxpeft.linen.apply(model, {"params": params}, y, *args)
+    jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), y0, y1)
+
+
+def _tensor_shapes(directory):
+    with safe_open(os.path.join(directory, hf.WEIGHTS_NAME), "numpy") as f:
+        return {k.removeprefix("base_model.model."): f.get_tensor(k).shape for k in f.keys()}  # noqa: SIM118
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +160,16 @@ def test_per_module_rank_alpha_and_rslora_follow_hf_matching(llama_setup, tmp_pa
     assert config["rank_pattern"] == {r"model.layers.\d+.mlp.down_proj": 2}
     assert config["alpha_pattern"] == {r"model.layers.\d+.self_attn.v_proj": 3.5}
     for i in range(LLAMA.num_hidden_layers):  # HF's rule: re.match(rf"(.*\.)?({key})$", module name)
-        assert hf._hf_pattern_key(list(config["rank_pattern"]), f"model.layers.{i}.mlp.down_proj") is not None
-        assert hf._hf_pattern_key(list(config["rank_pattern"]), f"model.layers.{i}.self_attn.q_proj") is None
+        assert hf._common.hf_pattern_key(list(config["rank_pattern"]), f"model.layers.{i}.mlp.down_proj") is not None
+        assert hf._common.hf_pattern_key(list(config["rank_pattern"]), f"model.layers.{i}.self_attn.q_proj") is None
     cfg2, back = hf.from_state_dict(config, tensors, params, llama.hf_module_name, layouts=layouts)
     _assert_adapters_equal(back, adapters)
     for path in ("model/layers/mlp/down_proj/kernel", "model/layers/self_attn/v_proj/kernel"):
         assert cfg2.rank_for(path) == cfg.rank_for(path) and cfg2.scale_for(path) == pytest.approx(cfg.scale_for(path))
     # The imported config plans exactly the imported adapters (so it can be checkpointed and re-initialised).
     rows = jaxpeft.plan(cfg2, params, layouts=layouts).targets
-    assert {t.path: (t.a_shape, t.b_shape) for t in rows} == {
-        p: (w.a.shape, w.b.shape) for p, w in jaxpeft.methods.lora.adapter_items(back)
+    assert {t.path: t.shapes for t in rows} == {
+        p: {"a": w.a.shape, "b": w.b.shape} for p, w in jaxpeft.adapter_items(back)
     }
 
 
@@ -192,7 +211,7 @@ class Block(nn.Module):
 
 
 class Zoo(nn.Module):
-    """Embed, DenseGeneral with two fan-out and two fan-in axes, a scanned Dense and a Conv."""
+    """Embed, DenseGeneral with two fan-out and two fan-in axes, a scanned Dense, an Einsum and a Conv."""
 
     @nn.compact
     def __call__(self, ids, img):
@@ -200,6 +219,7 @@ class Zoo(nn.Module):
         h = nn.DenseGeneral((2, 4), name="split")(h)
         h = nn.DenseGeneral(8, axis=(-2, -1), name="merge")(h)
         h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(name="layers")(h)
+        h = nn.Einsum((8, 2, 4), "btd,dhk->bthk", name="heads")(h)
         return h, nn.Conv(3, (3, 3), name="conv")(img)
 
 
@@ -209,48 +229,150 @@ def zoo():
     ids, img = jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 5, 5, 2))
     params = _randomise(jax.eval_shape(model.init, jax.random.key(0), ids, img)["params"], seed=1)
     layouts = jaxpeft.linen.infer_layouts(model, ids, img)
-    cfg = jaxpeft.LoraConfig(rank=2, alpha=6, targets=["embed", "split", "merge", "up", "conv"])
+    cfg = jaxpeft.LoraConfig(rank=2, alpha=6, targets=["embed", "split", "merge", "up", "heads", "conv"])
     adapters = _random_adapters(cfg, params, layouts)
     return model, params, layouts, cfg, adapters, (ids, img)
+
+
+ZOO_LORA_SHAPES = {
+    "embed.lora_embedding_A": (2, 10),
+    "embed.lora_embedding_B": (8, 2),
+    "split.lora_A.weight": (2, 8),
+    "split.lora_B.weight": (8, 2),  # fan-out (2, 4) flattened to 8
+    "merge.lora_A.weight": (2, 8),  # fan-in (2, 4) flattened to 8
+    "merge.lora_B.weight": (8, 2),
+    "layers.0.up.lora_A.weight": (2, 8),
+    "layers.0.up.lora_B.weight": (8, 2),
+    "layers.1.up.lora_A.weight": (2, 8),
+    "layers.1.up.lora_B.weight": (8, 2),
+    "heads.lora_A.weight": (2, 8),
+    "heads.lora_B.weight": (8, 2),  # einsum fan-out (h, k) = (2, 4) flattened
+    "conv.lora_A.weight": (2, 2, 3, 3),  # torch Conv2d [r, in, kh, kw]
+    "conv.lora_B.weight": (3, 2, 1, 1),  # 1x1 conv [out, r, 1, 1]
+}
 
 
 def test_every_layer_kind_round_trips(zoo, tmp_path):
     model, params, layouts, cfg, adapters, args = zoo
     fn = hf.module_name_map(stacked="layers")
     hf.export_adapters(tmp_path, adapters, cfg, params, fn, layouts=layouts)
-    with safe_open(os.path.join(tmp_path, hf.WEIGHTS_NAME), "numpy") as f:
-        shapes = {k.removeprefix("base_model.model."): f.get_tensor(k).shape for k in f.keys()}  # noqa: SIM118
-    assert shapes == {
-        "embed.lora_embedding_A": (2, 10),
-        "embed.lora_embedding_B": (8, 2),
-        "split.lora_A.weight": (2, 8),
-        "split.lora_B.weight": (8, 2),  # fan-out (2, 4) flattened to 8
-        "merge.lora_A.weight": (2, 8),  # fan-in (2, 4) flattened to 8
-        "merge.lora_B.weight": (8, 2),
-        "layers.0.up.lora_A.weight": (2, 8),
-        "layers.0.up.lora_B.weight": (8, 2),
-        "layers.1.up.lora_A.weight": (2, 8),
-        "layers.1.up.lora_B.weight": (8, 2),
-        "conv.lora_A.weight": (2, 2, 3, 3),  # torch Conv2d [r, in, kh, kw]
-        "conv.lora_B.weight": (3, 2, 1, 1),  # 1x1 conv [out, r, 1, 1]
-    }
+    assert _tensor_shapes(tmp_path) == ZOO_LORA_SHAPES
     _, back = hf.import_adapters(tmp_path, params, fn, layouts=layouts)
     _assert_adapters_equal(back, adapters)
-    y0 = jaxpeft.linen.apply(model, {"params": params}, adapters, *args)
-    y1 = jaxpeft.linen.apply(model, {"params": params}, back, *args)
-    jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), y0, y1)
+    _assert_same_outputs(model, params, adapters, back, args)
     # Kernels with one axis per side need no layouts on import (the conv and embed factors say what they are).
     sub = {k: v for k, v in back.items() if k in ("embed", "layers", "conv")}
     sub_cfg = jaxpeft.LoraConfig(rank=2, alpha=6, targets=["embed", "up", "conv"])
-    _, again = hf.from_state_dict(*hf.to_state_dict(sub, sub_cfg, params, fn, layouts=layouts), params, fn)
+    _, again = hf.from_state_dict(*hf.to_state_dict(sub, sub_cfg, params, fn), params, fn)
     _assert_adapters_equal(again, sub)
+
+
+def test_dora_every_layer_kind_round_trips(zoo, tmp_path):
+    model, params, layouts, _, _, args = zoo
+    fn = hf.module_name_map(stacked="layers")
+    cfg = jaxpeft.DoraConfig(rank=2, alpha=6, targets=["embed", "split", "merge", "up", "heads", "conv"], dropout=0.1)
+    adapters = _random_adapters(cfg, params, layouts, seed=2)
+    hf.export_adapters(tmp_path, adapters, cfg, params, fn, layouts=layouts, ensure_weight_tying=False)
+    with open(os.path.join(tmp_path, hf.CONFIG_NAME)) as f:
+        config = json.load(f)
+    assert config["peft_type"] == "LORA" and config["use_dora"] is True and config["ensure_weight_tying"] is False
+    assert _tensor_shapes(tmp_path) == {
+        **ZOO_LORA_SHAPES,
+        "embed.lora_magnitude_vector": (8,),  # one per feature: the norm runs over the vocabulary
+        "split.lora_magnitude_vector": (8,),  # fan-out (2, 4) flattened
+        "merge.lora_magnitude_vector": (8,),
+        "layers.0.up.lora_magnitude_vector": (8,),
+        "layers.1.up.lora_magnitude_vector": (8,),
+        "heads.lora_magnitude_vector": (8,),
+        "conv.lora_magnitude_vector": (1, 3, 1, 1),  # torch's (1, out, 1, 1)
+    }
+    cfg2, back = hf.import_adapters(tmp_path, params, fn, layouts=layouts)
+    assert type(cfg2) is jaxpeft.DoraConfig and cfg2.dropout == 0.1
+    _assert_adapters_equal(back, adapters)
+    _assert_same_outputs(model, params, adapters, back, args)
+    # PEFT's loader also accepts the in-memory name `lora_magnitude_vector.weight`.
+    config, tensors = hf.to_state_dict(adapters, cfg, params, fn, ensure_weight_tying=False)
+    renamed = {k + ".weight" if k.endswith("magnitude_vector") else k: v for k, v in tensors.items()}
+    _, again = hf.from_state_dict(config, renamed, params, fn, layouts=layouts)
+    _assert_adapters_equal(again, adapters)
+
+
+def test_ia3_every_layer_kind_round_trips(zoo, tmp_path):
+    model, params, layouts, _, _, args = zoo
+    fn = hf.module_name_map(stacked="layers")
+    cfg = jaxpeft.IA3Config(targets=["split", "merge", "up", "heads", "conv"], feedforward=["merge", "heads", "conv"])
+    adapters = _random_adapters(cfg, params, layouts, seed=3)
+    hf.export_adapters(tmp_path, adapters, cfg, params, fn, layouts=layouts, task_type="FEATURE_EXTRACTION")
+    with open(os.path.join(tmp_path, hf.CONFIG_NAME)) as f:
+        config = json.load(f)
+    assert config["peft_type"] == "IA3" and config["task_type"] == "FEATURE_EXTRACTION"
+    assert config["target_modules"] == ["conv", "heads", "merge", "split", "up"]
+    assert config["feedforward_modules"] == ["conv", "heads", "merge"]
+    assert _tensor_shapes(tmp_path) == {
+        "split.ia3_l": (8, 1),  # scales the output: (out, 1), fan-out (2, 4) flattened
+        "merge.ia3_l": (1, 8),  # feed-forward, scales the input: (1, in), fan-in (2, 4) flattened
+        "layers.0.up.ia3_l": (8, 1),
+        "layers.1.up.ia3_l": (8, 1),
+        "heads.ia3_l": (1, 8),  # feed-forward einsum: (1, d)
+        "conv.ia3_l": (1, 2, 1, 1),  # feed-forward Conv: (1, in_channels, 1, 1)
+    }
+    cfg2, back = hf.import_adapters(tmp_path, params, fn, layouts=layouts)
+    assert type(cfg2) is jaxpeft.IA3Config
+    _assert_adapters_equal(back, adapters)
+    _assert_same_outputs(model, params, adapters, back, args)
+    rows = jaxpeft.plan(cfg2, params, layouts=layouts).targets  # the config selects exactly the feed-forward ones
+    assert {t.path: t.node.feedforward for t in rows} == {p: n.feedforward for p, n in jaxpeft.adapter_items(back)}
+    # A conv that scales its output: (1, out_channels, 1, 1).
+    out_cfg = jaxpeft.IA3Config(targets=["conv"], feedforward=())
+    out = _random_adapters(out_cfg, params, layouts, seed=4)
+    config, tensors = hf.to_state_dict(out, out_cfg, params, fn)
+    assert config["feedforward_modules"] == [] and tensors["base_model.model.conv.ia3_l"].shape == (1, 3, 1, 1)
+    _assert_adapters_equal(hf.from_state_dict(config, tensors, params, fn)[1], out)
+
+
+def _ia3_files(params, fn, targets, feedforward, layouts=None):
+    cfg = jaxpeft.IA3Config(targets=targets, feedforward=feedforward)
+    adapters = _random_adapters(cfg, params, layouts)
+    config, tensors = hf.to_state_dict(adapters, cfg, params, fn)
+    modules = {k.removeprefix("base_model.model.").removesuffix(".ia3_l") for k in tensors}
+    ff_paths = {p for p, n in jaxpeft.adapter_items(adapters) if n.feedforward}
+    ff = {name for name, (path, _) in hf._common.hf_modules(params, fn).items() if path in ff_paths}
+    # PEFT's rule (bare `endswith` for a list, full match for a str) marks exactly our feed-forward modules.
+    assert {m for m in modules if hf._common.hf_feedforward(config["feedforward_modules"], m)} == ff
+    ff_list, targets_list = config["feedforward_modules"], config["target_modules"]
+    if isinstance(ff_list, list) and isinstance(targets_list, list):
+        assert set(ff_list) <= set(targets_list)  # PEFT's IA3Config requires it
+    _, back = hf.from_state_dict(config, tensors, params, fn, layouts=layouts)
+    _assert_adapters_equal(back, adapters)
+    return config
+
+
+def test_ia3_feedforward_modules_reproduce_hf_matching(llama_setup):
+    _, params, layouts = llama_setup
+    config = _ia3_files(params, llama.hf_module_name, ["k_proj", "v_proj", "down_proj"], ["down_proj"], layouts)
+    assert config["target_modules"] == ["down_proj", "k_proj", "v_proj"]
+    assert config["feedforward_modules"] == ["down_proj"]
+    # BERT: "dense" names four kinds of layer, so both lists hold full names.
+    bert_params = bert.abstract_params(BERT)
+    config = _ia3_files(bert_params, hf.module_name_map(), ["key", "value", "output/dense"], ["output/dense"])
+    assert config["feedforward_modules"] == [
+        f"encoder.layer.{i}.{m}.dense" for i in range(2) for m in ("attention.output", "output")
+    ]
+    # PEFT tests feed-forward names by bare `endswith`: "proj" would also mark "q_proj" ...
+    toy = {m: {"kernel": jax.ShapeDtypeStruct((4, 4), jnp.float32)} for m in ("proj", "q_proj")}
+    config = _ia3_files(toy, hf.module_name_map(), ["proj", "q_proj"], r"^proj/")
+    assert config["feedforward_modules"] == "(?:proj)"  # ... so it becomes a full-match regex
+    nested = {"mlp": {"proj": toy["proj"]}, "attn": {"q_proj": toy["q_proj"]}}
+    config = _ia3_files(nested, hf.module_name_map(), ["proj", "q_proj"], ["mlp/proj"])
+    assert config == {**config, "target_modules": ["attn.q_proj", "mlp.proj"], "feedforward_modules": ["mlp.proj"]}
 
 
 def test_export_refuses_what_it_cannot_write_exactly(zoo):
     _, params, layouts, cfg, adapters, _ = zoo
     fn = hf.module_name_map(stacked="layers")
-    with pytest.raises(ValueError, match=r"'merge/kernel' has 2 fan-in axes .* pass `layouts="):
-        hf.to_state_dict(adapters, cfg, params, fn, layouts={"conv/kernel": layouts["conv/kernel"]})
+    wrong = {"merge/kernel": jaxpeft.Layout(fan_in=1, fan_out=2, kind="dense_general")}
+    with pytest.raises(ValueError, match=r"`layouts`\['merge/kernel'\]=.* disagrees with the adapter's own layout"):
+        hf.to_state_dict(adapters, cfg, params, fn, layouts=wrong)
     with pytest.raises(ValueError, match=r"maps 'layers/up/kernel' .* to 'layers.up': a scan-stacked parameter"):
         hf.to_state_dict(adapters, cfg, params, hf.module_name_map(), layouts=layouts)
     with pytest.raises(ValueError, match=r"adapter 'conv/kernel' has rank 2 but `cfg` gives rank 3"):
@@ -258,21 +380,53 @@ def test_export_refuses_what_it_cannot_write_exactly(zoo):
     with pytest.raises(ValueError, match=r"has scale 3.0 but `cfg` gives 1.0"):
         hf.to_state_dict(adapters, jaxpeft.LoraConfig(rank=2, alpha=2), params, fn, layouts=layouts)
 
-    class DoraWeights(jaxpeft.LoraWeights):
+    class OtherWeights(jaxpeft.LoraWeights):
         pass
 
-    dora = {"embed": {"embedding": DoraWeights(*jax.tree.leaves(adapters["embed"]), 3.0)}}
-    with pytest.raises(ValueError, match=r"is a DoraWeights; jaxpeft.hf exports plain LoRA"):
-        hf.to_state_dict(dora, cfg, params, fn)
+    other = {"embed": {"embedding": OtherWeights(*jax.tree.leaves(adapters["embed"]), 3.0)}}
+    with pytest.raises(ValueError, match=r"is a OtherWeights; a LoraConfig exports LoraWeights only"):
+        hf.to_state_dict(other, cfg, params, fn)
+    with pytest.raises(ValueError, match=r"is a LoraWeights; a DoraConfig exports DoraWeights only"):
+        hf.to_state_dict(adapters, jaxpeft.DoraConfig(rank=2, alpha=6), params, fn)
     no_embed = {k: v for k, v in adapters.items() if k != "embed"}
     with pytest.raises(ValueError, match=r"`tied_head`='head' needs exactly one adapted, unstacked embedding"):
         hf.to_state_dict(no_embed, cfg, params, fn, layouts=layouts, tied_head="head")
-    with pytest.raises(TypeError, match="`cfg` is a dict"):
+    with pytest.raises(TypeError, match=r"`cfg` is a dict; jaxpeft.hf exports jaxpeft.LoraConfig .*IA3Config"):
         hf.to_state_dict(adapters, {"rank": 2}, params, fn)
+
+    @dataclasses.dataclass(frozen=True)
+    class MyLora(jaxpeft.LoraConfig):
+        method = "mylora"
+
+    with pytest.raises(TypeError, match=r"`cfg` is a MyLora; jaxpeft.hf exports"):
+        hf.to_state_dict(adapters, MyLora(rank=2, alpha=6), params, fn)
     with pytest.raises(ValueError, match="maps both 'a/kernel' and 'b/kernel' to HF module 'x'"):
         two = {"a": {"kernel": jnp.zeros((4, 4))}, "b": {"kernel": jnp.zeros((4, 4))}}
         small = jaxpeft.LoraConfig(rank=1)
         hf.to_state_dict(jaxpeft.init(small, two, key=jax.random.key(0)), small, two, lambda m: "x")
+
+
+def test_dora_and_ia3_export_refusals(zoo):
+    _, params, layouts, _, _, _ = zoo
+    fn = hf.module_name_map(stacked="layers")
+    dora_cfg = jaxpeft.DoraConfig(rank=2, alpha=6, targets=["embed", "up"])
+    dora = _random_adapters(dora_cfg, params, layouts)
+    for kwargs in ({}, {"ensure_weight_tying": True}, {"tied_head": "head"}):
+        with pytest.raises(
+            ValueError,
+            match=r"'embed/embedding' is a DoRA embedding. HF PEFT cannot reproduce .* "
+            r"tied output head.* pass `ensure_weight_tying=False`",
+        ):
+            hf.to_state_dict(dora, dora_cfg, params, fn, **kwargs)
+    no_embed = {"layers": dora["layers"]}
+    config, _ = hf.to_state_dict(no_embed, dora_cfg, params, fn)  # no embedding: nothing to tie
+    assert "ensure_weight_tying" not in config
+    ia3_cfg = jaxpeft.IA3Config(targets=["up"], feedforward=())
+    ia3 = _random_adapters(ia3_cfg, params, layouts)
+    with pytest.raises(ValueError, match=r"`ensure_weight_tying` and `tied_head` are LoRA options"):
+        hf.to_state_dict(ia3, ia3_cfg, params, fn, tied_head="head")
+    with pytest.raises(ValueError, match=r"is a IA3Weights; a LoraConfig exports LoraWeights only"):
+        hf.to_state_dict(ia3, jaxpeft.LoraConfig(), params, fn)
 
 
 # ----------------------------------------------------------------------------------------------- import refusals
@@ -287,11 +441,12 @@ def _llama_files(llama_setup):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"use_dora": True}, r"use_dora=True: DoRA .* refusing to import"),
+        ({"use_dora": True}, r"q_proj' has no `lora_magnitude_vector` although adapter_config.json sets use_dora"),
         ({"lora_bias": True}, r"lora_bias=True: LoRA bias terms"),
         ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]: fully trained modules"),
         ({"bias": "all"}, r"bias='all': trained biases are not LoRA factors"),
-        ({"peft_type": "IA3"}, r"peft_type='IA3'; jaxpeft.hf imports 'LORA' adapters only"),
+        ({"peft_type": "LOHA"}, r"peft_type='LOHA'; jaxpeft.hf imports 'LORA' \(plain or use_dora\) and 'IA3'"),
+        ({"peft_type": "IA3", "feedforward_modules": []}, r"tensors that are not IA3 vectors \(ia3_l\): '.*lora_A"),
         ({"init_lora_weights": "pissa_niter_4"}, r"rewrites the base weights, so the factors alone"),
         ({"r": 3}, r"'model.layers.0.self_attn.q_proj' has rank 2 in the tensors but 3 in adapter_config.json"),
     ],
@@ -307,8 +462,11 @@ def test_import_refuses_incomplete_or_foreign_tensors(llama_setup):
     config, tensors = _llama_files(llama_setup)
     fn = llama.hf_module_name
     magnitude = {**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": np.ones(16)}
-    with pytest.raises(ValueError, match=r"not plain LoRA factors: '.*lora_magnitude_vector'"):
+    with pytest.raises(ValueError, match=r"q_proj' holds a DoRA `lora_magnitude_vector` but .* no use_dora=true"):
         hf.from_state_dict(config, magnitude, params, fn)
+    foreign = {**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_E": np.ones(2)}
+    with pytest.raises(ValueError, match=r"tensors that are not LoRA or DoRA tensors .*: '.*q_proj.lora_E'"):
+        hf.from_state_dict(config, foreign, params, fn)
     partial = {k: v for k, v in tensors.items() if ".layers.1." not in k}
     with pytest.raises(ValueError, match=r"stack into 'model/layers/self_attn/q_proj/kernel' \(3 layers\), .* \[1\]"):
         hf.from_state_dict(config, partial, params, fn)
@@ -321,6 +479,53 @@ def test_import_refuses_incomplete_or_foreign_tensors(llama_setup):
     other = llama.abstract_params(llama.LlamaConfig(**{**LLAMA.__dict__, "hidden_size": 32, "head_dim": 8}))
     with pytest.raises(ValueError, match=r"has LoRA factors A \(2, 16\), B \(16, 2\) that do not fit"):
         hf.from_state_dict(config, tensors, other, fn)
+
+
+def test_dora_import_refusals(llama_setup):
+    _, params, layouts = llama_setup
+    fn = llama.hf_module_name
+    cfg = jaxpeft.DoraConfig(rank=2, targets=["q_proj", "embed_tokens"])
+    adapters = _llama_adapters(cfg, llama_setup)
+    config, tensors = hf.to_state_dict(adapters, cfg, params, fn, ensure_weight_tying=False)
+    cfg2, back = hf.from_state_dict(config, tensors, params, fn, layouts=layouts)
+    assert type(cfg2) is jaxpeft.DoraConfig
+    _assert_adapters_equal(back, adapters)
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"
+    with pytest.raises(ValueError, match=r"q_proj' has a lora_magnitude_vector of shape \(16, 1\); .* needs \(16,\)"):
+        hf.from_state_dict(config, {**tensors, key: tensors[key][:, None]}, params, fn)
+    missing = {k: v for k, v in tensors.items() if k != key}
+    with pytest.raises(ValueError, match=r"layers.1.self_attn.q_proj' has no `lora_magnitude_vector`"):
+        hf.from_state_dict(config, missing, params, fn)
+    # PEFT's tied head copy of a DoRA embedding (with a magnitude per vocabulary row) has no jaxpeft equivalent.
+    emb = "base_model.model.model.embed_tokens"
+    tied = {
+        **tensors,
+        "base_model.model.head.lora_A.weight": tensors[f"{emb}.lora_embedding_B"].T,
+        "base_model.model.head.lora_B.weight": tensors[f"{emb}.lora_embedding_A"].T,
+        "base_model.model.head.lora_magnitude_vector": np.ones(LLAMA.vocab_size, np.float32),
+    }
+    with pytest.raises(ValueError, match=r"'head' is a tied output head's copy of a DoRA embedding; HF PEFT cannot"):
+        hf.from_state_dict({**config, "ensure_weight_tying": True}, tied, params, fn)
+
+
+def test_ia3_import_refusals(llama_setup):
+    _, params, layouts = llama_setup
+    fn = llama.hf_module_name
+    cfg = jaxpeft.IA3Config()  # keys, values and the feed-forward down projection
+    config, tensors = hf.to_state_dict(_llama_adapters(cfg, llama_setup), cfg, params, fn)
+    with pytest.raises(ValueError, match=r"no `feedforward_modules`: PEFT then takes them from its defaults"):
+        hf.from_state_dict({**config, "feedforward_modules": None}, tensors, params, fn, layouts=layouts)
+    with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\]: fully trained modules are not IA3"):
+        hf.from_state_dict({**config, "modules_to_save": ["lm_head"]}, tensors, params, fn, layouts=layouts)
+    with pytest.raises(ValueError, match=r"down_proj' has ia3_l of shape \(1, 24\), but as a non-feed-forward"):
+        hf.from_state_dict({**config, "feedforward_modules": []}, tensors, params, fn, layouts=layouts)
+    with pytest.raises(ValueError, match=r"k_proj' has ia3_l of shape \(8, 1\), but as a feed-forward module"):
+        hf.from_state_dict({**config, "feedforward_modules": "(?!x).*"}, tensors, params, fn, layouts=layouts)
+    partial = {k: v for k, v in tensors.items() if ".layers.2.mlp" not in k}
+    with pytest.raises(ValueError, match=r"stack into 'model/layers/mlp/down_proj/kernel' \(3 layers\), .* \[2\]"):
+        hf.from_state_dict(config, partial, params, fn, layouts=layouts)
+    _, back = hf.from_state_dict(config, tensors, params, fn)  # stacked 2-D kernels need no layouts
+    assert dict(jaxpeft.layouts_of(back)) == {p: layouts[p] for p in jaxpeft.layouts_of(back)}
 
 
 def test_base_embedding_copy_is_checked(llama_setup):

@@ -4,6 +4,8 @@ Needs the ``interop`` extra (torch CPU, transformers, peft); skipped cleanly wit
 """
 
 import copy
+import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -230,6 +232,12 @@ def test_tied_embedding_adapter_both_ways(tmp_path):
     print(f"HF -> JAX tied llama: max |logit diff| {diff:.2e}; max |logit| {float(np.abs(np.asarray(ours)).max()):.1f}")
     assert diff < TOL
 
+    # DoRA: PEFT gives the tied head a DoRA of its own (a magnitude per vocabulary row); jaxpeft refuses it.
+    dora = peft.LoraConfig(r=4, target_modules=["embed_tokens"], use_dora=True, ensure_weight_tying=True)
+    peft.get_peft_model(copy.deepcopy(torch_model), dora).save_pretrained(tmp_path / "dora")
+    with pytest.raises(ValueError, match=r"'lm_head' is a tied output head's copy of a DoRA embedding"):
+        hf.import_adapters(tmp_path / "dora", params, llama.hf_module_name, layouts=layouts)
+
 
 class ConvNet(nn.Module):
     """A Conv, a DenseGeneral with two fan-out axes and one with two fan-in axes (Flax side of TorchConvNet)."""
@@ -256,7 +264,9 @@ def _torch_conv_net():
     return TorchConvNet().eval()
 
 
-def test_conv_and_multi_axis_kernels_both_ways(tmp_path):
+@pytest.fixture(scope="module")
+def conv_pair():
+    """TorchConvNet and ConvNet holding the same weights, an input in both layouts, and the layouts."""
     torch_model = _torch_conv_net()
     w = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
     params = {
@@ -270,13 +280,18 @@ def test_conv_and_multi_axis_kernels_both_ways(tmp_path):
     x_torch = torch.tensor(x.transpose(0, 3, 1, 2))
     layouts = jaxpeft.linen.infer_layouts(model, jnp.asarray(x))
     assert _max_diff(model.apply({"params": params}, jnp.asarray(x)), torch_model(x_torch)) < TOL
+    return torch_model, model, params, layouts, jnp.asarray(x), x_torch
+
+
+def test_conv_and_multi_axis_kernels_both_ways(conv_pair, tmp_path):
+    torch_model, model, params, layouts, x, x_torch = conv_pair
     fn = hf.module_name_map()
 
     # JAX -> HF
     cfg = jaxpeft.LoraConfig(rank=2, alpha=4, targets=["conv", "proj", "out"])
     shapes = jax.eval_shape(lambda: jaxpeft.init(cfg, params, key=jax.random.key(0), layouts=layouts))
     adapters = _randomise(shapes, seed=6)
-    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, jnp.asarray(x))
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, x)
     hf.export_adapters(tmp_path / "jax", adapters, cfg, params, fn, layouts=layouts)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path / "jax").eval()
     with torch.no_grad():
@@ -293,7 +308,186 @@ def test_conv_and_multi_axis_kernels_both_ways(tmp_path):
     with torch.no_grad():
         theirs = trained(x_torch)
     _, imported = hf.import_adapters(tmp_path / "hf", params, fn, layouts=layouts)
-    ours = jaxpeft.linen.apply(model, {"params": params}, imported, jnp.asarray(x))
+    ours = jaxpeft.linen.apply(model, {"params": params}, imported, x)
     diff = _max_diff(ours, theirs)
     print(f"HF -> JAX conv/DenseGeneral: max |diff| {diff:.2e}")
-    assert _max_diff(model.apply({"params": params}, jnp.asarray(x)), theirs) > 1e-2 and diff < TOL
+    assert _max_diff(model.apply({"params": params}, x), theirs) > 1e-2 and diff < TOL
+
+
+# ----------------------------------------------------------------------------------------------- DoRA and IA3
+
+METHODS = {
+    "llama": {
+        "dora": dict(
+            rank=4,
+            alpha=8,
+            targets=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "embed_tokens"],
+            rank_pattern={"down_proj": 2},
+            use_rslora=True,
+        ),
+        "ia3": dict(targets=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], feedforward=["down_proj"]),
+    },
+    "bert": {
+        "dora": dict(rank=4, alpha=8, targets=["query", "key", "intermediate/dense", "word_embeddings"]),
+        "ia3": dict(targets=["key", "value", "intermediate/dense", "output/dense"], feedforward=["output/dense"]),
+    },
+    "conv": {
+        "dora": dict(rank=2, alpha=4, targets=["conv", "proj", "out"]),
+        "ia3": dict(targets=["conv", "proj", "out"], feedforward=["conv", "out"]),
+    },
+}
+# The same adapters in HF PEFT terms (module names are HF's; `output.dense` marks both BERT output layers).
+HF_METHODS = {
+    "llama": {
+        "dora": dict(r=4, lora_alpha=8, target_modules=METHODS["llama"]["dora"]["targets"], lora_dropout=0.1),
+        "ia3": dict(target_modules=METHODS["llama"]["ia3"]["targets"], feedforward_modules=["down_proj"]),
+    },
+    "bert": {
+        "dora": dict(r=4, lora_alpha=8, target_modules=["query", "key", "intermediate.dense", "word_embeddings"]),
+        "ia3": dict(
+            target_modules=["key", "value", "intermediate.dense", "output.dense"], feedforward_modules=["output.dense"]
+        ),
+    },
+    "conv": {
+        "dora": dict(r=2, lora_alpha=3, target_modules=["conv", "proj", "out"]),
+        "ia3": dict(target_modules=["conv", "proj", "out"], feedforward_modules=["conv", "out"]),
+    },
+}
+
+
+def _pair(kind, request):
+    """``(torch model, flax model, params, layouts, jax input, torch runner, module_name)`` for a model kind."""
+    if kind == "conv":
+        torch_model, model, params, layouts, x, x_torch = request.getfixturevalue("conv_pair")
+        return torch_model, model, params, layouts, x, lambda m: m(x_torch), hf.module_name_map()
+    torch_model, model, params, layouts = request.getfixturevalue(f"{kind}_pair")
+    return (
+        torch_model,
+        model,
+        params,
+        layouts,
+        jnp.asarray(IDS),
+        lambda m: _torch_out(m, kind),
+        CASES[kind]["module_name"],
+    )
+
+
+def _trained_jax_adapters(cfg, params, layouts, seed):
+    """Adapters with non-trivial values: LoRA factors N(0, 0.2²); DoRA magnitudes the base weight's norms (their
+    initial value) times 1 + N(0, 0.3²); IA3 vectors 1 + N(0, 0.5²). Drawn with numpy: no per-shape compile."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda p: jaxpeft.init(cfg, p, key=jax.random.key(0), layouts=layouts), params)
+    flat = {jaxpeft.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def draw(keypath, node):
+        if isinstance(node, jaxpeft.IA3Weights):
+            vector = 1.0 + 0.5 * rng.standard_normal(node.vector.shape).astype(np.float32)
+            return dataclasses.replace(node, vector=jnp.asarray(vector))
+        path = jaxpeft.path_str(keypath)
+        noise = {f: rng.standard_normal(getattr(node, f).shape).astype(np.float32) for f in ("a", "b", "magnitude")}
+        stack, fan_in, fan_out = node.layout.split(flat[path].shape)
+        w = np.reshape(np.asarray(flat[path]), (math.prod(stack), math.prod(fan_in), -1))
+        norms = np.reshape(np.linalg.norm(w, axis=1), (*stack, *fan_out))
+        return dataclasses.replace(
+            node,
+            a=jnp.asarray(0.2 * noise["a"]),
+            b=jnp.asarray(0.2 * noise["b"]),
+            magnitude=jnp.asarray(norms * (1.0 + 0.3 * noise["magnitude"])),
+        )
+
+    return jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=lambda x: isinstance(x, jaxpeft.Adapter))
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+@pytest.mark.parametrize("kind", ["llama", "bert", "conv"])
+def test_jax_dora_and_ia3_load_in_hf_peft(kind, method, request, tmp_path):
+    torch_model, model, params, layouts, x, run, module_name = _pair(kind, request)
+    cfg = (jaxpeft.DoraConfig if method == "dora" else jaxpeft.IA3Config)(**METHODS[kind][method])
+    adapters = _trained_jax_adapters(cfg, params, layouts, seed=11)
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, x)
+    tying = {"ensure_weight_tying": False} if method == "dora" else {}  # the heads of these models are untied
+    hf.export_adapters(tmp_path, adapters, cfg, params, module_name, layouts=layouts, **tying)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path).eval()
+    with torch.no_grad():
+        diff, base = _max_diff(ours, run(peft_model)), _max_diff(ours, run(torch_model))
+    print(f"JAX -> HF {method} {kind}: max |logit diff| {diff:.2e} (adapter moved outputs by {base:.2f})")
+    assert base > 1e-2, "the adapter should change the outputs, or the comparison proves nothing"
+    assert diff < TOL
+
+
+def _trained_peft_model(torch_model, kind, method, seed):
+    """A PEFT model with non-trivial adapter values: random factors (init_lora_weights=False) scaled down,
+    magnitudes times 1 + N(0, 0.2²); IA3 vectors 1 + N(0, 0.5²)."""
+    torch.manual_seed(seed)
+    if method == "dora":
+        config = peft.LoraConfig(use_dora=True, init_lora_weights=False, **HF_METHODS[kind][method])
+    else:
+        config = peft.IA3Config(init_ia3_weights=False, **HF_METHODS[kind][method])
+    peft_model = peft.get_peft_model(copy.deepcopy(torch_model), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif "lora_" in name:
+                p.mul_(0.2)
+            elif "ia3_l" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+@pytest.mark.parametrize("kind", ["llama", "bert", "conv"])
+def test_hf_peft_dora_and_ia3_import_into_jax(kind, method, request, tmp_path):
+    torch_model, model, params, layouts, x, run, module_name = _pair(kind, request)
+    trained = _trained_peft_model(torch_model, kind, method, seed=12)
+    trained.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        theirs = run(trained)
+    cfg, adapters = hf.import_adapters(tmp_path / "hf", params, module_name, layouts=layouts)
+    assert type(cfg) is (jaxpeft.DoraConfig if method == "dora" else jaxpeft.IA3Config)
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, x)
+    diff, base = _max_diff(ours, theirs), _max_diff(model.apply({"params": params}, x), theirs)
+    print(f"HF -> JAX {method} {kind}: max |logit diff| {diff:.2e} (adapter moved outputs by {base:.2f})")
+    assert base > 1e-2
+    assert diff < TOL
+    # And back: our export of the imported adapter loads in PEFT with the same outputs.
+    tying = {"ensure_weight_tying": False} if method == "dora" else {}
+    hf.export_adapters(tmp_path / "again", adapters, cfg, params, module_name, layouts=layouts, **tying)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path / "again").eval()
+    with torch.no_grad():
+        assert _max_diff(ours, run(reloaded)) < TOL
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_ia3_feedforward_modules_mark_the_same_modules_in_peft(nested, tmp_path):
+    """PEFT tests `feedforward_modules` by bare `endswith`: "proj" would also mark "q_proj". The export picks
+    names (or a regex) under which PEFT marks exactly our feed-forward modules; the 4x4 shapes cannot tell."""
+    names = ("mlp.proj", "attn.q_proj") if nested else ("proj", "q_proj")
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name in names:
+                parent = self
+                for part in name.split(".")[:-1]:
+                    parent.add_module(part, torch.nn.Module())
+                    parent = getattr(parent, part)
+                parent.add_module(name.split(".")[-1], torch.nn.Linear(4, 4))
+
+    toy = Toy()
+    params: dict = {}
+    for name in names:
+        node = params
+        for part in name.split("."):
+            node = node.setdefault(part, {})
+        node["kernel"] = jnp.ones((4, 4))
+    cfg = jaxpeft.IA3Config(targets=["proj", "q_proj"], feedforward=[names[0].replace(".", "/")])
+    adapters = _trained_jax_adapters(cfg, params, None, seed=13)
+    hf.export_adapters(tmp_path, adapters, cfg, params, hf.module_name_map())
+    loaded = peft.PeftModel.from_pretrained(toy, tmp_path)
+    marked = {
+        name.removeprefix("base_model.model."): module.is_feedforward
+        for name, module in loaded.named_modules()
+        if isinstance(module, peft.tuners.ia3.IA3Layer)
+    }
+    assert marked == {names[0]: True, names[1]: False}

@@ -220,12 +220,14 @@ def hf_kind(layout: Layout) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One exported adapter: where it sits, its node, the weight's shape and its HF module-name template."""
+    """One exported adapter: where it sits, its node (arrays fetched to numpy once), the weight's shape and its HF
+    module-name template."""
 
     path: str
     node: Any
     shape: tuple[int, ...]
     template: str
+    arrays: Mapping[str, np.ndarray]
 
     @property
     def layout(self) -> Layout:
@@ -246,9 +248,14 @@ class Target:
         return [(self.template.replace(LAYER, str(i)), i) for i in range(self.n_layers)]
 
     def array(self, field: str, layer: int | None) -> np.ndarray:
-        """The node's array ``field`` as numpy, sliced at ``layer`` (the whole array when None)."""
-        value = np.asarray(jax.device_get(getattr(self.node, field)))
+        """The node's array ``field``, sliced at ``layer`` (the whole array when None)."""
+        value = self.arrays[field]
         return value if layer is None else value[layer]
+
+
+def _host_arrays(node: Adapter) -> dict[str, np.ndarray]:
+    fields = [f.name for f in dataclasses.fields(node) if not f.metadata.get("static")]  # type: ignore[arg-type]
+    return {k: np.asarray(v) for k, v in jax.device_get({k: getattr(node, k) for k in fields}).items()}
 
 
 def _check_layout(path: str, node: Adapter, layout: Layout | None) -> None:
@@ -290,7 +297,7 @@ def export_targets(
             raise ValueError(f"adapter {path!r} has no parameter in `params`; were the adapters made for this model?")
         check_fits(path, node, shapes[path])
         _check_layout(path, node, layouts.get(path))
-        target = Target(path, node, shapes[path], template(module_name, path))
+        target = Target(path, node, shapes[path], template(module_name, path), _host_arrays(node))
         if (LAYER in target.template) != (node.layout.stack == 1):
             raise ValueError(
                 f"`module_name` maps {path!r} (shape {target.shape}, {node.layout.stack} stack axes) to "
@@ -478,7 +485,7 @@ def group_modules(
     for path in sorted(by_path):
         layers, shape = by_path[path], tuple(params_flat[path].shape)
         stacked = None not in layers
-        order: list[int | None] = sorted(i for i in layers if i is not None) if stacked else [None]
+        order: list[int | None] = [*sorted(i for i in layers if i is not None)] if stacked else [None]
         missing = sorted(set(range(shape[0])) - set(order)) if stacked else []
         if missing:
             raise ValueError(

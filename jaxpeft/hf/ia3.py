@@ -119,7 +119,7 @@ def _feedforward_spec(config: Mapping[str, Any]) -> str | list[str]:
     if spec is None:
         raise ValueError(
             "adapter_config.json has no `feedforward_modules`: PEFT then takes them from its defaults for the "
-            "model type, which jaxpeft does not know. Write the list into the file (e.g. [\"down_proj\"] for Llama)."
+            'model type, which jaxpeft does not know. Write the list into the file (e.g. ["down_proj"] for Llama).'
         )
     return spec if isinstance(spec, str) else list(spec)
 
@@ -136,8 +136,8 @@ def _vector(name: str, tensor: Any, kind: str, layout: Layout, group: Group, ff:
     if tensor.shape != want:
         raise ValueError(
             f"HF module {name!r} has ia3_l of shape {tensor.shape}, but as a {'' if ff else 'non-'}feed-forward "
-            f"module (by `feedforward_modules`) of {group.path!r} of shape {group.shape} it needs {want}; do the "
-            "config and tensors belong together, and to this base model?"
+            f"module (by `feedforward_modules`) of {group.path!r} of shape {group.shape} it needs {want} per layer; "
+            "do the config and tensors belong together, and to this base model?"
         )
     return np.reshape(tensor, ours)
 
@@ -170,8 +170,7 @@ def from_hf(
             )
         ff, kind = ffs.pop(), kinds.pop()
         layout = import_layout(group, kind, layouts.get(group.path))
-        per_layer = Group(group.path, group.shape[1:] if group.stacked else group.shape, False, group.modules)
-        vectors = [_vector(name, entry["l"], kind, layout, per_layer, ff) for name, entry in group.modules]
+        vectors = [_vector(name, entry["l"], kind, layout, group, ff) for name, entry in group.modules]
         arrays[group.path] = {"vector": group.stack(vectors)}
         used_layouts[group.path], feedforward[group.path] = layout, ff
     ff_paths = [p for p, ff in feedforward.items() if ff]

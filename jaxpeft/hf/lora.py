@@ -353,7 +353,7 @@ def _magnitude(name: str, m: Any, kind: str, window: int, out: tuple[int, ...]) 
 
 def _import_group(group: Group, kind: str, layout: Layout, rank: int) -> dict[str, np.ndarray]:
     """Our ``{a, b[, magnitude]}`` arrays at ``group.path`` from its HF modules (stacked when ``{layer}``)."""
-    _, fan_in, fan_out = layout.split(group.shape[1:] if group.stacked else group.shape)
+    _, fan_in, fan_out = layout.split(group.shape)
     a_shape, b_shape = (*fan_in, rank), (rank, *fan_out)
     per_layer: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for name, entry in group.modules:
@@ -372,6 +372,23 @@ def _import_group(group: Group, kind: str, layout: Layout, rank: int) -> dict[st
         if "m" in entry:
             per_layer["magnitude"].append(_magnitude(name, entry["m"], kind, layout.fan_in - 1, fan_out))
     return {k: group.stack(v) for k, v in per_layer.items()}
+
+
+def _kind_rank_alpha(config: Mapping[str, Any], group: Group, dora: bool) -> tuple[str, int, float]:
+    """The HF layer type, rank and alpha shared by all HF modules of ``group`` (checked)."""
+    kinds = {_check_parts(name, entry, dora) for name, entry in group.modules}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"the HF modules stacked into {group.path!r} (e.g. {group.first!r}) mix LoRA kinds {sorted(kinds)}."
+        )
+    pairs = {_rank_alpha(config, name, entry) for name, entry in group.modules}
+    if len(pairs) > 1:
+        raise ValueError(
+            f"the HF modules stacked into {group.path!r} (e.g. {group.first!r}) have different ranks or alphas "
+            f"{sorted(pairs)}; a stacked adapter needs one rank and one alpha."
+        )
+    (rank, alpha), kind = pairs.pop(), kinds.pop()
+    return kind, rank, alpha
 
 
 def from_hf(
@@ -397,18 +414,7 @@ def from_hf(
     layouts = dict(layouts or {})
     arrays, used_layouts, ranks, alphas = {}, {}, {}, {}
     for group in groups:
-        kinds = {_check_parts(name, entry, dora) for name, entry in group.modules}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"the HF modules stacked into {group.path!r} (e.g. {group.first!r}) mix LoRA kinds {sorted(kinds)}."
-            )
-        pairs = {_rank_alpha(config, name, entry) for name, entry in group.modules}
-        if len(pairs) > 1:
-            raise ValueError(
-                f"the HF modules stacked into {group.path!r} (e.g. {group.first!r}) have different ranks or alphas "
-                f"{sorted(pairs)}; a stacked adapter needs one rank and one alpha."
-            )
-        (ranks[group.path], alphas[group.path]), kind = pairs.pop(), kinds.pop()
+        kind, ranks[group.path], alphas[group.path] = _kind_rank_alpha(config, group, dora)
         used_layouts[group.path] = import_layout(group, kind, layouts.get(group.path))
         arrays[group.path] = _import_group(group, kind, used_layouts[group.path], ranks[group.path])
     r, alpha = int(config["r"]), float(config["lora_alpha"])

@@ -1,0 +1,216 @@
+"""Hugging Face PEFT interop: LoRA, DoRA and IA3 adapters as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The files are the ones ``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` reads (safetensors
+metadata ``{"format": "pt"}``): ``jaxpeft.LoraConfig`` is PEFT's ``LoraConfig``, ``jaxpeft.DoraConfig`` its
+``LoraConfig(use_dora=True)`` and ``jaxpeft.IA3Config`` its ``IA3Config``. Each method's tensor naming lives in its
+own module (``jaxpeft.hf.lora`` for LoRA and DoRA, ``jaxpeft.hf.ia3``); this module dispatches on the config.
+
+Which HF module a parameter belongs to is decided by a ``module_name`` function from our module path (the
+parameter path without its leaf, e.g. ``"model/layers/self_attn/q_proj"``) to the HF module name. A template
+with ``{layer}`` marks a leading stack axis (``nn.scan``): such an adapter is written as one HF module per layer
+and re-stacked on import. ``module_name_map`` builds such a function from a few rules; any callable (or a dict)
+works. Flax kernels are ``[in, out]``, PyTorch weights ``[out, in]``: tensors are transposed both ways, and kernels
+with several fan-in or fan-out axes (``DenseGeneral``, ``Einsum``) are flattened to HF's 2-D shapes. The layout of
+each adapted weight is read from the adapter node, never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxpeft._select import Layout
+from jaxpeft.hf import ia3, lora
+from jaxpeft.hf._common import (
+    CONFIG_NAME,
+    LAYER,
+    WEIGHTS_NAME,
+    ModuleName,
+    as_fn,
+    module_name_map,
+    read_directory,
+    write_directory,
+)
+from jaxpeft.methods.base import MethodConfig
+from jaxpeft.methods.dora import DoraConfig
+from jaxpeft.methods.ia3 import IA3Config
+from jaxpeft.methods.lora import LoraConfig
+
+__all__ = [
+    "CONFIG_NAME",
+    "LAYER",
+    "WEIGHTS_NAME",
+    "export_adapters",
+    "from_state_dict",
+    "import_adapters",
+    "module_name_map",
+    "to_state_dict",
+]
+
+_SUPPORTED = (
+    "jaxpeft.LoraConfig (PEFT LoraConfig), jaxpeft.DoraConfig (PEFT LoraConfig(use_dora=True)) and "
+    "jaxpeft.IA3Config (PEFT IA3Config)"
+)
+
+
+def to_state_dict(
+    adapters: Any,
+    cfg: MethodConfig,
+    params: Any,
+    module_name: ModuleName,
+    *,
+    layouts: Mapping[str, Layout] | None = None,
+    task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+    target_modules: str | Sequence[str] | None = None,
+    ensure_weight_tying: bool | None = None,
+    tied_head: str | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The HF PEFT ``adapter_config.json`` contents and ``adapter_model.safetensors`` tensors of ``adapters``.
+
+    ``PeftModel.from_pretrained`` on the result computes the same outputs as ``jaxpeft`` (the interop tests
+    compare logits to 1e-4). LoRA/DoRA per-path ranks and alphas become HF ``rank_pattern``/``alpha_pattern``;
+    IA3's feed-forward targets become ``feedforward_modules``. Every pattern and name list is checked against HF's
+    matching rule before it is written.
+
+    Args:
+      adapters: the adapter tree (``jaxpeft.init``, trained or restored).
+      cfg: the config the adapters were made with: a ``LoraConfig``, ``DoraConfig`` or ``IA3Config``.
+      params: the base params (arrays or ``jax.ShapeDtypeStruct``), read for shapes and module names.
+      module_name: our module path -> HF module name (``{layer}`` for a scan axis); a callable or a dict.
+      layouts: optional; checked against the layout each adapter node carries.
+      task_type: HF ``task_type`` (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"FEATURE_EXTRACTION"``).
+      base_model_name_or_path: recorded as HF does (e.g. the hub id of the base model).
+      target_modules: overrides the written ``target_modules``; it must select every exported module. By default
+        the short module names (``["q_proj", "v_proj"]``) when they select exactly the adapted modules of
+        ``params``, else the full module names.
+      ensure_weight_tying: LoRA/DoRA: HF's flag that makes an embedding adapter also act on a tied output head, as
+        ``jaxpeft.linen`` does (through ``nn.Embed.attend``). LoRA: by default written as True when an embedding
+        is adapted (PEFT then only warns if the model turns out untied). DoRA: PEFT's tied head would get a DoRA
+        of its own, which differs from jaxpeft's, so a DoRA embedding is exported only with ``False`` (the model's
+        head is not tied).
+      tied_head: LoRA: the HF module name of an output head tied to the adapted embedding (e.g. ``"lm_head"``):
+        its copy of the embedding adapter is written too, as PEFT does with ``ensure_weight_tying``.
+
+    Returns:
+      ``(config_dict, {key: numpy array})``.
+
+    Raises:
+      TypeError: ``cfg`` is not one of the supported configs.
+      ValueError: the adapters do not fit ``params`` or ``cfg``; a feature HF would run differently (refused,
+        never exported wrongly); a stack of more than one axis; two parameters map to one HF module.
+    """
+    fn = as_fn(module_name)
+    if type(cfg) in (LoraConfig, DoraConfig):
+        config, tensors = lora.to_hf(
+            adapters,
+            cfg,  # type: ignore[arg-type]
+            params,
+            fn,
+            layouts=layouts,
+            target_modules=target_modules,
+            ensure_weight_tying=ensure_weight_tying,
+            tied_head=tied_head,
+        )
+    elif type(cfg) is IA3Config:
+        if ensure_weight_tying is not None or tied_head is not None:
+            raise ValueError("`ensure_weight_tying` and `tied_head` are LoRA options; IA3 adapts no embeddings.")
+        config, tensors = ia3.to_hf(adapters, cfg, params, fn, layouts=layouts, target_modules=target_modules)
+    else:
+        raise TypeError(f"`cfg` is a {type(cfg).__name__}; jaxpeft.hf exports {_SUPPORTED} adapters.")
+    config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    return dict(sorted(config.items())), tensors
+
+
+def export_adapters(
+    directory: str | os.PathLike[str],
+    adapters: Any,
+    cfg: MethodConfig,
+    params: Any,
+    module_name: ModuleName,
+    **kwargs: Any,
+) -> str:
+    """Write ``adapters`` as a HF PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), each
+    atomically (a temporary file renamed into place). Keyword arguments are those of :func:`to_state_dict`.
+
+    Returns:
+      The absolute directory path.
+    """
+    config, tensors = to_state_dict(adapters, cfg, params, module_name, **kwargs)
+    return write_directory(directory, config, tensors)
+
+
+def from_state_dict(
+    config: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    params: Any,
+    module_name: ModuleName,
+    *,
+    layouts: Mapping[str, Layout] | None = None,
+    dtype: Any = None,
+    base_weights: str = "check",
+) -> tuple[MethodConfig, dict[str, Any]]:
+    """A config and adapter tree from HF PEFT adapter config contents and tensors.
+
+    ``peft_type`` ``"LORA"`` gives a ``LoraConfig`` (a ``DoraConfig`` with ``use_dora``), ``"IA3"`` an
+    ``IA3Config``. The returned config targets exactly the imported parameters (an anchored regex of their paths;
+    LoRA ranks and alphas per module as ``rank_pattern``/``alpha_pattern``; IA3's feed-forward modules as
+    ``feedforward``), so ``jaxpeft.plan(cfg, params, layouts=...)`` reproduces the adapter shapes and
+    ``jaxpeft.checkpoint`` can save them. HF modules of a ``{layer}`` template are stacked along the leading axis;
+    every layer must be present. With ``ensure_weight_tying``, the tied output head's copy of a LoRA embedding
+    adapter is dropped when ``params`` have no such head (``jaxpeft.linen`` applies embedding adapters to
+    ``nn.Embed.attend`` already); a DoRA one is refused (PEFT's tied head has a magnitude of its own). Without
+    ``ensure_weight_tying`` PEFT adapts only the embedding, not a head tied to it, while ``jaxpeft.linen`` adapts
+    both: import such files for models whose head is not tied.
+
+    Args:
+      config: the parsed ``adapter_config.json``.
+      tensors: ``{key: array}`` from ``adapter_model.safetensors``.
+      params: the base params (arrays or ``jax.ShapeDtypeStruct``).
+      module_name: our module path -> HF module name, as for :func:`to_state_dict`.
+      layouts: kernel layouts; only needed for kernels with several fan-in or fan-out axes.
+      dtype: adapter dtype; by default the file's (float32 for HF-trained adapters).
+      base_weights: for the base embedding copy HF saves when it adapts an embedding
+        (``...base_layer.weight``): ``"check"`` that it equals ``params`` (needs concrete params), or
+        ``"ignore"`` it.
+
+    Returns:
+      ``(cfg, adapters)``.
+
+    Raises:
+      ValueError: a HF method or feature jaxpeft cannot represent (LoRA bias, modules_to_save, ...); tensors with
+        no matching parameter; missing layers of a stacked module; ranks or shapes that disagree.
+    """
+    fn = as_fn(module_name)
+    peft_type = config.get("peft_type")
+    if peft_type == "LORA":
+        return lora.from_hf(config, tensors, params, fn, layouts=layouts, dtype=dtype, base_weights=base_weights)
+    if peft_type == "IA3":
+        return ia3.from_hf(config, tensors, params, fn, layouts=layouts, dtype=dtype, base_weights=base_weights)
+    raise ValueError(
+        f"adapter_config.json has peft_type={peft_type!r}; jaxpeft.hf imports 'LORA' (plain or use_dora) and 'IA3' "
+        "adapters only."
+    )
+
+
+def import_adapters(
+    directory: str | os.PathLike[str],
+    params: Any,
+    module_name: ModuleName,
+    **kwargs: Any,
+) -> tuple[MethodConfig, dict[str, Any]]:
+    """Read a HF PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Keyword arguments are those of :func:`from_state_dict`. Legacy ``adapter_model.bin`` files (pickle) are
+    refused: convert them with PEFT (``save_pretrained(..., safe_serialization=True)``) first.
+
+    Returns:
+      ``(cfg, adapters)``; run them with ``jaxpeft.linen.apply(model, {"params": params}, adapters, ...)``.
+    """
+    config, tensors = read_directory(directory)
+    return from_state_dict(config, tensors, params, module_name, **kwargs)
