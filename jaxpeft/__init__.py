@@ -63,7 +63,7 @@ __all__ = [
     "update_spectrum",
 ]
 
-_SUBMODULES = ("checkpoint", "hf", "linen", "nnx", "ops")
+_SUBMODULES = ("checkpoint", "hf", "linen", "nnx", "ops", "sharding")
 
 
 def __getattr__(name: str):  # PEP 562: heavy submodules load on first use, so `import jaxpeft` stays light

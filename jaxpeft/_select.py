@@ -77,6 +77,11 @@ class Layout:
         s, i = self.stack, self.stack + self.fan_in
         return shape[:s], shape[s:i], shape[i:]
 
+    def axes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The weight-axis indices of the ``(stack, fan_in, fan_out)`` groups."""
+        s, i = self.stack, self.stack + self.fan_in
+        return tuple(range(s)), tuple(range(s, i)), tuple(range(i, self.ndim))
+
     def fan_in_size(self, shape: Sequence[int]) -> int:
         return math.prod(self.split(shape)[1])
 

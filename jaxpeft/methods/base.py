@@ -92,6 +92,14 @@ class Adapter:
         """A short summary of the hyper-parameters for ``plan`` tables (e.g. ``"r=8 scale=2"``)."""
         return ""
 
+    def weight_axes(self) -> dict[str, tuple[int | None, ...]] | None:
+        """For each array field, the weight axis each of its axes runs along (None: an axis of its own, e.g. rank).
+
+        ``jaxpeft.sharding`` shards each adapter array like those axes of its base weight. None (the default)
+        means: unknown, replicate the arrays.
+        """
+        return None
+
     def at_call(self, n_sliced: int) -> Adapter:
         """This node with its first ``n_sliced`` stack axes sliced away (the leaves already are)."""
         if n_sliced == 0:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxpeft._select import Layout
 from jaxpeft.methods.base import STATIC, Adapter, LayerCall, NotMergeableError
-from jaxpeft.methods.lora import LoraConfig, check_factors, factors_delta
+from jaxpeft.methods.lora import LoraConfig, check_factors, factor_axes, factors_delta
 
 __all__ = ["DoraConfig", "DoraWeights", "weight_norm"]
 
@@ -65,6 +65,10 @@ class DoraWeights(Adapter):
 
     def describe(self) -> str:
         return f"r={self.rank} scale={self.scale:g}"
+
+    def weight_axes(self) -> dict[str, tuple[int | None, ...]]:
+        stack, _, fan_out = self.layout.axes()
+        return {**factor_axes(self.layout), "magnitude": (*stack, *fan_out)}
 
     def check(self, weight_shape: tuple[int, ...]) -> str | None:
         problem = check_factors(self.a, self.b, self.layout, weight_shape)

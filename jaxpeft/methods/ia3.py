@@ -43,6 +43,12 @@ class IA3Weights(Adapter):
     def describe(self) -> str:
         return "input scale" if self.feedforward else "output scale"
 
+    def weight_axes(self) -> dict[str, tuple[int | None, ...]]:
+        stack, fan_in, fan_out = self.layout.axes()
+        if not self.feedforward:
+            return {"vector": (*stack, *fan_out)}
+        return {"vector": (*stack, *(fan_in[-1:] if self.layout.kind == "conv" else fan_in))}
+
     def check(self, weight_shape: tuple[int, ...]) -> str | None:
         if problem := check_ndim(self.layout, weight_shape):
             return problem

@@ -178,6 +178,12 @@ def factors_delta(a: jax.Array, b: jax.Array, scale: float, layout: Layout, shap
     return jnp.reshape(jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST) * scale, shape)
 
 
+def factor_axes(layout: Layout) -> dict[str, tuple[int | None, ...]]:
+    """A runs along the stack and fan-in axes, B along the stack and fan-out axes; the rank axis is their own."""
+    stack, fan_in, fan_out = layout.axes()
+    return {"a": (*stack, *fan_in, None), "b": (*stack, None, *fan_out)}
+
+
 def check_factors(a: Any, b: Any, layout: Layout, weight_shape: tuple[int, ...]) -> str | None:
     """Why factors A, B do not fit a weight of ``weight_shape`` under ``layout`` (None when they do)."""
     if problem := check_ndim(layout, weight_shape):
@@ -212,6 +218,9 @@ class LoraWeights(Adapter):
 
     def describe(self) -> str:
         return f"r={self.rank} scale={self.scale:g}"
+
+    def weight_axes(self) -> dict[str, tuple[int | None, ...]]:
+        return factor_axes(self.layout)
 
     def delta(self, kernel_shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
         """``scale · A·B`` reshaped to ``kernel_shape`` (computed in float32, returned in ``dtype``)."""

@@ -1,0 +1,146 @@
+"""Subprocess side of tests/test_sharding.py: 8 CPU devices, meshes data x fsdp x tp, a sharded LoRA/DoRA step.
+
+Prints one JSON line of results; the test asserts on it. Run as ``python tests/_sharding_worker.py``.
+"""
+
+import json
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jaxpeft  # noqa: E402
+import jaxpeft.linen  # noqa: E402
+import jaxpeft.sharding  # noqa: E402
+
+D, F, V, L, B, T = 16, 32, 24, 2, 8, 6
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.LayerNorm(name="norm")(x)
+        q, k, v = (nn.Dense(F, use_bias=False, name=n)(h) for n in ("q", "k", "v"))
+        att = jax.nn.softmax(jnp.einsum("btf,bsf->bts", q, k) / np.sqrt(F), axis=-1) @ v
+        x = x + nn.Dense(D, use_bias=False, name="o")(att)
+        return x + nn.Dense(D, use_bias=False, name="down")(nn.gelu(nn.Dense(F, use_bias=False, name="up")(x))), None
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(V, D, name="embed")(ids)
+        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
+        x, _ = stack(name="layers")(x, None)
+        return nn.Dense(V, use_bias=False, name="head")(x)
+
+
+def base_spec(path: str, leaf) -> P:
+    name = path.split("/")
+    if path.startswith("layers/") and name[-1] == "kernel":
+        return P(None, "fsdp", "tp") if name[-2] in ("q", "k", "v", "up") else P(None, "tp", "fsdp")
+    if path == "head/kernel":
+        return P("fsdp", "tp")
+    if path == "embed/embedding":
+        return P(None, "tp")
+    return P()
+
+
+MODEL = Net()
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, T)))
+SHAPES = jax.eval_shape(MODEL.init, jax.random.key(0), IDS)["params"]
+RNG = np.random.default_rng(1)
+PARAMS = jax.tree.map(lambda s: RNG.standard_normal(s.shape).astype(np.float32) * 0.3, SHAPES)
+SPECS = jaxpeft._paths.map_with_paths(base_spec, SHAPES)
+TX = optax.adamw(1e-2)
+
+
+def loss_fn(adapters, params, ids):
+    logits = jaxpeft.linen.apply(MODEL, {"params": params}, adapters, ids)
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+
+def step(adapters, opt, params, ids):
+    loss, grads = jax.value_and_grad(loss_fn)(adapters, params, ids)
+    updates, opt = TX.update(grads, opt, adapters)
+    return optax.apply_updates(adapters, updates), opt, loss
+
+
+def specs_of(tree):
+    return [str(getattr(x, "sharding", x).spec) for x in jax.tree.leaves(tree)]
+
+
+def run(cfg, shape):
+    mesh = Mesh(np.array(jax.devices()).reshape(shape), ("data", "fsdp", "tp"))
+    params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), PARAMS, SPECS)
+    ids = jax.device_put(IDS, NamedSharding(mesh, P("data")))
+    adapters = jaxpeft.sharding.init(cfg, params, key=jax.random.key(2), layouts=LAYOUTS)
+    adapters = jax.tree.map(lambda x: x + 0.05, adapters)  # non-zero B so every factor gets a gradient
+    shardings = jaxpeft.sharding.adapter_shardings(adapters, params)
+    opt = jaxpeft.sharding.init_optimizer(TX, adapters, shardings)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt)
+    train = jax.jit(step, donate_argnums=(0, 1), out_shardings=(shardings, opt_shardings, None))
+    compiled = train.lower(adapters, opt, params, ids).compile()
+    hlo = compiled.as_text()
+    gathers = [line.split("all-gather(")[0].split("=")[1].strip() for line in hlo.splitlines() if "all-gather(" in line]
+    before = specs_of(adapters)
+    new_adapters, new_opt, loss = compiled(adapters, opt, params, ids)
+    return {
+        "derived": specs_of(shardings) == before,
+        "out_specs_kept": specs_of(new_adapters) == before,
+        "opt_sharded_like_adapters": all(
+            str(m.sharding.spec) == s for m, s in zip(jax.tree.leaves(new_opt[0].mu), before, strict=True)
+        ),
+        "all_gathers": gathers,
+        "base_shapes": sorted(
+            {f"f32[{','.join(map(str, x.shape[i:]))}]" for x in jax.tree.leaves(PARAMS) for i in (0, 1)}
+        ),
+        "loss": float(loss),
+        "adapters": [np.asarray(x).tolist() for x in jax.tree.leaves(new_adapters)],
+        "table": jaxpeft.sharding.describe(adapters),
+    }
+
+
+def reference(cfg):
+    dev = jax.devices()[0]
+    params = jax.device_put(PARAMS, dev)
+    adapters = jaxpeft.init(cfg, params, key=jax.random.key(2), layouts=LAYOUTS)
+    adapters = jax.tree.map(lambda x: x + 0.05, adapters)
+    new_adapters, _, loss = jax.jit(step)(adapters, jax.jit(TX.init)(adapters), params, jax.device_put(IDS, dev))
+    return float(loss), [np.asarray(x).tolist() for x in jax.tree.leaves(new_adapters)]
+
+
+LAYOUTS = jaxpeft.linen.infer_layouts(MODEL, IDS)
+
+if __name__ == "__main__":
+    out = {}
+    for name, cfg in {
+        "lora": jaxpeft.LoraConfig(rank=3, alpha=6, targets="all-linear"),
+        "dora": jaxpeft.DoraConfig(rank=3, alpha=6, targets=["q", "v", "up", "down"]),
+    }.items():
+        ref_loss, ref_adapters = reference(cfg)
+        for shape in ((8, 1, 1), (2, 2, 2), (1, 2, 4)):
+            res = run(cfg, shape)
+            res["loss_diff"] = abs(res["loss"] - ref_loss)
+            res["adapter_diff"] = max(
+                float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(res.pop("adapters"), ref_adapters, strict=True)
+            )
+            out[f"{name}-{'x'.join(map(str, shape))}"] = res
+    mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 4), ("data", "fsdp", "tp"))
+    odd = {"w": {"kernel": jax.ShapeDtypeStruct((16, 6), jnp.float32)}}
+    odd_adapters = jax.eval_shape(
+        lambda: jaxpeft.init(jaxpeft.LoraConfig(rank=3, targets=["w"]), odd, key=jax.random.key(0))
+    )
+    specs = jaxpeft.sharding.adapter_specs(odd_adapters, {"w": {"kernel": P("fsdp", "tp")}}, mesh=mesh)
+    out["odd"] = [str(s) for s in jax.tree.leaves(specs)]
+    print(json.dumps(out))
+    sys.stdout.flush()
