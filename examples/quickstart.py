@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> float:
     rank = 4
     energy = jaxpeft.update_spectrum(params, tuned, rank=rank)
     kernels = {p: e for p, e in energy.items() if p.startswith("layers/") and p.endswith("kernel")}
-    print(
-        f"  share of each full-fine-tuning update ΔW in its top-{rank} directions (1.0 = exactly rank {rank}):"
-    )
+    print(f"  share of each full-fine-tuning update ΔW in its top-{rank} directions (1.0 = exactly rank {rank}):")
     for path, e in kernels.items():
         print(f"    {path:22s} {e:.2f}")
 

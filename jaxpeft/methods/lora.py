@@ -22,8 +22,10 @@ _INITS = ("kaiming", "gaussian")
 def _freeze_pattern(value: Any, name: str, kind: type) -> tuple[tuple[str, Any], ...]:
     if isinstance(value, Mapping):
         items = tuple(value.items())
-    elif isinstance(value, Sequence) and not isinstance(value, str) and all(
-        isinstance(kv, Sequence) and not isinstance(kv, str) and len(kv) == 2 for kv in value
+    elif (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and all(isinstance(kv, Sequence) and not isinstance(kv, str) and len(kv) == 2 for kv in value)
     ):
         items = tuple((kv[0], kv[1]) for kv in value)
     else:
