@@ -338,7 +338,7 @@ def _ia3_files(params, fn, targets, feedforward, layouts=None):
     ff_paths = {p for p, n in jaxpeft.adapter_items(adapters) if n.feedforward}
     ff = {name for name, (path, _) in hf._common.hf_modules(params, fn).items() if path in ff_paths}
     # PEFT's rule (bare `endswith` for a list, full match for a str) marks exactly our feed-forward modules.
-    assert {m for m in modules if hf._common.hf_feedforward(config["feedforward_modules"], m)} == ff
+    assert {m for m in modules if hf._config.hf_feedforward(config["feedforward_modules"], m)} == ff
     ff_list, targets_list = config["feedforward_modules"], config["target_modules"]
     if isinstance(ff_list, list) and isinstance(targets_list, list):
         assert set(ff_list) <= set(targets_list)  # PEFT's IA3Config requires it
@@ -442,11 +442,10 @@ def _llama_files(llama_setup):
     ("change", "message"),
     [
         ({"use_dora": True}, r"q_proj' has no `lora_magnitude_vector` although adapter_config.json sets use_dora"),
-        ({"lora_bias": True}, r"lora_bias=True: LoRA bias terms"),
-        ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]: fully trained modules"),
-        ({"bias": "all"}, r"bias='all': trained biases are not LoRA factors"),
-        ({"peft_type": "LOHA"}, r"peft_type='LOHA'; jaxpeft.hf imports 'LORA' \(plain or use_dora\) and 'IA3'"),
-        ({"peft_type": "IA3", "feedforward_modules": []}, r"tensors that are not IA3 vectors \(ia3_l\): '.*lora_A"),
+        ({"lora_bias": True}, r"sets `lora_bias`=True: LoRA bias terms"),
+        ({"modules_to_save": ["lm_head"]}, r"sets `modules_to_save`=\['lm_head'\]: fully trained modules"),
+        ({"bias": "all"}, r"has `bias`='all': trained biases are not LoRA factors"),
+        ({"peft_type": "LOHA"}, r"`peft_type`='LOHA'; jaxpeft.hf imports 'LORA' \(plain or use_dora\) and 'IA3'"),
         ({"init_lora_weights": "pissa_niter_4"}, r"rewrites the base weights, so the factors alone"),
         ({"r": 3}, r"'model.layers.0.self_attn.q_proj' has rank 2 in the tensors but 3 in adapter_config.json"),
     ],
@@ -475,7 +474,10 @@ def test_import_refuses_incomplete_or_foreign_tensors(llama_setup):
         hf.from_state_dict(config, one_factor, params, fn)
     renamed = {k.replace("q_proj", "query_proj"): v for k, v in tensors.items()}
     with pytest.raises(ValueError, match=r"HF modules 'model.layers.0.self_attn.query_proj'.* match no parameter"):
-        hf.from_state_dict(config, renamed, params, fn)
+        hf.from_state_dict({**config, "target_modules": ["query_proj"]}, renamed, params, fn)
+    ia3_config = {"peft_type": "IA3", "target_modules": ["q_proj"], "feedforward_modules": []}
+    with pytest.raises(ValueError, match=r"tensors that are not IA3 vectors \(ia3_l\): '.*lora_A"):
+        hf.from_state_dict(ia3_config, tensors, params, fn)
     other = llama.abstract_params(llama.LlamaConfig(**{**LLAMA.__dict__, "hidden_size": 32, "head_dim": 8}))
     with pytest.raises(ValueError, match=r"has LoRA factors A \(2, 16\), B \(16, 2\) that do not fit"):
         hf.from_state_dict(config, tensors, other, fn)
@@ -513,9 +515,9 @@ def test_ia3_import_refusals(llama_setup):
     fn = llama.hf_module_name
     cfg = jaxpeft.IA3Config()  # keys, values and the feed-forward down projection
     config, tensors = hf.to_state_dict(_llama_adapters(cfg, llama_setup), cfg, params, fn)
-    with pytest.raises(ValueError, match=r"no `feedforward_modules`: PEFT then takes them from its defaults"):
+    with pytest.raises(ValueError, match=r"`feedforward_modules`=None; .* PEFT then takes them from its defaults"):
         hf.from_state_dict({**config, "feedforward_modules": None}, tensors, params, fn, layouts=layouts)
-    with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\]: fully trained modules are not IA3"):
+    with pytest.raises(ValueError, match=r"`modules_to_save`=\['lm_head'\]: fully trained modules .* not IA3"):
         hf.from_state_dict({**config, "modules_to_save": ["lm_head"]}, tensors, params, fn, layouts=layouts)
     with pytest.raises(ValueError, match=r"down_proj' has ia3_l of shape \(1, 24\), but as a non-feed-forward"):
         hf.from_state_dict({**config, "feedforward_modules": []}, tensors, params, fn, layouts=layouts)

@@ -5,7 +5,9 @@ Needs the ``interop`` extra (torch CPU, transformers, peft); skipped cleanly wit
 
 import copy
 import dataclasses
+import json
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -491,3 +493,152 @@ def test_ia3_feedforward_modules_mark_the_same_modules_in_peft(nested, tmp_path)
         if isinstance(module, peft.tuners.ia3.IA3Layer)
     }
     assert marked == {names[0]: True, names[1]: False}
+
+
+# ----------------------------------------------------------------------------------------------- PEFT's own rules
+
+
+class _Projections(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(6, name="q_proj")(x) + nn.Dense(6, name="v_proj")(x)
+
+
+class _Layers(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _Projections(name="layers_0")(x) + _Projections(name="layers_1")(x)
+
+
+class TwoLayers(nn.Module):
+    """model.layers.{0,1}.{q_proj,v_proj}: Dense(6) each, all applied to the input and summed."""
+
+    @nn.compact
+    def __call__(self, x):
+        return _Layers(name="model")(x)
+
+
+def _two_layers_pair():
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
+
+    class Torch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, x):
+            return sum(m(x) for layer in self.model.layers for m in (layer.q_proj, layer.v_proj))
+
+    torch.manual_seed(14)
+    torch_model = Torch().eval()
+    params: dict = {"params": {"model": {}}}
+    for i, layer in enumerate(torch_model.model.layers):
+        for m in ("q_proj", "v_proj"):
+            linear = getattr(layer, m)
+            params["params"]["model"].setdefault(f"layers_{i}", {})[m] = {
+                "kernel": jnp.asarray(linear.weight.detach().numpy().T),
+                "bias": jnp.asarray(linear.bias.detach().numpy()),
+            }
+    x = np.random.default_rng(15).standard_normal((3, 8)).astype(np.float32)
+    return torch_model, TwoLayers(), params, x
+
+
+_two_layers_name = hf.module_name_map()
+
+
+def _peft_adapted(peft_model):
+    return sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    )
+
+
+def _edit_config(directory, **change):
+    path = directory / hf.CONFIG_NAME
+    config = {**json.loads(path.read_text()), **change}
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"target_modules": ["q_proj"]},
+        {"exclude_modules": ["v_proj"]},
+        {"layers_to_transform": [0], "layers_pattern": "layers"},
+        {"layers_to_transform": 1},
+        {"target_modules": r"model\.layers\.0\..*"},
+    ],
+)
+def test_peft_silently_drops_tensors_its_config_does_not_select(change, tmp_path):
+    """The observed PEFT behaviour jaxpeft refuses: tensors for modules the config does not select are dropped
+    without a warning. A file whose tensors match the selection imports to exactly PEFT's outputs."""
+    torch_model, model, params, x = _two_layers_pair()
+    cfg = jaxpeft.LoraConfig(rank=2, alpha=4, targets=["q_proj", "v_proj"])
+    adapters = _randomise(jax.eval_shape(lambda: jaxpeft.init(cfg, params["params"], key=jax.random.key(0))), 16)
+    hf.export_adapters(tmp_path / "all", adapters, cfg, params["params"], _two_layers_name)
+    _edit_config(tmp_path / "all", **change)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silently: PEFT says nothing about the tensors it drops
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path / "all").eval()
+    selected = _peft_adapted(loaded)
+    assert 0 < len(selected) < 4
+    with pytest.raises(ValueError, match=r"does not select them. PEFT's from_pretrained silently ignores"):
+        hf.import_adapters(tmp_path / "all", params["params"], _two_layers_name)
+    # The same file holding only what PEFT selects: jaxpeft imports exactly those modules, with PEFT's outputs.
+    keep = sorted(p for p, _ in jaxpeft.adapter_items(adapters) if _two_layers_name(p.rpartition("/")[0]) in selected)
+    sub_cfg = jaxpeft.LoraConfig(rank=2, alpha=4, targets="^(" + "|".join(keep) + ")$")
+    subset: dict = {"model": {}}
+    for path in keep:
+        _, layer, module, _ = path.split("/")
+        subset["model"].setdefault(layer, {})[module] = adapters["model"][layer][module]
+    hf.export_adapters(tmp_path / "sub", subset, sub_cfg, params["params"], _two_layers_name)
+    _edit_config(tmp_path / "sub", **{"target_modules": ["q_proj", "v_proj"], **change})
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path / "sub").eval()
+    assert _peft_adapted(reloaded) == selected
+    _, imported = hf.import_adapters(tmp_path / "sub", params["params"], _two_layers_name)
+    ours = jaxpeft.linen.apply(model, params, imported, jnp.asarray(x))
+    with torch.no_grad():
+        theirs, base = reloaded(torch.tensor(x)), torch_model(torch.tensor(x))
+    assert _max_diff(ours, base) > 1e-2 and _max_diff(ours, theirs) < TOL
+
+
+def test_peft_behaviour_behind_the_refusals(tmp_path):
+    """What PEFT does with the values jaxpeft refuses: a string "false" turns rsLoRA on, a missing config
+    fails to load (loudly, as after a killed export), and unknown keys only warn."""
+    torch_model, _, params, _ = _two_layers_pair()
+    cfg = jaxpeft.LoraConfig(rank=4, alpha=4, targets=["q_proj"])
+    adapters = _randomise(jax.eval_shape(lambda: jaxpeft.init(cfg, params["params"], key=jax.random.key(0))), 17)
+    hf.export_adapters(tmp_path, adapters, cfg, params["params"], _two_layers_name)
+    _edit_config(tmp_path, use_rslora="false")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path)
+    assert loaded.base_model.model.model.layers[0].q_proj.scaling["default"] == 4 / math.sqrt(4)  # rsLoRA: on
+    with pytest.raises(ValueError, match=r"`use_rslora`='false'; expected true or false"):
+        hf.import_adapters(tmp_path, params["params"], _two_layers_name)
+    _edit_config(tmp_path, use_rslora=False, my_variant={"on": 1})
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['my_variant'\]"):
+        peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path)
+    with pytest.raises(ValueError, match=r"sets `my_variant`=\{'on': 1\}, which PEFT 0.21.2's LoraConfig"):
+        hf.import_adapters(tmp_path, params["params"], _two_layers_name)
+    (tmp_path / hf.CONFIG_NAME).unlink()
+    with pytest.raises(ValueError, match=r"adapter_config.json"):
+        peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path)
+
+
+def test_every_peft_config_field_is_classified():
+    """jaxpeft.hf knows every field of PEFT's LoraConfig and IA3Config (supported, harmless or refused)."""
+    from jaxpeft.hf._config import KNOWN_FIELDS
+
+    for peft_type, cls in (("LORA", peft.LoraConfig), ("IA3", peft.IA3Config)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        new = sorted(fields - KNOWN_FIELDS[peft_type])
+        if new and not peft.__version__.startswith("0.21."):
+            pytest.skip(f"PEFT {peft.__version__} has {peft_type} fields jaxpeft does not classify yet: {new}")
+        assert not new, f"classify PEFT's new {cls.__name__} fields in jaxpeft/hf/_config.py: {new}"
+        assert KNOWN_FIELDS[peft_type] - fields <= set(), (
+            f"fields PEFT no longer has: {KNOWN_FIELDS[peft_type] - fields}"
+        )

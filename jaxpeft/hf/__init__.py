@@ -12,6 +12,10 @@ and re-stacked on import. ``module_name_map`` builds such a function from a few 
 works. Flax kernels are ``[in, out]``, PyTorch weights ``[out, in]``: tensors are transposed both ways, and kernels
 with several fan-in or fan-out axes (``DenseGeneral``, ``Einsum``) are flattened to HF's 2-D shapes. The layout of
 each adapted weight is read from the adapter node, never guessed.
+
+Under faults and hostile files (``jaxpeft.hf._files``, ``jaxpeft.hf._config``): an export replaces the config/tensor
+pair together or not at all and leaves other files alone; an import adapts exactly the modules PEFT's
+``from_pretrained`` would, refuses a file whose tensors and config disagree, and refuses every bad value by name.
 """
 
 from __future__ import annotations
@@ -24,16 +28,9 @@ import numpy as np
 
 from jaxpeft._select import Layout
 from jaxpeft.hf import ia3, lora
-from jaxpeft.hf._common import (
-    CONFIG_NAME,
-    LAYER,
-    WEIGHTS_NAME,
-    ModuleName,
-    as_fn,
-    module_name_map,
-    read_directory,
-    write_directory,
-)
+from jaxpeft.hf._common import LAYER, ModuleName, as_fn, check_hf_name, module_name_map
+from jaxpeft.hf._config import CONFIG_NAME
+from jaxpeft.hf._files import WEIGHTS_NAME, read_directory, write_directory
 from jaxpeft.methods.base import MethodConfig
 from jaxpeft.methods.dora import DoraConfig
 from jaxpeft.methods.ia3 import IA3Config
@@ -99,11 +96,23 @@ def to_state_dict(
       ``(config_dict, {key: numpy array})``.
 
     Raises:
-      TypeError: ``cfg`` is not one of the supported configs.
+      TypeError: ``cfg`` is not one of the supported configs; ``module_name`` returned a non-string; an option of
+        the wrong type.
       ValueError: the adapters do not fit ``params`` or ``cfg``; a feature HF would run differently (refused,
-        never exported wrongly); a stack of more than one axis; two parameters map to one HF module.
+        never exported wrongly); a stack of more than one axis; two parameters map to one HF module; a
+        ``module_name`` result that is not a torch module path (only letters, digits and underscores joined by
+        single dots: no ``..``, ``/``, spaces or empty parts).
     """
     fn = as_fn(module_name)
+    for name, value in (("task_type", task_type), ("base_model_name_or_path", base_model_name_or_path)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"`{name}`={value!r}; expected a string or None.")
+    if ensure_weight_tying is not None and not isinstance(ensure_weight_tying, bool):
+        raise TypeError(f"`ensure_weight_tying`={ensure_weight_tying!r}; expected True, False or None.")
+    if tied_head is not None:
+        check_hf_name(tied_head, "`tied_head`")
+        if LAYER in tied_head:
+            raise ValueError(f"`tied_head`={tied_head!r}; a tied output head is one module, without {LAYER}.")
     if type(cfg) in (LoraConfig, DoraConfig):
         config, tensors = lora.to_hf(
             adapters,
@@ -135,11 +144,24 @@ def export_adapters(
 ) -> str:
     """Write ``adapters`` as a HF PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
-    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), each
-    atomically (a temporary file renamed into place). Keyword arguments are those of :func:`to_state_dict`.
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``). Keyword
+    arguments are those of :func:`to_state_dict`.
+
+    Guarantees: every argument error (a bad ``module_name`` result, pattern, ``tied_head``, an adapter HF cannot
+    run) is raised before anything is written. The pair changes together or not at all: a new directory appears
+    with both files (a staging directory renamed into place); in an existing one the old config is moved out
+    first, the tensors swapped and the new config moved in last, and an error on the way puts the old pair back.
+    A process killed half-way leaves the directory without ``adapter_config.json`` (loaders refuse it, naming the
+    cause; never the old config with the new tensors) and both pairs in ``<directory>/.jaxpeft-export/``;
+    exporting again completes it. Other files in the directory (README.md, ...) are never touched. A second
+    export into the same directory while one runs is refused (a lock the kernel releases if its owner dies).
 
     Returns:
       The absolute directory path.
+
+    Raises:
+      ValueError, TypeError: as :func:`to_state_dict`; the target is a file; another export into it is running.
+      OSError: the file system refused a write (the previous pair is kept).
     """
     config, tensors = to_state_dict(adapters, cfg, params, module_name, **kwargs)
     return write_directory(directory, config, tensors)
@@ -182,18 +204,33 @@ def from_state_dict(
     Returns:
       ``(cfg, adapters)``.
 
+    Exactly the modules PEFT's ``from_pretrained`` adapts are imported, by PEFT's own rules
+    (``target_modules``: a string full-matches, a list matches by ``.name`` suffix; ``exclude_modules`` likewise;
+    ``layers_to_transform`` with ``layers_pattern``). Tensors for a module the config does not select are refused
+    (PEFT drops them silently). A selected module of ``params`` with no tensors is left unadapted when PEFT would
+    give it an identity adapter (``init_lora_weights`` true/"gaussian"/"eva"/"mica", ``init_ia3_weights`` true),
+    and refused otherwise. Every field of PEFT 0.21.2's ``LoraConfig``/``IA3Config`` is supported, harmless or
+    refused by name when set (``jaxpeft.hf._config``); a field PEFT does not have is ignored when unset
+    (null/false/empty) and refused otherwise. Values are checked: ranks whole and positive (never rounded), alphas
+    finite and positive, booleans JSON booleans (PEFT reads ``"false"`` as true), regexes valid; tensors finite
+    float16/bfloat16/float32/float64 arrays.
+
     Raises:
-      ValueError: a HF method or feature jaxpeft cannot represent (LoRA bias, modules_to_save, ...); tensors with
-        no matching parameter; missing layers of a stacked module; ranks or shapes that disagree.
+      ValueError: a HF method or feature jaxpeft cannot represent (LoRA bias, modules_to_save, forward-changing
+        variants, ...); a config and tensors that disagree (selection, ranks, shapes, missing layers of a stacked
+        module); a bad value (the message names the field or tensor, the value, what was expected and the fix).
+      TypeError: ``config`` or ``tensors`` of the wrong Python type.
     """
     fn = as_fn(module_name)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"`config` is a {type(config).__name__}; expected the parsed {CONFIG_NAME} (a dict).")
     peft_type = config.get("peft_type")
     if peft_type == "LORA":
         return lora.from_hf(config, tensors, params, fn, layouts=layouts, dtype=dtype, base_weights=base_weights)
     if peft_type == "IA3":
         return ia3.from_hf(config, tensors, params, fn, layouts=layouts, dtype=dtype, base_weights=base_weights)
     raise ValueError(
-        f"adapter_config.json has peft_type={peft_type!r}; jaxpeft.hf imports 'LORA' (plain or use_dora) and 'IA3' "
+        f"{CONFIG_NAME} has `peft_type`={peft_type!r:.80}; jaxpeft.hf imports 'LORA' (plain or use_dora) and 'IA3' "
         "adapters only."
     )
 
@@ -207,10 +244,17 @@ def import_adapters(
     """Read a HF PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     Keyword arguments are those of :func:`from_state_dict`. Legacy ``adapter_model.bin`` files (pickle) are
-    refused: convert them with PEFT (``save_pretrained(..., safe_serialization=True)``) first.
+    refused: convert them with PEFT (``save_pretrained(..., safe_serialization=True)``) first. Both files are
+    checked before use: a truncated or invalid JSON config, one that is not an object, a truncated or corrupt
+    safetensors file, non-float tensors, each give a ``ValueError`` naming the file; bfloat16 tensors are read.
 
     Returns:
       ``(cfg, adapters)``; run them with ``jaxpeft.linen.apply(model, {"params": params}, adapters, ...)``.
+
+    Raises:
+      FileNotFoundError: no such directory, or a file missing (the message says when an interrupted jaxpeft export
+        is the cause, and how to recover).
+      ValueError, TypeError: a damaged file, or as :func:`from_state_dict`.
     """
     config, tensors = read_directory(directory)
     return from_state_dict(config, tensors, params, module_name, **kwargs)

@@ -1,12 +1,9 @@
-"""What every HF PEFT method shares: module names, HF's matching rules, per-layer targets, file I/O."""
+"""What every HF PEFT method shares: module names, HF's matching rules, per-layer targets, tensor checks."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,25 +13,16 @@ import numpy as np
 
 from jaxpeft._paths import leaves_with_paths, set_path
 from jaxpeft._select import WEIGHT_NAMES, Layout
+from jaxpeft.hf._config import Selection, hf_pattern_match, listed
+from jaxpeft.hf._files import WEIGHTS_NAME
 from jaxpeft.methods.base import Adapter, MethodConfig, adapter_items, check_fits, plan
 
-#: File names that ``PeftModel.save_pretrained`` writes.
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 #: Placeholder for the layer index of a scan-stacked parameter in a module-name template.
 LAYER = "{layer}"
 PREFIX = "base_model.model."
 #: The key suffix of the base weight copy PEFT saves for an embedding it adapts.
 BASE_SUFFIX = ".base_layer.weight"
 ModuleName = Callable[[str], str] | Mapping[str, str]
-_MAX_LISTED = 6
-
-
-def listed(items: Iterable[str]) -> str:
-    """Up to six items, sorted and quoted, with a count of the rest."""
-    items = sorted(items)
-    shown = ", ".join(repr(i) for i in items[:_MAX_LISTED])
-    return shown + (f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
 
 
 def number(x: float) -> int | float:
@@ -125,15 +113,32 @@ def module_of(path: str) -> tuple[str, str]:
     return module, leaf
 
 
-def template(module_name: Callable[[str], str], path: str) -> str:
-    """The HF module-name template of the parameter at ``path`` (at most one ``{layer}``)."""
-    module, _ = module_of(path)
-    name = module_name(module)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"`module_name`({module!r}) returned {name!r}; expected a dotted HF module name.")
+# A torch module path: dot-separated names of letters, digits and underscores (ModuleList indexes are digits).
+_TORCH_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+
+
+def check_hf_name(name: Any, what: str) -> str:
+    """``name`` when it is a torch module path (``{layer}`` allowed where ``what`` says so); else refuse it."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{what} is {name!r} ({type(name).__name__}); expected a dotted HF module name such as "
+            "'model.layers.0.self_attn.q_proj'."
+        )
     if name.count(LAYER) > 1:
-        raise ValueError(f"`module_name`({module!r}) returned {name!r}; use at most one {LAYER} placeholder.")
+        raise ValueError(f"{what} is {name!r}; use at most one {LAYER} placeholder.")
+    if not _TORCH_NAME.fullmatch(name.replace(LAYER, "0")):
+        raise ValueError(
+            f"{what} is {name!r}, which is not a torch module path: expected names of letters, digits and underscores "
+            "joined by single dots (e.g. 'model.layers.{layer}.self_attn.q_proj'), with no empty part, '..', '/', "
+            "space or other character. Fix `module_name`."
+        )
     return name
+
+
+def template(module_name: Callable[[str], str], path: str) -> str:
+    """The HF module-name template of the parameter at ``path`` (at most one ``{layer}``), checked."""
+    module, _ = module_of(path)
+    return check_hf_name(module_name(module), f"`module_name`({module!r})")
 
 
 def hf_modules(params: Any, module_name: Callable[[str], str]) -> dict[str, tuple[str, int | None]]:
@@ -145,7 +150,7 @@ def hf_modules(params: Any, module_name: Callable[[str], str]) -> dict[str, tupl
             continue
         try:
             name = template(module_name, path)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):  # a weight module_name does not name: not an HF module
             continue
         layers: list[int | None] = list(range(shape[0])) if LAYER in name else [None]
         for layer in layers:
@@ -164,24 +169,13 @@ def hf_modules(params: Any, module_name: Callable[[str], str]) -> dict[str, tupl
 
 def hf_pattern_key(patterns: Sequence[str], name: str) -> str | None:
     """The first ``rank_pattern``/``alpha_pattern`` key that HF PEFT would apply to module ``name``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
+    return next((key for key in patterns if hf_pattern_match(key, name)), None)
 
 
 def hf_targets(target_modules: str | Sequence[str], name: str) -> bool:
     """Whether HF PEFT's ``target_modules`` selects module ``name`` (list: suffix match; str: full regex)."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def hf_feedforward(feedforward_modules: str | Sequence[str], name: str) -> bool:
-    """Whether HF PEFT's IA3 ``feedforward_modules`` marks module ``name`` (list: bare ``endswith``; str: regex)."""
-    if isinstance(feedforward_modules, str):
-        return re.fullmatch(feedforward_modules, name) is not None
-    return any(name.endswith(f) for f in feedforward_modules)
+    spec = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+    return Selection(spec).selects(name)
 
 
 def short_names(names: Iterable[str], universe: Iterable[str], rule: Callable[[Sequence[str], str], bool]) -> list[str]:
@@ -200,7 +194,16 @@ def target_modules_for(
     names = sorted(names)
     if override is None:
         return short_names(names, universe, hf_targets) or names
-    targets = override if isinstance(override, str) else list(override)
+    if isinstance(override, str):
+        try:
+            re.compile(override)
+        except re.error as err:
+            raise ValueError(f"`target_modules`={override!r} is not a valid regular expression: {err}.") from None
+        targets: str | list[str] = override
+    elif isinstance(override, Sequence) and override and all(isinstance(t, str) for t in override):
+        targets = list(override)
+    else:
+        raise TypeError(f"`target_modules`={override!r}; expected a regex string or a non-empty list of module names.")
     missed = [n for n in names if not hf_targets(targets, n)]
     if missed:
         raise ValueError(
@@ -321,67 +324,35 @@ def conv_vector(v: np.ndarray, layout: Layout) -> np.ndarray:
     return np.reshape(v, (1, -1, *([1] * (layout.fan_in - 1))))
 
 
-# ----------------------------------------------------------------------------------------------- files
-
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file next to ``path`` and rename it into place (removed on failure)."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_directory(directory: str | os.PathLike[str], config: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` atomically; the absolute directory."""
-    from safetensors.numpy import save_file
-
-    directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
-
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    write_atomic(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(dict(tensors), tmp, {"format": "pt"}))
-    write_atomic(os.path.join(directory, CONFIG_NAME), write_config)
-    return directory
-
-
-def read_directory(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``(config, tensors)`` of a HF PEFT adapter directory; a pickled ``adapter_model.bin`` is refused."""
-    from safetensors import safe_open
-
-    directory = os.path.abspath(os.fspath(directory))
-    config_file = os.path.join(directory, CONFIG_NAME)
-    weights_file = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}; expected a PeftModel.save_pretrained directory.")
-    if not os.path.isfile(weights_file):
-        legacy = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
-        hint = (
-            " It has a pickled adapter_model.bin, which jaxpeft does not read; re-save it with safe_serialization=True."
-            if legacy
-            else ""
-        )
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}.{hint}")
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file!r} does not hold a JSON object.")
-    with safe_open(weights_file, framework="numpy") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
-    return config, tensors
-
-
 # ----------------------------------------------------------------------------------------------- import
+
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_tensors(tensors: Any) -> dict[str, np.ndarray]:
+    """``tensors`` as host arrays; refused unless string keys map to finite float16/bfloat16/float32/float64 arrays."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"`tensors` is a {type(tensors).__name__}; expected {{key: array}} as in {WEIGHTS_NAME}.")
+    out = {}
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"adapter tensor key {key!r} is a {type(key).__name__}; safetensors keys are strings.")
+        if not isinstance(value, (np.ndarray, np.generic, jax.Array)):
+            raise TypeError(f"adapter tensor {key!r} is a {type(value).__name__}; expected a numpy or JAX array.")
+        array = np.asarray(jax.device_get(value))
+        if array.dtype.name not in _FLOATS:
+            raise ValueError(
+                f"adapter tensor {key!r} has dtype {array.dtype.name}; adapter tensors are float16, bfloat16, "
+                "float32 or float64. Is this the adapter of a float model?"
+            )
+        if not np.all(np.isfinite(array)):
+            raise ValueError(
+                f"adapter tensor {key!r} holds NaN or infinite values; an adapter that can run is finite (did "
+                "training diverge?). Export it again from a good step."
+            )
+        out[key] = array
+    return out
 
 
 def split_keys(tensors: Mapping[str, Any], suffixes: Mapping[str, str], what: str) -> dict[str, dict[str, Any]]:
@@ -503,6 +474,11 @@ def import_layout(group: Group, kind: str, layout: Layout | None) -> Layout:
     per_layer = shape[1:] if stacked else shape
     if layout is None:
         if kind == "conv":
+            if len(per_layer) < 3:
+                raise ValueError(
+                    f"HF module {group.first!r} holds Conv adapter weights but {path!r} of shape {shape} is not a "
+                    "convolution kernel; fix `module_name` (or the file is not for this model)."
+                )
             layout = Layout(stack=int(stacked), fan_in=len(per_layer) - 1, fan_out=1, kind="conv")
         elif len(per_layer) == 2:
             is_embed = kind == "embed" or module_of(path)[1] == "embedding"
@@ -528,9 +504,18 @@ def import_layout(group: Group, kind: str, layout: Layout | None) -> Layout:
 def adapter_dtype(arrays: Iterable[np.ndarray], dtype: Any) -> str:
     """``dtype``'s name, or the one dtype of the file's arrays (float32 when they differ)."""
     if dtype is not None:
-        return jnp.dtype(dtype).name
+        try:
+            return jnp.dtype(dtype).name
+        except TypeError:
+            raise ValueError(f"`dtype`={dtype!r} is not a dtype; use e.g. 'float32'.") from None
     dtypes = {np.dtype(a.dtype) for a in arrays}
-    return jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32).name
+    name = jnp.dtype(dtypes.pop() if len(dtypes) == 1 else jnp.float32).name
+    if name == "float64" and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "the adapter file holds float64 tensors, which JAX without 64-bit mode would silently make float32; "
+            "pass `dtype='float32'` to import them as float32 (or enable jax_enable_x64)."
+        )
+    return name
 
 
 def exact_paths(paths: Iterable[str]) -> str:

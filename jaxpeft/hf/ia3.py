@@ -21,16 +21,17 @@ from jaxpeft.hf._common import (
     Target,
     adapter_dtype,
     build_adapters,
+    check_tensors,
     conv_vector,
     exact_paths,
     export_targets,
     group_modules,
-    hf_feedforward,
     hf_modules,
     import_layout,
     split_keys,
     target_modules_for,
 )
+from jaxpeft.hf._config import check_selection, hf_feedforward, read_ia3
 from jaxpeft.methods.ia3 import IA3Config, IA3Weights
 
 __all__ = ["from_hf", "to_hf"]
@@ -108,22 +109,6 @@ def to_hf(
 # ----------------------------------------------------------------------------------------------- import
 
 
-def _feedforward_spec(config: Mapping[str, Any]) -> str | list[str]:
-    value = config.get("modules_to_save")
-    if value not in (None, [], ""):
-        raise ValueError(
-            f"adapter_config.json sets modules_to_save={value!r}: fully trained modules are not IA3 vectors and "
-            "cannot be imported; refusing to import it."
-        )
-    spec = config.get("feedforward_modules")
-    if spec is None:
-        raise ValueError(
-            "adapter_config.json has no `feedforward_modules`: PEFT then takes them from its defaults for the "
-            'model type, which jaxpeft does not know. Write the list into the file (e.g. ["down_proj"] for Llama).'
-        )
-    return spec if isinstance(spec, str) else list(spec)
-
-
 def _vector(name: str, tensor: Any, kind: str, layout: Layout, group: Group, ff: bool) -> np.ndarray:
     """One module's ``ia3_l`` as our per-layer vector ``(*fan_out)``, or ``(*fan_in)`` when feed-forward."""
     _, fan_in, fan_out = layout.split(group.shape)
@@ -153,15 +138,18 @@ def from_hf(
     base_weights: str,
 ) -> tuple[IA3Config, dict[str, Any]]:
     """An ``IA3Config`` and adapter tree from a PEFT ``IA3`` adapter."""
-    spec = _feedforward_spec(config)
+    fields = read_ia3(config)
     index = hf_modules(params, module_name)
-    groups = group_modules(split_keys(tensors, _SUFFIXES, "IA3 vectors (ia3_l)"), index, params, base_weights)
+    modules = split_keys(check_tensors(tensors), _SUFFIXES, "IA3 vectors (ia3_l)")
+    adapted = [n for n, entry in modules.items() if set(entry) != {"w"}]
+    check_selection(fields.selection, adapted, list(index), fields.identity_init, "init_ia3_weights")
+    groups = group_modules(modules, index, params, base_weights)
     if not groups:
         raise ValueError("the adapter file holds no IA3 vectors.")
     layouts = dict(layouts or {})
     arrays, used_layouts, feedforward = {}, {}, {}
     for group in groups:
-        ffs = {hf_feedforward(spec, name) for name, _ in group.modules}
+        ffs = {fields.feedforward(name) for name, _ in group.modules}
         kinds = {"linear" if np.ndim(entry["l"]) == 2 else "conv" for _, entry in group.modules}
         if len(ffs) > 1 or len(kinds) > 1:
             raise ValueError(

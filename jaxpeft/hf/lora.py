@@ -25,6 +25,7 @@ from jaxpeft.hf._common import (
     Target,
     adapter_dtype,
     build_adapters,
+    check_tensors,
     conv_vector,
     exact_paths,
     export_targets,
@@ -37,6 +38,7 @@ from jaxpeft.hf._common import (
     split_keys,
     target_modules_for,
 )
+from jaxpeft.hf._config import LoraFields, check_selection, read_lora
 from jaxpeft.methods.dora import DoraConfig, DoraWeights
 from jaxpeft.methods.lora import LoraConfig, LoraWeights
 
@@ -50,20 +52,6 @@ _SUFFIXES = {
     ".lora_magnitude_vector": "m",
     ".lora_magnitude_vector.weight": "m",  # the in-memory name, which PEFT's loader also accepts
 }
-# HF LoraConfig fields that change what the adapter computes or stores beyond LoRA/DoRA factors; an import refuses
-# a file that sets any of them (value -> why), instead of silently dropping the feature.
-_UNSUPPORTED_HF = {
-    "lora_bias": "LoRA bias terms (`lora_bias=True`) are not supported",
-    "modules_to_save": "fully trained modules (`modules_to_save`) are not LoRA factors and cannot be imported",
-    "trainable_token_indices": "trainable tokens (`trainable_token_indices`) are not supported",
-    "target_parameters": "LoRA on bare parameters (`target_parameters`) is not supported",
-    "layer_replication": "layer replication (`layer_replication`) is not supported",
-    "use_qalora": "QA-LoRA (`use_qalora`) is not supported",
-    "alora_invocation_tokens": "activated LoRA (`alora_invocation_tokens`) is not supported",
-    "use_bdlora": "block-diagonal LoRA (`use_bdlora`) is not supported",
-}
-# HF initialisations that also rewrite the base weights (a plain LoRA only after PEFT's conversion).
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _TIED_DORA = (
     "HF PEFT cannot reproduce a DoRA embedding on a tied output head: jaxpeft applies the embedding's DoRA "
     "(a magnitude per feature) to `nn.Embed.attend`, while PEFT gives the tied head a DoRA of its own (a magnitude "
@@ -239,27 +227,6 @@ def to_hf(
 # ----------------------------------------------------------------------------------------------- import
 
 
-def _check_importable(config: Mapping[str, Any]) -> None:
-    for field, why in _UNSUPPORTED_HF.items():
-        value = config.get(field)
-        if value not in (None, False, [], {}, ""):
-            raise ValueError(f"adapter_config.json sets {field}={value!r}: {why}; refusing to import it.")
-    init = str(config.get("init_lora_weights", True)).lower()
-    if init.startswith(_BASE_CHANGING_INITS) or config.get("loftq_config"):
-        raise ValueError(
-            f"adapter_config.json has init_lora_weights={config.get('init_lora_weights')!r}: that initialisation "
-            "rewrites the base weights, so the factors alone do not reproduce the model. Convert it in PEFT first "
-            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and import the converted adapter."
-        )
-    bias = config.get("bias", "none")
-    if bias != "none":
-        raise ValueError(
-            f"adapter_config.json has bias={bias!r}: trained biases are not LoRA factors; refusing to import."
-        )
-    if "r" not in config or "lora_alpha" not in config:
-        raise ValueError("adapter_config.json lacks `r` or `lora_alpha`; is it a LoRA adapter config?")
-
-
 def _check_parts(name: str, entry: Mapping[str, Any], dora: bool) -> str:
     """The HF layer type of a module's tensors (``linear``, ``conv``, ``embed``), after checking they are complete."""
     embed = "ea" in entry or "eb" in entry
@@ -278,9 +245,19 @@ def _check_parts(name: str, entry: Mapping[str, Any], dora: bool) -> str:
             f"HF module {name!r} has no `lora_magnitude_vector` although adapter_config.json sets use_dora=true; "
             "the file is incomplete."
         )
-    if embed:
-        return "embed"
-    return "conv" if np.ndim(entry["a"]) > 2 else "linear"
+    ndim_a, ndim_b = np.ndim(entry[a]), np.ndim(entry[b])
+    kind = "embed" if embed else "conv" if ndim_a > 2 else "linear"
+    if ndim_a < 2 or ndim_b != ndim_a or (embed and ndim_a != 2):
+        want = {
+            "embed": "[r, vocab] and [dim, r]",
+            "linear": "[r, in] and [out, r]",
+            "conv": "[r, in, *window] and [out, r, 1, ...]",
+        }
+        raise ValueError(
+            f"HF module {name!r} has LoRA factors of shapes {np.shape(entry[a])} and {np.shape(entry[b])}; a "
+            f"{kind} LoRA has {want[kind]}. The file is corrupt or not a LoRA adapter."
+        )
+    return kind
 
 
 def _drop_tied_copies(
@@ -312,19 +289,16 @@ def _drop_tied_copies(
     return {n: e for n, e in modules.items() if n not in copies}
 
 
-def _rank_alpha(config: Mapping[str, Any], name: str, entry: Mapping[str, Any]) -> tuple[int, float]:
-    """The module's rank (checked against HF's ``rank_pattern`` rule) and alpha."""
+def _rank_alpha(fields: LoraFields, name: str, entry: Mapping[str, Any]) -> tuple[int, float]:
+    """The module's rank (checked against PEFT's ``rank_pattern`` rule) and alpha."""
     rank = int(np.shape(entry["ea"] if "ea" in entry else entry["a"])[0])
-    rank_pattern, alpha_pattern = dict(config.get("rank_pattern") or {}), dict(config.get("alpha_pattern") or {})
-    key = hf_pattern_key(list(rank_pattern), name)
-    want = int(rank_pattern[key]) if key is not None else int(config["r"])
+    want, alpha = fields.rank_alpha(name)
     if rank != want:
         raise ValueError(
             f"HF module {name!r} has rank {rank} in the tensors but {want} in adapter_config.json; "
             "the files do not belong together."
         )
-    key = hf_pattern_key(list(alpha_pattern), name)
-    return rank, float(alpha_pattern[key]) if key is not None else float(config["lora_alpha"])
+    return rank, alpha
 
 
 def _to_ours(name: str, entry: Mapping[str, Any], kind: str) -> dict[str, np.ndarray]:
@@ -374,14 +348,14 @@ def _import_group(group: Group, kind: str, layout: Layout, rank: int) -> dict[st
     return {k: group.stack(v) for k, v in per_layer.items()}
 
 
-def _kind_rank_alpha(config: Mapping[str, Any], group: Group, dora: bool) -> tuple[str, int, float]:
+def _kind_rank_alpha(fields: LoraFields, group: Group) -> tuple[str, int, float]:
     """The HF layer type, rank and alpha shared by all HF modules of ``group`` (checked)."""
-    kinds = {_check_parts(name, entry, dora) for name, entry in group.modules}
+    kinds = {_check_parts(name, entry, fields.use_dora) for name, entry in group.modules}
     if len(kinds) > 1:
         raise ValueError(
             f"the HF modules stacked into {group.path!r} (e.g. {group.first!r}) mix LoRA kinds {sorted(kinds)}."
         )
-    pairs = {_rank_alpha(config, name, entry) for name, entry in group.modules}
+    pairs = {_rank_alpha(fields, name, entry) for name, entry in group.modules}
     if len(pairs) > 1:
         raise ValueError(
             f"the HF modules stacked into {group.path!r} (e.g. {group.first!r}) have different ranks or alphas "
@@ -402,30 +376,34 @@ def from_hf(
     base_weights: str,
 ) -> tuple[LoraConfig, dict[str, Any]]:
     """A ``LoraConfig`` (``DoraConfig`` when ``use_dora``) and adapter tree from a PEFT ``LORA`` adapter."""
-    _check_importable(config)
-    dora = bool(config.get("use_dora", False))
+    fields = read_lora(config)
+    dora = fields.use_dora
     index = hf_modules(params, module_name)
-    modules = split_keys(tensors, _SUFFIXES, "LoRA or DoRA tensors (lora_A/lora_B, lora_embedding_A/B, magnitudes)")
-    if config.get("ensure_weight_tying"):
+    modules = split_keys(
+        check_tensors(tensors), _SUFFIXES, "LoRA or DoRA tensors (lora_A/lora_B, lora_embedding_A/B, magnitudes)"
+    )
+    if fields.ensure_weight_tying:
         modules = _drop_tied_copies(modules, index, dora)
+    adapted = [n for n, entry in modules.items() if set(entry) != {"w"}]
+    check_selection(fields.selection, adapted, list(index), fields.identity_init, "init_lora_weights")
     groups = group_modules(modules, index, params, base_weights)
     if not groups:
         raise ValueError("the adapter file holds no LoRA factors.")
     layouts = dict(layouts or {})
     arrays, used_layouts, ranks, alphas = {}, {}, {}, {}
     for group in groups:
-        kind, ranks[group.path], alphas[group.path] = _kind_rank_alpha(config, group, dora)
+        kind, ranks[group.path], alphas[group.path] = _kind_rank_alpha(fields, group)
         used_layouts[group.path] = import_layout(group, kind, layouts.get(group.path))
         arrays[group.path] = _import_group(group, kind, used_layouts[group.path], ranks[group.path])
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    r, alpha = fields.r, fields.lora_alpha
     cfg = (DoraConfig if dora else LoraConfig)(
         rank=r,
         alpha=alpha,
         targets=exact_paths(arrays),
         rank_pattern={exact_paths([p]): ranks[p] for p in sorted(arrays) if ranks[p] != r},
         alpha_pattern={exact_paths([p]): alphas[p] for p in sorted(arrays) if alphas[p] != alpha},
-        dropout=float(config.get("lora_dropout") or 0.0),
-        use_rslora=bool(config.get("use_rslora", False)),
-        dtype=adapter_dtype((v for fields in arrays.values() for v in fields.values()), dtype),
+        dropout=fields.lora_dropout,
+        use_rslora=fields.use_rslora,
+        dtype=adapter_dtype((v for fields_ in arrays.values() for v in fields_.values()), dtype),
     )
     return cfg, build_adapters(cfg, params, used_layouts, arrays)
