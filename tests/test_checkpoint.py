@@ -112,9 +112,9 @@ def test_keep_last_n_interval_and_async(setup, tmp_path):
         assert ckpt.save(5, adapters, force=True)
         ckpt.wait()
         assert ckpt.all_steps() == [5, 6]
-        assert not ckpt.save(6, adapters)  # not after the latest step: skipped, as off the interval
-        with pytest.raises(ValueError, match=r"`step`=6 is already saved in .*; checkpoints are never overwritten"):
-            ckpt.save(6, adapters, force=True)
+        for force in (False, True):  # an existing step is never skipped silently, nor overwritten
+            with pytest.raises(ValueError, match=r"`step`=6 is already saved in .*; checkpoints are never overwritten"):
+                ckpt.save(6, adapters, force=force)
     restored = ckpt_lib.restore_adapters(tmp_path, cfg, params, step=6)
     _assert_same(restored.adapters, jax.tree.map(lambda a: a + 6, adapters))
     assert restored.opt_state is None
