@@ -27,6 +27,7 @@ from jaxpeft.methods import (
     unmerge,
 )
 from jaxpeft.optim import freeze
+from jaxpeft.quant import QuantizedArray, dequantize, quantize
 
 __version__ = "0.1.0"
 
@@ -43,11 +44,13 @@ __all__ = [
     "MethodConfig",
     "NotMergeableError",
     "Plan",
+    "QuantizedArray",
     "Summary",
     "TargetInfo",
     "adapter_items",
     "combine",
     "config_from_dict",
+    "dequantize",
     "freeze",
     "init",
     "layouts_of",
@@ -57,13 +60,14 @@ __all__ = [
     "path_filter",
     "path_str",
     "plan",
+    "quantize",
     "summary",
     "trainable_mask",
     "unmerge",
     "update_spectrum",
 ]
 
-_SUBMODULES = ("checkpoint", "hf", "linen", "nnx", "ops", "sharding")
+_SUBMODULES = ("checkpoint", "hf", "linen", "nnx", "ops", "quant", "sharding")
 
 
 def __getattr__(name: str):  # PEP 562: heavy submodules load on first use, so `import jaxpeft` stays light

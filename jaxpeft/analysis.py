@@ -9,16 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpeft import quant
 from jaxpeft._paths import leaves_with_paths
 
 __all__ = ["Summary", "summary", "update_spectrum"]
 
 
 def _count(tree: Any) -> tuple[int, int]:
-    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
-    return sum(int(np.prod(x.shape)) for x in leaves), sum(
-        int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves
+    """``(parameters, bytes)``: a quantised weight counts its logical elements and its stored bytes."""
+    leaves = [x for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized) if hasattr(x, "shape")]
+    count = sum(int(np.prod(x.shape)) for x in leaves)
+    nbytes = sum(
+        x.nbytes if quant.is_quantized(x) else int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves
     )
+    return count, nbytes
 
 
 def _human(n: float) -> str:
@@ -83,7 +87,8 @@ def summary(params: Any, adapters: Any, tx: Any = None) -> Summary:
     base_n, base_b = _count(params)
     train_n, train_b = _count(adapters)
     opt_peft = _count(jax.eval_shape(tx.init, adapters))[1]
-    opt_full = _count(jax.eval_shape(tx.init, params))[1]
+    full = jax.eval_shape(quant.dequantize, params)  # full fine-tuning trains float weights, not codes
+    opt_full = _count(jax.eval_shape(tx.init, full))[1]
     return Summary(base_n, base_b, train_n, train_b, opt_peft, opt_full)
 
 

@@ -9,21 +9,21 @@ built-in rules never form ``W + ΔW`` and no gradient of a frozen kernel is ever
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft import ops
+from jaxpeft import ops, quant
 from jaxpeft._paths import leaves_with_paths, path_str, set_path
 from jaxpeft._select import Layout
 from jaxpeft.methods.base import Adapter, LayerCall, MethodConfig, Plan, adapter_items, check_fits
 from jaxpeft.methods.base import init as method_init
 from jaxpeft.methods.base import plan as method_plan
 
-__all__ = ["apply", "infer_layouts", "init", "plan"]
+__all__ = ["apply", "infer_layouts", "init", "plan", "quantize"]
 
 _PREFIX = "peft::"
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
@@ -142,6 +142,22 @@ def init(
     return method_init(cfg, params, key=key, layouts=layouts)
 
 
+def quantize(
+    targets: Any, model: nn.Module, params: Any, *args: Any, kind: str = "nf4", method: Any = None, **kwargs: Any
+) -> Any:
+    """``jaxpeft.quantize`` (QLoRA's frozen base) with layouts inferred from ``model`` on the sample inputs ``args``.
+
+    ``targets`` is the method config you will train with (its selection) or a target spec. Run the result with
+    :func:`apply` (``model.apply`` cannot consume quantised weights).
+
+    Raises:
+      ValueError: ``params`` is the whole ``{"params": ...}`` variables dict; and as ``jaxpeft.quantize``.
+    """
+    layouts = infer_layouts(model, *args, method=method, **kwargs)
+    _check_params(params, layouts)
+    return quant.quantize(params, targets, kind=kind, layouts=layouts)
+
+
 class _Stored:
     """How one adapter node travels through ``params``: its treedef, leaf names and stored rank."""
 
@@ -161,7 +177,7 @@ class _Stored:
 def _augment(params: Any, adapters: Any) -> tuple[Any, dict[tuple[str, ...], dict[str, _Stored]]]:
     """Params with each adapter's arrays stored beside its kernel, and the static per-module table."""
     table: dict[tuple[str, ...], dict[str, _Stored]] = {}
-    shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(params)}
+    shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(params, is_leaf=quant.is_quantized)}
     for path, node in adapter_items(adapters):
         if path in shapes:
             check_fits(path, node, shapes[path])
@@ -187,27 +203,88 @@ def _bias(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], y
     return bias
 
 
+class _Guard:
+    """Marks the dynamic extent of a dequantised base call, whose own layer call must not be intercepted again."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+    def __enter__(self) -> None:
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+
+
+def _dequantized_base(
+    module: nn.Module,
+    method: str,
+    q: quant.QuantizedArray,
+    bind: Callable[[jax.Array], tuple[tuple[Any, ...], dict[str, Any]]],
+    guard: _Guard,
+) -> Callable[[jax.Array], jax.Array]:
+    """``base(x)``: the layer's own code (a detached clone) run on its dequantised weight, under ``jax.checkpoint``.
+
+    Only the codes and the input are saved for the backward pass; the full-precision weight is recomputed there,
+    so it never lives across the step.
+    """
+    weight = _weight_name(module)
+    others: dict[str, Any] = {}
+    if module.has_variable("params", "bias"):
+        others["bias"] = module.get_variable("params", "bias")
+    clone = module.clone(parent=None, name=None)
+    name = None if method == "__call__" else method
+
+    @jax.checkpoint
+    def run(inp: jax.Array, q: quant.QuantizedArray, others: dict[str, Any]) -> jax.Array:
+        args, kwargs = bind(inp)
+        with guard:
+            out: jax.Array = clone.apply(  # type: ignore[assignment]
+                {"params": {weight: quant.dequantize(q), **others}}, *args, method=name, **kwargs
+            )
+        return out
+
+    return lambda inp: run(inp, q, others)
+
+
 def _layer_call(
-    module: nn.Module, method: str, next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    module: nn.Module, method: str, next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any], guard: _Guard
 ) -> LayerCall:
-    """The one place that translates a Linen layer call into the neutral ``LayerCall``."""
+    """The one place that translates a Linen layer call into the neutral ``LayerCall``.
+
+    Over a quantised weight, ``base`` runs the layer on its dequantised weight (see ``_dequantized_base``) and
+    ``kernel`` is the dequantised weight (read only by methods that need it, e.g. DoRA's norm; unused, it is
+    never computed).
+    """
+    bind: Callable[[jax.Array], tuple[tuple[Any, ...], dict[str, Any]]]
     if args:
         x, rest = args[0], args[1:]
 
-        def base(inp: jax.Array) -> jax.Array:
-            return next_fun(inp, *rest, **kwargs)
+        def bind(inp: jax.Array) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return (inp, *rest), kwargs
     else:
         name = next(iter(kwargs))
         x = kwargs[name]
 
-        def base(inp: jax.Array) -> jax.Array:
-            return next_fun(**{**kwargs, name: inp})
+        def bind(inp: jax.Array) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return (), {**kwargs, name: inp}
 
     def dropout_key() -> jax.Array | None:
         scope = module.scope
         return module.make_rng("dropout") if scope is not None and scope.has_rng("dropout") else None
 
     kernel: Any = module.get_variable("params", _weight_name(module))
+    base: Callable[[jax.Array], jax.Array]
+    if quant.is_quantized(kernel):
+        base = _dequantized_base(module, method, kernel, bind, guard)
+        kernel = quant.dequantize(kernel)
+    else:
+
+        def base(inp: jax.Array) -> jax.Array:
+            a, kw = bind(inp)
+            out: jax.Array = next_fun(*a, **kw)
+            return out
+
     precision = getattr(module, "precision", None)
     common = {"x": x, "base": base, "kernel": kernel, "precision": precision, "dropout_key": dropout_key}
     if isinstance(module, nn.Embed):
@@ -224,26 +301,37 @@ def _layer_call(
 
     def conv(inp: jax.Array, k: jax.Array) -> jax.Array:
         branch = module.clone(parent=None, name=None, features=k.shape[-1], use_bias=False, dtype=inp.dtype)
-        out: jax.Array = branch.apply({"params": {"kernel": k}}, inp)  # type: ignore[assignment]
+        with guard:
+            out: jax.Array = branch.apply({"params": {"kernel": k}}, inp)  # type: ignore[assignment]
         return out
 
     return LayerCall(kind="conv", bias=bias, conv=conv, **common)
 
 
-def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, _Stored]], used: set[str]) -> Any:
+def _holds_quantized(module: nn.Module, leaf: str) -> bool:
+    return module.has_variable("params", leaf) and quant.is_quantized(module.get_variable("params", leaf))
+
+
+def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, _Stored]], used: set[str], quantized: bool) -> Any:
+    guard = _Guard()
+
     def intercept(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context: Any) -> Any:
         module = context.module
-        entry = table.get(module.path) if isinstance(module, _SUPPORTED) and module.scope is not None else None
         method = context.method_name
-        if entry is None or method not in ("__call__", "attend"):
+        if guard.depth or not isinstance(module, _SUPPORTED) or module.scope is None:
+            return next_fun(*args, **kwargs)
+        if method not in ("__call__", "attend") or (method == "attend" and not isinstance(module, nn.Embed)):
             return next_fun(*args, **kwargs)
         leaf = _weight_name(module)
-        stored = entry.get(leaf)
-        if stored is None or (method == "attend" and not isinstance(module, nn.Embed)):
+        entry = table.get(module.path)
+        stored = entry.get(leaf) if entry is not None else None
+        if stored is None and not (quantized and _holds_quantized(module, leaf)):
             return next_fun(*args, **kwargs)
+        call = _layer_call(module, method, next_fun, args, kwargs, guard)
+        if stored is None:  # a quantised weight without an adapter: the layer on its dequantised weight
+            return call.base(call.x)
         used.add("/".join((*module.path, leaf)))
-        node = stored.rebuild(module, leaf)
-        return node.forward(_layer_call(module, method, next_fun, args, kwargs))
+        return stored.rebuild(module, leaf).forward(call)
 
     return intercept
 
@@ -266,6 +354,11 @@ def apply(
     no kernel gradient is ever computed. Works under ``jax.jit`` and inside ``nn.scan``, ``nn.vmap`` and
     ``nn.remat`` stacks. Dropout runs when ``rngs`` has a ``"dropout"`` key and the method's dropout rate is
     positive (a scanned stack should split the ``"dropout"`` rng, as usual).
+
+    Params may hold quantised weights (``jaxpeft.quantize``, QLoRA): each layer whose weight is quantised runs
+    its own code on the dequantised weight inside ``jax.checkpoint`` (adapted or not), so the full-precision
+    weight is a per-call transient, recomputed in the backward pass. ``model.apply`` itself cannot run
+    quantised params; use this function (``adapters`` may be ``{}``).
 
     Args:
       model: the Linen module.
@@ -291,8 +384,9 @@ def apply(
             "e.g. jaxpeft.linen.apply(model, {'params': params}, adapters, x)."
         )
     params, table = _augment(variables["params"], adapters)
+    quantized = any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
     used: set[str] = set()
-    with nn.intercept_methods(_interceptor(table, used)):
+    with nn.intercept_methods(_interceptor(table, used, quantized)):
         out = model.apply({**variables, "params": params}, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
     unused = sorted({p for p, _ in adapter_items(adapters)} - used)
     if strict and unused:

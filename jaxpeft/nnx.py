@@ -10,16 +10,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpeft import ops
-from jaxpeft._paths import path_str, set_path
+from jaxpeft import ops, quant
+from jaxpeft._paths import leaves_with_paths, path_str, set_path
 from jaxpeft._select import Layout
-from jaxpeft.methods.base import Adapter, LayerCall, MethodConfig, Plan, adapter_items, check_fits
+from jaxpeft.methods.base import Adapter, LayerCall, MethodConfig, Plan, adapter_items, check_fits, fold_target
 from jaxpeft.methods.base import init as method_init
 from jaxpeft.methods.base import plan as method_plan
 
 __all__ = [
     "AdapterLayer",
     "AdapterParam",
+    "QuantizedLayer",
     "adapt",
     "adapters_of",
     "attach",
@@ -29,6 +30,7 @@ __all__ = [
     "merge",
     "optimizer",
     "plan",
+    "quantize",
     "remove",
     "unmerge",
 ]
@@ -115,7 +117,7 @@ class _Canon:
 
     def __init__(self, model: Any) -> None:
         self.nodes = list(nnx.iter_graph(model))
-        self.wrappers = {p: n for p, n in self.nodes if isinstance(n, AdapterLayer)}
+        self.wrappers = {p: n for p, n in self.nodes if isinstance(n, (AdapterLayer, QuantizedLayer))}
 
     def __call__(self, parts: PathParts) -> PathParts:
         return tuple(k for i, k in enumerate(parts) if not (k == _BASE and parts[:i] in self.wrappers))
@@ -128,7 +130,11 @@ class _Canon:
 
     def adapted(self) -> list[tuple[str, AdapterLayer]]:
         """``(canonical weight path, wrapper)`` for each ``AdapterLayer``, sorted by path."""
-        rows = [(_path_text((*self(p), _weight_name(w.base))), w) for p, w in self.wrappers.items()]
+        rows = [
+            (_path_text((*self(p), _weight_name(w.base))), w)
+            for p, w in self.wrappers.items()
+            if isinstance(w, AdapterLayer)
+        ]
         return sorted(rows, key=lambda row: row[0])
 
 
@@ -159,14 +165,40 @@ def _conv_fn(base: nnx.Conv) -> Any:
     return conv
 
 
+def _dequantized_run(base: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``base(x)`` over a quantised weight: a copy of the layer holding the dequantised weight, under
+    ``jax.checkpoint`` (only the codes and the input are saved for the backward pass, the full-precision weight is
+    recomputed there)."""
+    graphdef, state = nnx.split(base)
+    weight = _weight_name(base)
+
+    @jax.checkpoint
+    def run(inp: jax.Array, state: Any) -> jax.Array:
+        layer = nnx.merge(graphdef, state)
+        var = getattr(layer, weight)
+        var.set_value(quant.dequantize(var.get_value()))
+        fn = layer.attend if method == "attend" else layer
+        out: jax.Array = fn(inp, *args, **kwargs)
+        return out
+
+    return lambda inp: run(inp, state)
+
+
 def _layer_call(base: Any, method: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any) -> LayerCall:
-    """The one place that translates an NNX layer call into the neutral ``LayerCall``."""
+    """The one place that translates an NNX layer call into the neutral ``LayerCall``.
+
+    Over a quantised weight, ``base`` runs the layer on its dequantised weight (see ``_dequantized_run``) and
+    ``kernel`` is the dequantised weight (computed only when a method reads it, e.g. DoRA's norm).
+    """
     fn = base.attend if method == "attend" else base
 
     def run(inp: jax.Array) -> jax.Array:
         return fn(inp, *args, **kwargs)
 
     kernel = getattr(base, _weight_name(base)).get_value()
+    if quant.is_quantized(kernel):
+        run = _dequantized_run(base, method, args, kwargs)
+        kernel = quant.dequantize(kernel)
     common = {"x": x, "base": run, "kernel": kernel, "precision": getattr(base, "precision", None), "dropout_key": key}
     if isinstance(base, nnx.Embed):
         return LayerCall(kind="attend" if method == "attend" else "embed", **common)
@@ -262,6 +294,73 @@ class AdapterLayer(nnx.Module):
                 f"`attend` exists on wrapped nnx.Embed layers only; this wraps nnx.{type(self.base).__name__}."
             )
         return self.adapter.forward(_layer_call(self.base, "attend", query, (), kwargs, self._dropout_key))
+
+
+class QuantizedLayer(nnx.Module):
+    """A supported layer whose weight is quantised (``jaxpeft.quant``) and that has no adapter.
+
+    Calling it runs the layer on its dequantised weight (a per-call transient under ``jax.checkpoint``), so the
+    output equals the layer with the dequantised weight. ``jaxpeft.nnx.quantize`` creates these;
+    ``adapt``/``attach`` replace a targeted one by an ``AdapterLayer`` over the same quantised layer, and
+    ``remove``/``merge`` put it back. Like ``AdapterLayer`` it adds no level to canonical paths.
+
+    Attributes:
+      base: the wrapped ``nnx.Linear``/``LinearGeneral``/``Einsum``/``Conv`` holding a ``QuantizedArray``.
+    """
+
+    def __init__(self, base: nnx.Module) -> None:
+        if not isinstance(base, _SUPPORTED):
+            raise TypeError(
+                f"QuantizedLayer wraps {', '.join('nnx.' + c.__name__ for c in _SUPPORTED)}; got {type(base).__name__}."
+            )
+        self.base = base
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The layer's own forward on its dequantised weight."""
+        return _dequantized_run(self.base, "__call__", args, kwargs)(x)
+
+
+def _quantized(module: Any) -> bool:
+    return quant.is_quantized(getattr(module, _weight_name(module)).get_value())
+
+
+def quantize(model: M, targets: Any, *, kind: str = "nf4") -> M:
+    """A copy of ``model`` whose selected weights are stored quantised (QLoRA's frozen base).
+
+    The selection is that of ``jaxpeft.quant.quantize(base_params(model), targets, ...)`` (a method config, e.g.
+    the ``LoraConfig`` you will train with, or a target spec); each quantised layer is wrapped in a
+    ``QuantizedLayer`` that runs it on its dequantised weight. Then ``adapt``/``attach`` as usual: the
+    adapted layers dequantise inside their forward, and ``merge`` requantises (see ``jaxpeft.merge`` for the
+    bound). ``model`` is left untouched; the copy shares its other arrays.
+
+    Args:
+      model: an NNX module without adapters.
+      targets: a method config or a target spec (see ``jaxpeft.quant.quantize``).
+      kind: ``"nf4"`` or ``"int8"``.
+
+    Raises:
+      ValueError: the model already has adapters; and as ``jaxpeft.quant.quantize``.
+    """
+    _check_unadapted(model, "jaxpeft.nnx.quantize")
+    params = base_params(model)
+    quantized = quant.quantize(params, targets, kind=kind, layouts=infer_layouts(model))
+    table = {
+        path: leaf
+        for path, leaf in leaves_with_paths(quantized, is_leaf=quant.is_quantized)
+        if quant.is_quantized(leaf)
+    }
+    copy = nnx.clone(model)
+    for parts, module in _Canon(copy).layers():
+        leaf = table.get(_path_text(parts))
+        if leaf is not None and not _quantized(module):
+            getattr(module, _weight_name(module)).set_value(leaf)
+
+    def wrap(parts: PathParts, node: Any) -> Any:
+        if isinstance(node, _SUPPORTED) and _quantized(node):
+            return QuantizedLayer(node)
+        return node
+
+    return nnx.recursive_map(wrap, copy)
 
 
 def infer_layouts(model: Any) -> dict[str, Layout]:
@@ -425,10 +524,11 @@ def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
     streams = _dropout_streams(table, model, rngs)
 
     def wrap(parts: PathParts, node: Any) -> Any:
-        if isinstance(node, _SUPPORTED):
-            path = _path_text((*parts, _weight_name(node)))
+        layer = node.base if isinstance(node, QuantizedLayer) else node
+        if isinstance(layer, _SUPPORTED):
+            path = _path_text((*parts, _weight_name(layer)))
             if path in table:
-                return AdapterLayer(node, table[path], rngs=streams.get(path))
+                return AdapterLayer(layer, table[path], rngs=streams.get(path))
         return node
 
     return nnx.recursive_map(wrap, nnx.clone(model))
@@ -516,12 +616,22 @@ def load_adapters(model: Any, adapters: Any) -> None:
 
 
 def remove(model: M) -> M:
-    """A copy of ``model`` with every ``AdapterLayer`` replaced by its base layer: the plain model, unchanged."""
-    return nnx.recursive_map(lambda _, node: node.base if isinstance(node, AdapterLayer) else node, nnx.clone(model))
+    """A copy of ``model`` with every ``AdapterLayer`` replaced by its base layer: the plain model, unchanged.
+
+    A layer whose weight is quantised goes back into a ``QuantizedLayer``, as ``quantize`` left it.
+    """
+
+    def unwrap(_: PathParts, node: Any) -> Any:
+        if not isinstance(node, AdapterLayer):
+            return node
+        return QuantizedLayer(node.base) if _quantized(node.base) else node.base
+
+    return nnx.recursive_map(unwrap, nnx.clone(model))
 
 
-def _fold_fn(weight: jax.Array, bias: jax.Array | None, node: Adapter, sign: int) -> Any:
-    return node.fold(weight, bias, sign)
+def _fold_fn(weight: Any, bias: jax.Array | None, node: Adapter, sign: int) -> Any:
+    new_weight, new_bias, _, _ = fold_target(node, weight, bias, sign)
+    return new_weight, new_bias
 
 
 # One compilation per weight shape and node type; `sign` is static.
@@ -551,7 +661,8 @@ def merge(model: M) -> M:
 
     The result has no ``AdapterLayer``: its forward is exactly the base model's code, and its outputs match the
     adapted model's up to float rounding (folds are formed in float32, then cast to the weight's dtype).
-    ``model`` is left untouched.
+    A quantised weight is dequantised, folded and requantised (its layer stays a ``QuantizedLayer``; the error
+    bound is ``jaxpeft.merge``'s). ``model`` is left untouched.
 
     Raises:
       NotMergeableError: a method that cannot be merged.

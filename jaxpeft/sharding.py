@@ -20,6 +20,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxpeft import quant
 from jaxpeft._paths import leaves_with_paths, map_with_paths, path_str
 from jaxpeft._select import Layout
 from jaxpeft.methods.base import Adapter, MethodConfig, adapter_items
@@ -29,10 +30,15 @@ __all__ = ["adapter_shardings", "adapter_specs", "describe", "init", "init_optim
 
 
 def _is_spec_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, (PartitionSpec, NamedSharding))
+    return x is None or isinstance(x, (PartitionSpec, NamedSharding)) or quant.is_quantized(x)
 
 
 def _spec_of(path: str, x: Any) -> PartitionSpec:
+    if quant.is_quantized(x):
+        raise ValueError(
+            f"the base weight {path!r} is quantised: its codes are laid out per block, not like the weight. Pass "
+            "the PartitionSpecs (or NamedShardings) of the float weights instead."
+        )
     if x is None:
         return PartitionSpec()
     if isinstance(x, PartitionSpec):

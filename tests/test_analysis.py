@@ -37,3 +37,33 @@ def test_update_spectrum_low_rank_vs_full_rank():
     np.testing.assert_equal(jaxpeft.update_spectrum(before, before), {})
     with pytest.raises(ValueError, match="`after` has no leaf 'w'"):
         jaxpeft.update_spectrum(before, {"bias": jnp.ones(16)})
+
+
+def test_summary_counts_a_quantised_base_by_logical_size_and_stored_bytes():
+    import jaxpeft.quant
+
+    params = {"w": {"kernel": jnp.ones((256, 128), jnp.bfloat16)}, "norm": {"scale": jnp.ones(128, jnp.bfloat16)}}
+    cfg = jaxpeft.LoraConfig(rank=4, targets=["w"])
+    q = jaxpeft.quant.quantize(params, cfg, kind="nf4")
+    adapters = jaxpeft.init(cfg, q, key=jax.random.key(0))
+    plain, quantised = jaxpeft.summary(params, adapters), jaxpeft.summary(q, adapters)
+    assert quantised.base_params == plain.base_params == 256 * 128 + 128
+    assert quantised.base_bytes <= 0.30 * plain.base_bytes
+    assert quantised.optimizer_bytes_full == plain.optimizer_bytes_full  # full fine-tuning trains float weights
+
+
+def test_sharding_of_a_quantised_base_asks_for_the_float_specs():
+    from jax.sharding import PartitionSpec as P
+
+    import jaxpeft.quant
+    import jaxpeft.sharding
+
+    params = {"w": {"kernel": jnp.ones((256, 128))}}
+    cfg = jaxpeft.LoraConfig(rank=4, targets=["w"])
+    q = jaxpeft.quant.quantize(params, cfg, kind="int8")
+    adapters = jaxpeft.init(cfg, q, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"the base weight 'w/kernel' is quantised.*float weights instead"):
+        jaxpeft.sharding.adapter_specs(adapters, q)
+    assert jaxpeft.sharding.adapter_specs(adapters, {"w": {"kernel": P("fsdp", "tp")}})["w"]["kernel"].a == P(
+        "fsdp", None
+    )

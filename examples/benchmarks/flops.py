@@ -1,4 +1,5 @@
-"""XLA cost-analysis FLOPs of one train step: full fine-tuning, the frozen floor, LoRA, DoRA, IA3, merge-on-the-fly.
+"""XLA cost-analysis FLOPs of one train step: full fine-tuning, the frozen floor, LoRA, DoRA, IA3, merge-on-the-fly,
+QLoRA (LoRA over an NF4 or int8 base).
 
 The same transformer is built in Flax Linen and in Flax NNX (``nnx-full``, ``nnx-lora``).
 
@@ -10,7 +11,9 @@ Deterministic (it compiles, it does not time), so it runs anywhere, CPU included
 The frozen floor trains only the norms: backward still runs through every layer, but no weight gradient is
 formed. It is the cheapest any PEFT method can be. A good LoRA step costs about the floor; merging adapters
 into the weights inside the step costs about a full fine-tuning step, because the gradient then flows through
-``W + ΔW`` and a full-size weight gradient is formed per kernel.
+``W + ΔW`` and a full-size weight gradient is formed per kernel. QLoRA adds the dequantisation of each adapted
+kernel, twice (forward, and again in the backward pass instead of keeping the full-precision weight): a few
+elementwise operations per weight, reported as the ratio to LoRA.
 """
 
 from __future__ import annotations
@@ -150,13 +153,14 @@ def _nnx_step_flops(model: nnx.Module, wrt: Any, ids: jax.ShapeDtypeStruct, tx: 
     return _flops(step, trainable, frozen, jax.eval_shape(tx.init, trainable), ids)
 
 
-MODES = ("full", "floor", "lora", "dora", "ia3", "merged", "nnx-full", "nnx-lora")
+MODES = ("full", "floor", "lora", "dora", "ia3", "merged", "nnx-full", "nnx-lora", "qlora-nf4", "qlora-int8")
 
 
 def step_flops(mode: str, cfg: BenchConfig) -> float:
     """FLOPs of one jitted AdamW train step in ``mode`` (one of ``MODES``); nothing is allocated.
 
-    The ``nnx-*`` modes use ``NnxTransformer``, the NNX twin of the Linen model, through ``jaxpeft.nnx``.
+    The ``nnx-*`` modes use ``NnxTransformer``, the NNX twin of the Linen model, through ``jaxpeft.nnx``. The
+    ``qlora-*`` modes are the ``lora`` step over a base whose adapted kernels are quantised (``jaxpeft.quantize``).
     """
     model = Transformer(cfg)
     ids = jax.ShapeDtypeStruct((cfg.batch, cfg.seq), jnp.int32)
@@ -197,8 +201,11 @@ def step_flops(mode: str, cfg: BenchConfig) -> float:
         if mode == "nnx-lora":
             lora_model = jaxpeft.nnx.adapt(nnx_model, lora_cfg, key=jax.random.key(1))
             return _nnx_step_flops(lora_model, jaxpeft.nnx.AdapterParam, ids, tx)
+    if mode.startswith("qlora-"):
+        kind = mode.removeprefix("qlora-")
+        params = jax.eval_shape(lambda p: jaxpeft.quantize(p, lora_cfg, kind=kind), params)
     adapters = jax.eval_shape(lambda p: jaxpeft.linen.init(method_cfg, model, p, ids, key=jax.random.key(1)), params)
-    if mode in ("lora", "dora", "ia3"):
+    if mode in ("lora", "dora", "ia3", "qlora-nf4", "qlora-int8"):
         forward = lambda p, a, x: jaxpeft.linen.apply(model, {"params": p}, a, x)  # noqa: E731
     elif mode == "merged":
         forward = jaxpeft.merged(lambda p, x: model.apply({"params": p}, x))
@@ -220,16 +227,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
     print(f"config: {cfg} (batch {cfg.batch} x seq {cfg.seq}), backend {jax.default_backend()}")
-    modes = MODES[:6] if args.no_nnx else MODES
+    modes = tuple(m for m in MODES if not (args.no_nnx and m.startswith("nnx-")))
     flops = {mode: step_flops(mode, cfg) for mode in modes}
     for mode, value in flops.items():
-        print(f"{mode:8s} {value / 1e9:10.2f} GFLOP")
+        print(f"{mode:10s} {value / 1e9:10.2f} GFLOP")
     ratios = {
         "lora/full": flops["lora"] / flops["full"],
         "lora/floor": flops["lora"] / flops["floor"],
         "dora/lora": flops["dora"] / flops["lora"],
         "ia3/floor": flops["ia3"] / flops["floor"],
         "merged/full": flops["merged"] / flops["full"],
+        "qlora-nf4/lora": flops["qlora-nf4"] / flops["lora"],
+        "qlora-int8/lora": flops["qlora-int8"] / flops["lora"],
     }
     if not args.no_nnx:
         ratios["nnx-lora/full"] = flops["nnx-lora"] / flops["nnx-full"]

@@ -20,6 +20,7 @@ and a node's class carries its forward rule, so a method defined in the user's o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxpeft import ops
+from jaxpeft import ops, quant
 from jaxpeft._paths import leaves_with_paths, map_with_paths, set_path
 from jaxpeft._select import Layout, TargetSpec, matcher, select_targets
 
@@ -175,7 +176,8 @@ class LayerCall:
       kind: one of ``CALL_KINDS``.
       x: the input (token ids for ``embed``; the query for ``attend``).
       base: ``base(x)`` runs the unadapted layer (bias included) on any input of ``x``'s shape.
-      kernel: the base weight (``embedding`` for ``embed``/``attend``), laid out as ``(*stack, *fan_in, *fan_out)``.
+      kernel: the base weight (``embedding`` for ``embed``/``attend``), laid out as ``(*stack, *fan_in, *fan_out)``;
+        over a quantised weight (QLoRA) its dequantised values, computed only if the rule reads them.
       bias: the base bias shaped to broadcast against the output, or None.
       axes: ``dense_general``: the input axes contracted with the fan-in axes, in kernel order.
       subscripts: ``einsum``: the einsum string.
@@ -281,6 +283,9 @@ class MethodConfig:
     method: ClassVar[str] = ""
     #: Fields that do not shape the adapters: a checkpoint restore may change them (e.g. a new dropout rate).
     restore_free: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``init_target`` reads the weight's values (not just its shape and dtype); over a quantised base such
+    #: a method gets the dequantised weight. True unless a method says otherwise.
+    reads_weight_values: ClassVar[bool] = True
     #: Fields stored as ``((key, value), ...)`` pairs but written to JSON as objects.
     json_mappings: ClassVar[tuple[str, ...]] = ()
 
@@ -295,8 +300,15 @@ class MethodConfig:
                 matcher(spec, field)  # validates entries and regexes now, not at the first init
 
     def select(self, params: Any, layouts: Mapping[str, Layout] | None) -> list[tuple[str, Any, Layout]]:
-        """``[(path, leaf, layout)]`` of the weights this config adapts, sorted by path (see ``select_targets``)."""
-        rows = select_targets(params, self.targets, self.exclude, layouts)
+        """``[(path, leaf, layout)]`` of the weights this config adapts, sorted by path (see ``select_targets``).
+
+        A quantised weight (``jaxpeft.quant.QuantizedArray``) is selected as one weight of its logical shape; a
+        predicate target sees it as a ``jax.ShapeDtypeStruct``, and its row holds the quantised array.
+        """
+        view, quantized = quant.selection_view(params)
+        rows = select_targets(view, self.targets, self.exclude, layouts)
+        if quantized:
+            rows = [(path, quantized.get(path, leaf), layout) for path, leaf, layout in rows]
         self.check_targets(rows)
         return rows
 
@@ -447,7 +459,8 @@ def init(cfg: MethodConfig, params: Any, *, key: jax.Array, layouts: Mapping[str
 
     Args:
       cfg: the method config (``LoraConfig``, ``DoraConfig``, ``IA3Config`` or your own ``MethodConfig``).
-      params: the base parameters (arrays, or ``jax.ShapeDtypeStruct`` for methods that only read shapes).
+      params: the base parameters (arrays, or ``jax.ShapeDtypeStruct`` for methods that only read shapes); a
+        quantised weight (``jaxpeft.quantize``) is dequantised only for a method that reads its values (DoRA).
       key: a ``jax.random`` key.
       layouts: kernel layouts for weights with more than 2 dims (``jaxpeft.linen.infer_layouts``).
 
@@ -459,16 +472,49 @@ def init(cfg: MethodConfig, params: Any, *, key: jax.Array, layouts: Mapping[str
     keys = jax.random.split(key, len(rows))
     adapters: dict[str, Any] = {}
     for (path, leaf, layout), k in zip(rows, keys, strict=True):
-        adapters = set_path(adapters, path, cfg.init_target(path, leaf, layout, k))
+        adapters = set_path(adapters, path, _init_target(cfg, path, leaf, layout, k))
     return adapters
+
+
+def _init_target(cfg: MethodConfig, path: str, weight: Any, layout: Layout, key: jax.Array) -> Adapter:
+    """``cfg.init_target``; a quantised weight is dequantised only for a method that reads weight values.
+
+    A ``QuantizedArray`` has the logical shape and dtype, which is all a method with
+    ``reads_weight_values = False`` (LoRA, IA3) reads. Others (DoRA's magnitude, a user's method by default) get
+    the dequantised weight inside ``jit``, a transient that XLA may fuse into the method's reductions.
+    """
+    if quant.is_quantized(weight) and cfg.reads_weight_values:
+        return _init_dequantized(cfg, path, weight, layout, key)
+    return cfg.init_target(path, weight, layout, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _init_dequantized(cfg: MethodConfig, path: str, weight: Any, layout: Layout, key: jax.Array) -> Adapter:
+    return cfg.init_target(path, quant.dequantize(weight), layout, key)
 
 
 # ------------------------------------------------------------------------------------------------ merge
 
 
+def fold_target(
+    node: Adapter, weight: Any, bias: jax.Array | None, sign: int
+) -> tuple[Any, jax.Array | None, jax.Array, jax.Array]:
+    """``node.fold`` on one weight, through its dequantised values when it is quantised (then requantised alike).
+
+    Returns ``(new weight, new bias or None, the weight's values before, after)``; the last two are float arrays
+    for the overflow check (for a quantised weight: before requantising).
+    """
+    if quant.is_quantized(weight):
+        before = quant.dequantize(weight, jnp.float32)
+        after, new_bias = node.fold(before, bias, sign)
+        return quant.requantize(after, weight), new_bias, before, after
+    new_weight, new_bias = node.fold(weight, bias, sign)
+    return new_weight, new_bias, weight, new_weight
+
+
 def _fold(params: Any, adapters: Any, sign: int) -> Any:
     table = dict(adapter_items(adapters))
-    flat = dict(leaves_with_paths(params))
+    flat = dict(leaves_with_paths(params, is_leaf=quant.is_quantized))
     biases: dict[str, Any] = {}
     for path, node in table.items():
         if path not in flat:
@@ -482,10 +528,10 @@ def _fold(params: Any, adapters: Any, sign: int) -> Any:
         module = path.rpartition("/")[0]
         bias_path = f"{module}/bias" if module else "bias"
         try:
-            weight, bias = node.fold(flat[path], flat.get(bias_path), sign)
+            weight, bias, before, after = fold_target(node, flat[path], flat.get(bias_path), sign)
         except NotMergeableError as err:
             raise NotMergeableError(f"adapter {path!r}: {err}") from None
-        _check_finite(path, flat[path], weight)
+        _check_finite(path, before, after)
         flat[path] = weight
         if bias is not None:
             _check_finite(bias_path, flat[bias_path], bias)
@@ -496,7 +542,7 @@ def _fold(params: Any, adapters: Any, sign: int) -> Any:
             f"adapters {missing[:4]} have no matching parameter; were the adapters made for this model's params?"
         )
     folded = {**{p: flat[p] for p in table}, **biases}
-    return map_with_paths(lambda path, w: folded.get(path, w), params)
+    return map_with_paths(lambda path, w: folded.get(path, w), params, is_leaf=quant.is_quantized)
 
 
 def _check_finite(path: str, before: jax.Array, after: jax.Array) -> None:
@@ -518,6 +564,15 @@ def merge(params: Any, adapters: Any) -> Any:
 
     Pure: returns new params and leaves the inputs untouched. The fold is computed in float32 and cast back to
     each weight's dtype, so the merged model's outputs match the adapted model's up to that rounding.
+
+    A quantised weight (``jaxpeft.quant``, QLoRA) is dequantised, folded in float32 and requantised with the
+    same kind and blocks, so the result is quantised again and the merged weight is ``Q(Ŵ + ΔW)`` rather than
+    ``Ŵ + ΔW``. Per element the difference is at most one rounding of the new weight (``quant.quantize_array``):
+    int8 ``m / 254`` with ``m`` the absolute maximum of the element's merged output channel; NF4
+    ``0.152 · m̂`` with ``m̂ < m + M / 255`` (``m`` the merged block's absmax, ``M`` its group's largest). A zero
+    update requantises to the same codes. ``unmerge(merge(p))`` differs from ``p`` by at most two such roundings.
+    Requantising rounds, so a merge into a quantised weight has no useful gradient: train with the adapters
+    separate (``jaxpeft.linen.apply``, ``jaxpeft.nnx``), not through ``jaxpeft.merged``.
 
     Raises:
       NotMergeableError: a method that cannot be merged, or a non-floating (e.g. int8) weight (the message names

@@ -126,6 +126,7 @@ class DoraConfig(LoraConfig):
     """
 
     method: ClassVar[str] = "dora"
+    reads_weight_values: ClassVar[bool] = True  # the magnitude starts at the weight's column norms
 
     def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> DoraWeights:
         if isinstance(weight, jax.ShapeDtypeStruct):

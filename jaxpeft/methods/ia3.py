@@ -112,6 +112,7 @@ class IA3Config(MethodConfig):
     """
 
     method: ClassVar[str] = "ia3"
+    reads_weight_values: ClassVar[bool] = False
     restore_free: ClassVar[tuple[str, ...]] = ("init_ones",)
 
     targets: TargetSpec = ("k_proj", "v_proj", "down_proj")

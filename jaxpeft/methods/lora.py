@@ -86,6 +86,7 @@ class LoraConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "lora"
+    reads_weight_values: ClassVar[bool] = False
     restore_free: ClassVar[tuple[str, ...]] = ("dropout", "init")
     json_mappings: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
 
