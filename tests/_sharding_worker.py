@@ -135,6 +135,13 @@ if __name__ == "__main__":
                 for a, b in zip(res.pop("adapters"), ref_adapters, strict=True)
             )
             out[f"{name}-{'x'.join(map(str, shape))}"] = res
+    explicit = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tp"), axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+    with jax.sharding.set_mesh(explicit):
+        params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(explicit, s)), PARAMS, SPECS)
+        lora = jaxpeft.LoraConfig(rank=3, alpha=6, targets="all-linear")
+        adapters = jaxpeft.sharding.init(lora, params, key=jax.random.key(2), layouts=LAYOUTS)
+        out["explicit"] = specs_of(adapters) == specs_of(jaxpeft.sharding.adapter_shardings(adapters, params))
+        out["explicit_a"] = str(adapters["layers"]["q"]["kernel"].a.sharding.spec)
     mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 4), ("data", "fsdp", "tp"))
     odd = {"w": {"kernel": jax.ShapeDtypeStruct((16, 6), jnp.float32)}}
     odd_adapters = jax.eval_shape(

@@ -49,6 +49,10 @@ def test_describe_shows_fsdp_and_tp_specs(results):
     assert ("layers/q/kernel/b", "(2, 3, 32)", "P(None, None, 'tp')") in rows
 
 
+def test_adapters_are_created_sharded_on_an_explicit_sharding_mesh(results):
+    assert results["explicit"] and results["explicit_a"] == "P(None, 'fsdp', None)"
+
+
 def test_an_axis_the_mesh_does_not_divide_is_replicated(results):
     assert results["odd"] == ["P('fsdp', None)", "P(None, None)"]  # B's fan-out 6 on tp=4
 
