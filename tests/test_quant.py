@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -555,3 +556,16 @@ def test_predicates_see_quantised_weights_as_shape_dtype_structs(lm):
     plan = jaxpeft.plan(jaxpeft.LoraConfig(targets=pick), qp, layouts=jaxpeft.linen.infer_layouts(lm["model"], IDS))
     assert [t.path for t in plan.targets] == ["model/layers/self_attn/q_proj/kernel"]
     assert seen["model/layers/self_attn/q_proj/kernel"] == jax.ShapeDtypeStruct((2, 64, 64), jnp.float32)
+
+
+def test_qlora_adapters_checkpoint_against_the_quantised_base_and_load_on_the_float_one(tmp_path):
+    import jaxpeft.checkpoint
+
+    params = {"w": {"kernel": jnp.asarray(np.random.default_rng(0).standard_normal((128, 64)), jnp.bfloat16)}}
+    cfg = jaxpeft.LoraConfig(rank=4, targets=["w"])
+    q = jaxpeft.quantize(params, cfg, kind="nf4")
+    adapters = jax.tree.map(lambda x: x + 0.1, jaxpeft.init(cfg, q, key=jax.random.key(0)))
+    jaxpeft.checkpoint.save_adapters(tmp_path / "ckpt", 1, adapters, cfg, q)
+    for base in (q, params):  # the fingerprint sees the logical shape and dtype, not the codes
+        restored = jaxpeft.checkpoint.restore_adapters(tmp_path / "ckpt", cfg, base)
+        chex.assert_trees_all_equal(restored.adapters, adapters)

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxpeft import quant
 from jaxpeft._paths import leaves_with_paths
 from jaxpeft._select import Layout
 from jaxpeft.checkpoint._lock import Lock
@@ -154,7 +155,7 @@ class AdapterCheckpointer:
         self._async = async_save
         self._cfg = cfg
         self._config = cfg.to_dict()
-        self._params = jax.tree.map(abstract, params)
+        self._params = jax.tree.map(abstract, params, is_leaf=quant.is_quantized)  # a quantised weight: logical
         self._placed = placed_params(params)  # the params' NamedShardings, to derive default restore shardings
         self._fingerprint = fingerprint(self._params)
         self._layouts = dict(layouts) if layouts is not None else None

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from jaxpeft import quant
 from jaxpeft._paths import leaves_with_paths, map_with_paths
 from jaxpeft.checkpoint._meta import ADAPTERS, EXTRA, OPT
 from jaxpeft.checkpoint._tables import MAX_LISTED, abstract, array_leaves, diff_table, listed, shape_table
@@ -39,7 +40,7 @@ def placed_params(params: Any) -> dict[str, jax.ShapeDtypeStruct] | None:
         sharding = getattr(leaf, "sharding", None)
         return sharding if isinstance(sharding, NamedSharding) else None
 
-    flat = leaves_with_paths(params)
+    flat = leaves_with_paths(params, is_leaf=quant.is_quantized)  # a quantised weight counts as replicated
     if not any(named(x) is not None for _, x in flat):
         return None
     return {p: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=named(x)) for p, x in flat}
