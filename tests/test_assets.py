@@ -6,14 +6,19 @@ They run only where the assets are installed and skip otherwise, with the instal
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 pytest.importorskip("tokenizers", reason="the MiniLM tokenizer needs `pip install tokenizers`")
 
 import jaxpeft
+import jaxpeft.hf
 import jaxpeft.linen
 from examples import minilm_sentiment as ms
 
@@ -91,3 +96,44 @@ def test_rotten_tomatoes_reader_and_split(corpus):
     assert not set(train) & set(test) and len(set(train)) == 2400
     (again, _), _ = ms.split(texts, labels, 2400, 600, seed=0)
     assert again == train
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # transformers, via PEFT
+def test_example_ships_the_head_with_the_adapters(minilm, corpus, tmp_path):
+    """The example's building blocks on a few rows: LoRA + head steps, then one orbax checkpoint holding the head
+    (`extra`) and a HF PEFT export holding it as `modules_to_save`; each read back predicts exactly the same."""
+    model, params, _, _ = minilm
+    tokenizer = ms.load_tokenizer(ms.model_dir(), seq_len=16)  # one length bucket: one compiled train step
+    (train, train_y), (test, _) = ms.split(*corpus, 16, 8, seed=0)
+    trained = ms.train_lora(model, params, *ms.tokenize(tokenizer, train), train_y, epochs=1, batch_size=4, lr=0.05)
+    assert trained.steps == 4 and float(jnp.abs(trained.head["kernel"]).max()) > 0  # the head was trained
+    ids, mask = ms.tokenize(tokenizer, test)
+    forward = jax.jit(ms.make_forward(model))
+    logits = ms.predict(forward, (trained.adapters, trained.head), params, ids, mask)
+
+    shipped = ms.save_and_export(str(tmp_path), trained.steps, trained.adapters, trained.head, params)
+    assert "extra" in os.listdir(os.path.join(shipped.checkpoint, str(trained.steps)))
+    for adapters, head in (shipped.from_checkpoint, shipped.from_export):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(head[leaf], trained.head[leaf])
+        np.testing.assert_array_equal(ms.predict(forward, (adapters, head), params, ids, mask), logits)
+    with open(os.path.join(shipped.export, jaxpeft.hf.CONFIG_NAME)) as f:
+        config = json.load(f)
+    assert config["modules_to_save"] == [ms.HEAD] and config["target_modules"] == ["query", "value"]
+    tensors = safetensors.numpy.load_file(os.path.join(shipped.export, jaxpeft.hf.WEIGHTS_NAME))
+    assert tensors["base_model.model.classifier.weight"].shape == (2, 384)  # torch Linear layout [out, in]
+
+    # PEFT runs the export on a torch BertModel of the same checkpoint with a `classifier` Linear on the mean pool.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    encoder = transformers.BertModel.from_pretrained(ms.model_dir(), attn_implementation="eager")
+    encoder.classifier = torch.nn.Linear(384, 2)
+    peft_model = peft.PeftModel.from_pretrained(encoder, shipped.export).eval()
+    with torch.no_grad():
+        hidden = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+        weights = torch.tensor(mask, dtype=torch.float32)[..., None]
+        theirs = peft_model.base_model.model.classifier((hidden * weights).sum(1) / weights.sum(1)).numpy()
+    print(f"PEFT on the MiniLM export: max |logit diff| {np.abs(theirs - logits).max():.1e}")
+    assert np.abs(logits).max() > 0.1  # lr=0.05: the logits moved from the zero head's, so the comparison counts
+    np.testing.assert_allclose(theirs, logits, atol=1e-4)

@@ -443,7 +443,7 @@ def _llama_files(llama_setup):
     [
         ({"use_dora": True}, r"q_proj' has no `lora_magnitude_vector` although adapter_config.json sets use_dora"),
         ({"lora_bias": True}, r"sets `lora_bias`=True: LoRA bias terms"),
-        ({"modules_to_save": ["lm_head"]}, r"sets `modules_to_save`=\['lm_head'\]: fully trained modules"),
+        ({"modules_to_save": ["lm_head"]}, r"entry 'lm_head'\) makes PEFT wrap HF module 'lm_head' .* no tensors"),
         ({"bias": "all"}, r"has `bias`='all': trained biases are not LoRA factors"),
         ({"peft_type": "LOHA"}, r"`peft_type`='LOHA'; jaxpeft.hf imports 'LORA' \(plain or use_dora\) and 'IA3'"),
         ({"init_lora_weights": "pissa_niter_4"}, r"rewrites the base weights, so the factors alone"),
@@ -517,7 +517,7 @@ def test_ia3_import_refusals(llama_setup):
     config, tensors = hf.to_state_dict(_llama_adapters(cfg, llama_setup), cfg, params, fn)
     with pytest.raises(ValueError, match=r"`feedforward_modules`=None; .* PEFT then takes them from its defaults"):
         hf.from_state_dict({**config, "feedforward_modules": None}, tensors, params, fn, layouts=layouts)
-    with pytest.raises(ValueError, match=r"`modules_to_save`=\['lm_head'\]: fully trained modules .* not IA3"):
+    with pytest.raises(ValueError, match=r"entry 'lm_head'\) makes PEFT wrap HF module 'lm_head' .* no tensors"):
         hf.from_state_dict({**config, "modules_to_save": ["lm_head"]}, tensors, params, fn, layouts=layouts)
     with pytest.raises(ValueError, match=r"down_proj' has ia3_l of shape \(1, 24\), but as a non-feed-forward"):
         hf.from_state_dict({**config, "feedforward_modules": []}, tensors, params, fn, layouts=layouts)
@@ -552,3 +552,163 @@ def test_import_directory_errors(tmp_path, llama_setup):
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(FileNotFoundError, match=r"pickled adapter_model\.bin, which jaxpeft does not read"):
         hf.import_adapters(tmp_path, llama_setup[1], llama.hf_module_name)
+
+
+# ----------------------------------------------------------------------------------------------- modules_to_save
+
+
+def _bert_head_files(head, params=None, **kwargs):
+    """A BERT LoRA (query, value) export with ``head`` as the module to save ``classifier``."""
+    params = bert.abstract_params(BERT) if params is None else params
+    cfg = jaxpeft.LoraConfig(rank=2, targets=["query", "value"])
+    adapters = _random_adapters(cfg, params)
+    config, tensors = hf.to_state_dict(
+        adapters, cfg, params, bert.hf_module_name, modules_to_save={"classifier": head}, **kwargs
+    )
+    return params, adapters, config, tensors
+
+
+def _head(seed=1, features=BERT.hidden_size, classes=3):
+    rng = np.random.default_rng(seed)
+    return {
+        "kernel": jnp.asarray(rng.standard_normal((features, classes)), jnp.float32),
+        "bias": jnp.asarray(rng.standard_normal(classes), jnp.float32),
+    }
+
+
+def test_modules_to_save_round_trip_in_peft_naming(tmp_path):
+    """A head outside the base params travels as PEFT writes it: `base_model.model.classifier.weight` [out, in]."""
+    head = _head()
+    params, adapters, config, tensors = _bert_head_files(head, task_type="FEATURE_EXTRACTION")
+    assert config["modules_to_save"] == ["classifier"]
+    np.testing.assert_array_equal(tensors["base_model.model.classifier.weight"], np.asarray(head["kernel"]).T)
+    np.testing.assert_array_equal(tensors["base_model.model.classifier.bias"], np.asarray(head["bias"]))
+    assert len(tensors) == 2 + 2 * 2 * BERT.num_hidden_layers
+    like = {"classifier": jax.eval_shape(lambda: head)}
+    _, back, saved = hf.from_state_dict(config, tensors, params, bert.hf_module_name, modules_to_save=like)
+    _assert_adapters_equal(back, adapters)
+    assert _flat(saved).keys() == {"classifier/kernel", "classifier/bias"}
+    for leaf in ("kernel", "bias"):
+        np.testing.assert_array_equal(saved["classifier"][leaf], head[leaf])
+    # Without `modules_to_save` the file is refused by name, never imported without its head.
+    with pytest.raises(ValueError, match=r"holds fully trained modules .*'classifier' \('bias', 'weight'\)\. Pass "):
+        hf.from_state_dict(config, tensors, params, bert.hf_module_name)
+    # The same for IA3.
+    ia3 = jaxpeft.IA3Config(targets=["key", "value"], feedforward=())
+    ia3_adapters = _random_adapters(ia3, params)
+    config, tensors = hf.to_state_dict(
+        ia3_adapters, ia3, params, bert.hf_module_name, modules_to_save={"classifier": head}
+    )
+    assert config["peft_type"] == "IA3" and config["modules_to_save"] == ["classifier"]
+    _, back, saved = hf.from_state_dict(config, tensors, params, bert.hf_module_name, modules_to_save=like)
+    _assert_adapters_equal(back, ia3_adapters)
+    np.testing.assert_array_equal(saved["classifier"]["kernel"], head["kernel"])
+
+    # Through files: a nested head (submodules, a leaf given in torch layout, a norm's scale) in bfloat16.
+    nested = {"dense": _head(2, classes=16), "out": {"weight": jnp.ones((3, 16))}, "norm": {"scale": jnp.ones(16)}}
+    nested = jax.tree.map(lambda x: x.astype(jnp.bfloat16), nested)
+    cfg = jaxpeft.LoraConfig(rank=2, targets=["query", "value"])
+    hf.export_adapters(tmp_path, adapters, cfg, params, bert.hf_module_name, modules_to_save={"head": nested})
+    shapes = _tensor_shapes(tmp_path)
+    saved_keys = {k: v for k, v in shapes.items() if k.startswith("head.")}
+    assert saved_keys == {
+        "head.dense.weight": (16, 16),
+        "head.dense.bias": (16,),
+        "head.out.weight": (3, 16),
+        "head.norm.weight": (16,),
+    }
+    _, back, saved = hf.import_adapters(tmp_path, params, bert.hf_module_name, modules_to_save={"head": nested})
+    _assert_adapters_equal(back, adapters)
+    assert jax.tree.map(lambda x: x.dtype, saved["head"]) == jax.tree.map(lambda x: x.dtype, nested)
+    assert _flat(saved["head"]).keys() == _flat(nested).keys()
+    for k, v in _flat(nested).items():
+        np.testing.assert_array_equal(_flat(saved["head"])[k], v, err_msg=k)
+
+
+def test_modules_to_save_export_refusals():
+    params = bert.abstract_params(BERT)
+    fn = bert.hf_module_name
+    cfg = jaxpeft.LoraConfig(rank=2, targets=["query", "value"])
+    adapters = _random_adapters(cfg, params)
+
+    def export(modules, params=params, **kwargs):
+        return hf.to_state_dict(adapters, cfg, params, fn, modules_to_save=modules, **kwargs)
+
+    with pytest.raises(TypeError, match=r"`modules_to_save` is a list; expected \{HF module name: its trained"):
+        export([_head()])
+    with pytest.raises(ValueError, match=r"`modules_to_save`\['classifier'\] has a leaf 'mean'; jaxpeft converts"):
+        export({"classifier": {**_head(), "mean": jnp.ones(3)}})
+    with pytest.raises(ValueError, match=r"leaf 'kernel' has shape \(2, 8, 3\); a `kernel` converts to torch only"):
+        export({"classifier": {"kernel": jnp.ones((2, 8, 3))}})
+    with pytest.raises(
+        ValueError, match=r"`modules_to_save` key 'cls/head' is not a torch module name: expected names"
+    ):
+        export({"cls/head": _head()})
+    with pytest.raises(ValueError, match=r"`modules_to_save` names 'head' and 'head.out' inside it"):
+        export({"head": _head(), "head.out": _head()})
+    # PEFT adapts nothing inside a module to save: it would drop these adapters.
+    with pytest.raises(ValueError, match=r"module 'encoder.layer.0.attention' would hold the adapted modules 'enc"):
+        export({"encoder.layer.0.attention": {"output": {"dense": _head(classes=16)}}})
+    # PEFT wraps every module whose name ends with an entry: "dense" names many modules of BERT.
+    with pytest.raises(ValueError, match=r"entry 'dense' would also wrap HF module 'encoder.layer.0.attention.out"):
+        export({"dense": _head()})
+    # A module of `params` retrained: the tree must be the whole module, in its shapes.
+    cls_params = bert.abstract_params(BERT, with_classifier=True)
+    cls_fn = bert.hf_module_name
+    cls_adapters = _random_adapters(cfg, cls_params)
+    with pytest.raises(ValueError, match=r"gives torch parameters \{weight: \(3, 16\)\}, but `params` hold that"):
+        hf.to_state_dict(
+            cls_adapters, cfg, cls_params, cls_fn, modules_to_save={"classifier": {"kernel": jnp.ones((16, 3))}}
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"\{bias: \(3,\), weight: \(3, 16\)\}, but `params` hold .* \{bias: \(2,\), weight: \(2, 16\)\}",
+    ):
+        hf.to_state_dict(cls_adapters, cfg, cls_params, cls_fn, modules_to_save={"classifier": _head()})
+    # SEQ_CLS makes PEFT wrap `classifier` (and `score`) whatever the config says.
+    with pytest.raises(ValueError, match=r"`task_type`='SEQ_CLS' makes PEFT treat modules named like 'classifier'"):
+        hf.to_state_dict(cls_adapters, cfg, cls_params, cls_fn, task_type="SEQ_CLS")
+    config, _ = hf.to_state_dict(
+        cls_adapters, cfg, cls_params, cls_fn, task_type="SEQ_CLS", modules_to_save={"classifier": _head(classes=2)}
+    )
+    assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
+
+
+def test_modules_to_save_import_refusals():
+    head = _head()
+    params, _, config, tensors = _bert_head_files(head)
+    fn = bert.hf_module_name
+    like = {"classifier": head}
+
+    def load(config=config, tensors=tensors, like=like, params=params):
+        return hf.from_state_dict(config, tensors, params, fn, modules_to_save=like)
+
+    with pytest.raises(ValueError, match=r"`modules_to_save` asks for 'head', but the adapter file saves 'classifier'"):
+        load(like={"head": head})
+    with pytest.raises(ValueError, match=r"the adapter file also saves 'classifier' .*; add it to `modules_to_save`"):
+        load(like={})
+    with pytest.raises(ValueError, match=r"module to save 'classifier' also holds 'bias', which .* lacks; PEFT loads"):
+        load(like={"classifier": {"kernel": head["kernel"]}})
+    with pytest.raises(
+        ValueError, match=r"has 'norm/scale', but the adapter file has no tensor classifier.norm.weight"
+    ):
+        load(like={"classifier": {**head, "norm": {"scale": jnp.ones(3)}}})
+    with pytest.raises(ValueError, match=r"classifier.weight has shape \(3, 16\); .*'kernel' of shape \(16, 2\) needs"):
+        load(like={"classifier": {"kernel": jnp.ones((16, 2)), "bias": head["bias"]}})
+    with pytest.raises(ValueError, match=r"has `modules_to_save`='classifier'; expected a list of module names"):
+        load(config={**config, "modules_to_save": "classifier"})
+    nan = {**tensors, "base_model.model.classifier.bias": np.full(3, np.nan, np.float32)}
+    with pytest.raises(ValueError, match=r"adapter tensor 'base_model.model.classifier.bias' holds NaN"):
+        load(tensors=nan)
+    # An entry that selects an adapted module: PEFT would not adapt it, so it would ignore those tensors.
+    with pytest.raises(ValueError, match=r"adapter tensor '.*layer.0.attention.self.query.lora_A.weight' inside 'enc"):
+        load(config={**config, "modules_to_save": ["classifier", "attention"]})
+    # SEQ_CLS (PEFT adds classifier/score) on a model whose params hold a classifier the file does not save.
+    cls_params = bert.abstract_params(BERT, with_classifier=True)
+    cls_cfg = jaxpeft.LoraConfig(rank=2, targets=["query", "value"])
+    cls_adapters = _random_adapters(cls_cfg, cls_params)
+    plain, plain_tensors = hf.to_state_dict(cls_adapters, cls_cfg, cls_params, fn)
+    with pytest.raises(ValueError, match=r"\(`task_type='SEQ_CLS'`, entry 'classifier'\) makes PEFT wrap HF module"):
+        hf.from_state_dict({**plain, "task_type": "SEQ_CLS"}, plain_tensors, cls_params, fn)
+    no_head = {k: v for k, v in tensors.items() if "classifier" not in k}
+    hf.from_state_dict({**config, "modules_to_save": None, "task_type": "SEQ_CLS"}, no_head, params, fn)  # none there

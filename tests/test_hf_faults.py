@@ -330,7 +330,6 @@ def test_ia3_selection_and_missing_modules(ia3_files):
 
 REFUSED_VALUES = {
     "lora_bias": True,
-    "modules_to_save": ["lm_head"],
     "trainable_token_indices": [1, 2],
     "target_parameters": ["mlp.experts.down_proj"],
     "layer_replication": [[0, 2]],

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -642,3 +643,90 @@ def test_every_peft_config_field_is_classified():
         assert KNOWN_FIELDS[peft_type] - fields <= set(), (
             f"fields PEFT no longer has: {KNOWN_FIELDS[peft_type] - fields}"
         )
+
+
+# ----------------------------------------------------------------------------------------------- modules_to_save
+
+
+@pytest.fixture(scope="module")
+def bert_cls_pair(tmp_path_factory):
+    """A tiny torch BertForSequenceClassification and our Flax one (encoder under `bert/`, head `classifier`)."""
+    torch.manual_seed(5)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=3,
+        attn_implementation="eager",
+    )
+    torch_model = transformers.BertForSequenceClassification(config).eval()
+    directory = tmp_path_factory.mktemp("bert_cls")
+    torch_model.save_pretrained(directory)
+    flax_config, params = bert.load_hf_checkpoint(directory, with_classifier=True)
+    model = bert.BertForSequenceClassification(flax_config)
+    with torch.no_grad():
+        base = torch_model(torch.tensor(IDS)).logits
+    assert _max_diff(model.apply({"params": params}, jnp.asarray(IDS)), base) < TOL
+    return torch_model, model, params
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(IDS)).logits
+
+
+def test_trained_head_as_modules_to_save_both_ways(bert_cls_pair, tmp_path):
+    """LoRA + a retrained classifier head: PEFT loads jaxpeft's export with the same logits and saves the same keys;
+    PEFT's own `modules_to_save` file (task_type SEQ_CLS) imports with its head."""
+    torch_model, model, params = bert_cls_pair
+    cfg = jaxpeft.LoraConfig(rank=4, alpha=8, targets=["query", "value"])
+    adapters = _randomise(jax.eval_shape(lambda: jaxpeft.init(cfg, params, key=jax.random.key(0))), 21)
+    rng = np.random.default_rng(22)
+    head = jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape), x.dtype), params["classifier"])
+    ours = jaxpeft.linen.apply(model, {"params": {**params, "classifier": head}}, adapters, jnp.asarray(IDS))
+    hf.export_adapters(
+        tmp_path / "jax",
+        adapters,
+        cfg,
+        params,
+        bert.hf_module_name,
+        task_type="SEQ_CLS",
+        modules_to_save={"classifier": head},
+    )
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path / "jax").eval()
+    diff, moved = _max_diff(ours, _logits(loaded)), _max_diff(ours, _logits(torch_model))
+    print(f"JAX -> HF LoRA + modules_to_save: max |logit diff| {diff:.2e} (adapter + head moved logits by {moved:.2f})")
+    assert moved > 1e-2 and diff < TOL
+    base_head = jaxpeft.linen.apply(model, {"params": params}, adapters, jnp.asarray(IDS))
+    assert _max_diff(base_head, _logits(loaded)) > 1e-2  # PEFT runs our head, not the base model's
+    loaded.save_pretrained(tmp_path / "resaved")  # PEFT writes exactly our keys
+    with open(tmp_path / "resaved" / hf.CONFIG_NAME) as f:
+        assert "classifier" in json.load(f)["modules_to_save"]
+    ours_keys = set(load_file(tmp_path / "jax" / hf.WEIGHTS_NAME))
+    assert ours_keys == set(load_file(tmp_path / "resaved" / hf.WEIGHTS_NAME))
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= ours_keys
+
+    torch.manual_seed(23)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False, task_type="SEQ_CLS"
+    )
+    trained = peft.get_peft_model(copy.deepcopy(torch_model), lora).eval()
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.2)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    trained.save_pretrained(tmp_path / "hf")
+    theirs = _logits(trained)
+    with pytest.raises(ValueError, match=r"holds fully trained modules .*'classifier'"):
+        hf.import_adapters(tmp_path / "hf", params, bert.hf_module_name)
+    like = {"classifier": params["classifier"]}
+    _, imported, saved = hf.import_adapters(tmp_path / "hf", params, bert.hf_module_name, modules_to_save=like)
+    ours = jaxpeft.linen.apply(model, {"params": {**params, **saved}}, imported, jnp.asarray(IDS))
+    diff, moved = _max_diff(ours, theirs), _max_diff(ours, _logits(torch_model))
+    print(f"HF -> JAX LoRA + modules_to_save: max |logit diff| {diff:.2e} (adapter + head moved logits by {moved:.2f})")
+    assert moved > 1e-2 and diff < TOL

@@ -13,6 +13,11 @@ works. Flax kernels are ``[in, out]``, PyTorch weights ``[out, in]``: tensors ar
 with several fan-in or fan-out axes (``DenseGeneral``, ``Einsum``) are flattened to HF's 2-D shapes. The layout of
 each adapted weight is read from the adapter node, never guessed.
 
+Whole trained modules (a classifier head, norms) travel as PEFT's ``modules_to_save``: pass
+``modules_to_save={"classifier": head}`` (HF module name -> the module's Flax-named tree: ``kernel``, ``bias``,
+``embedding``, ``scale``; ``jaxpeft.hf._saved``) to the export, and the same with trees of the expected structure
+to the import, which then returns them as a third item.
+
 Under faults and hostile files (``jaxpeft.hf._files``, ``jaxpeft.hf._config``): an export replaces the config/tensor
 pair together or not at all and leaves other files alone; an import adapts exactly the modules PEFT's
 ``from_pretrained`` would, refuses a file whose tensors and config disagree, and refuses every bad value by name.
@@ -22,13 +27,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 from jaxpeft._select import Layout
-from jaxpeft.hf import ia3, lora
-from jaxpeft.hf._common import LAYER, ModuleName, as_fn, check_hf_name, module_name_map
+from jaxpeft.hf import _saved, ia3, lora
+from jaxpeft.hf._common import LAYER, ModuleName, as_fn, check_hf_name, check_tensors, module_name_map
 from jaxpeft.hf._config import CONFIG_NAME
 from jaxpeft.hf._files import WEIGHTS_NAME, read_directory, write_directory
 from jaxpeft.methods.base import MethodConfig
@@ -65,6 +70,7 @@ def to_state_dict(
     target_modules: str | Sequence[str] | None = None,
     ensure_weight_tying: bool | None = None,
     tied_head: str | None = None,
+    modules_to_save: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The HF PEFT ``adapter_config.json`` contents and ``adapter_model.safetensors`` tensors of ``adapters``.
 
@@ -91,6 +97,16 @@ def to_state_dict(
         head is not tied).
       tied_head: LoRA: the HF module name of an output head tied to the adapted embedding (e.g. ``"lm_head"``):
         its copy of the embedding adapter is written too, as PEFT does with ``ensure_weight_tying``.
+      modules_to_save: whole modules trained beside the adapters (a classifier head, norms), as PEFT's
+        ``modules_to_save``: ``{HF module name: the module's parameter tree}``, e.g.
+        ``{"classifier": {"kernel": [in, out], "bias": [out]}}``. The tree may live outside ``params`` (a head on
+        top of the base model) or replace a module of ``params`` (``params["classifier"]`` retrained). Flax leaves
+        become torch parameters: a 2-D ``kernel`` is ``weight`` transposed, ``embedding`` and ``scale`` are
+        ``weight``, ``bias`` is ``bias``, a leaf named ``weight`` is taken in torch layout; nested dicts are
+        submodules (``{"dense": {...}}`` -> ``<name>.dense.weight``). Written as
+        ``base_model.model.<name>.<param>`` with ``"modules_to_save": [<name>, ...]`` in the config, as PEFT's
+        ``save_pretrained`` does. When ``params`` hold that module, the tree must give exactly its parameters and
+        shapes (PEFT loads the whole module).
 
     Returns:
       ``(config_dict, {key: numpy array})``.
@@ -101,7 +117,10 @@ def to_state_dict(
       ValueError: the adapters do not fit ``params`` or ``cfg``; a feature HF would run differently (refused,
         never exported wrongly); a stack of more than one axis; two parameters map to one HF module; a
         ``module_name`` result that is not a torch module path (only letters, digits and underscores joined by
-        single dots: no ``..``, ``/``, spaces or empty parts).
+        single dots: no ``..``, ``/``, spaces or empty parts). For ``modules_to_save``: a leaf jaxpeft does not
+        convert; an adapted module inside (or named like) a module to save (PEFT would drop its adapter); another
+        module of ``params`` that PEFT's suffix rule (or ``task_type`` ``SEQ_CLS``/``TOKEN_CLS``/``QUESTION_ANS``)
+        would also wrap, which would make its loader fail.
     """
     fn = as_fn(module_name)
     for name, value in (("task_type", task_type), ("base_model_name_or_path", base_model_name_or_path)):
@@ -130,8 +149,10 @@ def to_state_dict(
         config, tensors = ia3.to_hf(adapters, cfg, params, fn, layouts=layouts, target_modules=target_modules)
     else:
         raise TypeError(f"`cfg` is a {type(cfg).__name__}; jaxpeft.hf exports {_SUPPORTED} adapters.")
-    config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type)
-    return dict(sorted(config.items())), tensors
+    universe = _saved.module_universe(params, fn)
+    names, saved = _saved.to_hf(modules_to_save or {}, tensors, universe, task_type)
+    config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type, modules_to_save=names or None)
+    return dict(sorted(config.items())), {**tensors, **saved}
 
 
 def export_adapters(
@@ -167,16 +188,45 @@ def export_adapters(
     return write_directory(directory, config, tensors)
 
 
+@overload
 def from_state_dict(
     config: Mapping[str, Any],
     tensors: Mapping[str, Any],
     params: Any,
     module_name: ModuleName,
     *,
+    modules_to_save: None = None,
     layouts: Mapping[str, Layout] | None = None,
     dtype: Any = None,
     base_weights: str = "check",
-) -> tuple[MethodConfig, dict[str, Any]]:
+) -> tuple[MethodConfig, dict[str, Any]]: ...
+
+
+@overload
+def from_state_dict(
+    config: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    params: Any,
+    module_name: ModuleName,
+    *,
+    modules_to_save: Mapping[str, Any],
+    layouts: Mapping[str, Layout] | None = None,
+    dtype: Any = None,
+    base_weights: str = "check",
+) -> tuple[MethodConfig, dict[str, Any], dict[str, Any]]: ...
+
+
+def from_state_dict(
+    config: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    params: Any,
+    module_name: ModuleName,
+    *,
+    modules_to_save: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, Layout] | None = None,
+    dtype: Any = None,
+    base_weights: str = "check",
+) -> tuple[MethodConfig, dict[str, Any]] | tuple[MethodConfig, dict[str, Any], dict[str, Any]]:
     """A config and adapter tree from HF PEFT adapter config contents and tensors.
 
     ``peft_type`` ``"LORA"`` gives a ``LoraConfig`` (a ``DoraConfig`` with ``use_dora``), ``"IA3"`` an
@@ -195,6 +245,10 @@ def from_state_dict(
       tensors: ``{key: array}`` from ``adapter_model.safetensors``.
       params: the base params (arrays or ``jax.ShapeDtypeStruct``).
       module_name: our module path -> HF module name, as for :func:`to_state_dict`.
+      modules_to_save: ``{HF module name: a tree like the saved module}`` (arrays or ``jax.ShapeDtypeStruct``, in
+        the Flax naming of :func:`to_state_dict`'s ``modules_to_save``) for a file with PEFT ``modules_to_save``;
+        then a third item returns those modules as trees of that structure, shapes and dtypes. It must name
+        exactly the modules the file saves. Without it such a file is refused, naming the modules.
       layouts: kernel layouts; only needed for kernels with several fan-in or fan-out axes.
       dtype: adapter dtype; by default the file's (float32 for HF-trained adapters).
       base_weights: for the base embedding copy HF saves when it adapts an embedding
@@ -202,7 +256,7 @@ def from_state_dict(
         ``"ignore"`` it.
 
     Returns:
-      ``(cfg, adapters)``.
+      ``(cfg, adapters)``, or ``(cfg, adapters, {module: tree})`` when ``modules_to_save`` is given.
 
     Exactly the modules PEFT's ``from_pretrained`` adapts are imported, by PEFT's own rules
     (``target_modules``: a string full-matches, a list matches by ``.name`` suffix; ``exclude_modules`` likewise;
@@ -213,34 +267,66 @@ def from_state_dict(
     refused by name when set (``jaxpeft.hf._config``); a field PEFT does not have is ignored when unset
     (null/false/empty) and refused otherwise. Values are checked: ranks whole and positive (never rounded), alphas
     finite and positive, booleans JSON booleans (PEFT reads ``"false"`` as true), regexes valid; tensors finite
-    float16/bfloat16/float32/float64 arrays.
+    float16/bfloat16/float32/float64 arrays. Saved modules follow PEFT's rules too: every module of ``params``
+    that a ``modules_to_save`` entry (or the ``task_type``'s ``classifier``/``score``/``qa_outputs``) selects by
+    name suffix must have its tensors in the file, and no adapter tensor may lie inside a saved module.
 
     Raises:
-      ValueError: a HF method or feature jaxpeft cannot represent (LoRA bias, modules_to_save, forward-changing
-        variants, ...); a config and tensors that disagree (selection, ranks, shapes, missing layers of a stacked
-        module); a bad value (the message names the field or tensor, the value, what was expected and the fix).
+      ValueError: a HF method or feature jaxpeft cannot represent (LoRA bias, forward-changing variants, ...);
+        saved modules without ``modules_to_save``, or ones that do not fit it; a config and tensors that
+        disagree (selection, ranks, shapes, missing layers of a stacked module); a bad value (the message names
+        the field or tensor, the value, what was expected and the fix).
       TypeError: ``config`` or ``tensors`` of the wrong Python type.
     """
     fn = as_fn(module_name)
     if not isinstance(config, Mapping):
         raise TypeError(f"`config` is a {type(config).__name__}; expected the parsed {CONFIG_NAME} (a dict).")
     peft_type = config.get("peft_type")
-    if peft_type == "LORA":
-        return lora.from_hf(config, tensors, params, fn, layouts=layouts, dtype=dtype, base_weights=base_weights)
-    if peft_type == "IA3":
-        return ia3.from_hf(config, tensors, params, fn, layouts=layouts, dtype=dtype, base_weights=base_weights)
-    raise ValueError(
-        f"{CONFIG_NAME} has `peft_type`={peft_type!r:.80}; jaxpeft.hf imports 'LORA' (plain or use_dora) and 'IA3' "
-        "adapters only."
+    if peft_type not in ("LORA", "IA3"):
+        raise ValueError(
+            f"{CONFIG_NAME} has `peft_type`={peft_type!r:.80}; jaxpeft.hf imports 'LORA' (plain or use_dora) and "
+            "'IA3' adapters only."
+        )
+    entries = _saved.read_entries(config)
+    groups, rest = _saved.split(entries, check_tensors(tensors))
+    saved = _saved.from_hf(groups, entries, modules_to_save, _saved.module_universe(params, fn))
+    method = lora.from_hf if peft_type == "LORA" else ia3.from_hf
+    cfg, adapters = method(
+        {**config, "modules_to_save": None}, rest, params, fn, layouts=layouts, dtype=dtype, base_weights=base_weights
     )
+    return (cfg, adapters) if modules_to_save is None else (cfg, adapters, saved)
+
+
+@overload
+def import_adapters(
+    directory: str | os.PathLike[str],
+    params: Any,
+    module_name: ModuleName,
+    *,
+    modules_to_save: None = None,
+    **kwargs: Any,
+) -> tuple[MethodConfig, dict[str, Any]]: ...
+
+
+@overload
+def import_adapters(
+    directory: str | os.PathLike[str],
+    params: Any,
+    module_name: ModuleName,
+    *,
+    modules_to_save: Mapping[str, Any],
+    **kwargs: Any,
+) -> tuple[MethodConfig, dict[str, Any], dict[str, Any]]: ...
 
 
 def import_adapters(
     directory: str | os.PathLike[str],
     params: Any,
     module_name: ModuleName,
+    *,
+    modules_to_save: Mapping[str, Any] | None = None,
     **kwargs: Any,
-) -> tuple[MethodConfig, dict[str, Any]]:
+) -> tuple[MethodConfig, dict[str, Any]] | tuple[MethodConfig, dict[str, Any], dict[str, Any]]:
     """Read a HF PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     Keyword arguments are those of :func:`from_state_dict`. Legacy ``adapter_model.bin`` files (pickle) are
@@ -249,7 +335,8 @@ def import_adapters(
     safetensors file, non-float tensors, each give a ``ValueError`` naming the file; bfloat16 tensors are read.
 
     Returns:
-      ``(cfg, adapters)``; run them with ``jaxpeft.linen.apply(model, {"params": params}, adapters, ...)``.
+      ``(cfg, adapters)``; run them with ``jaxpeft.linen.apply(model, {"params": params}, adapters, ...)``. With
+      ``modules_to_save``, a third item: the saved modules (see :func:`from_state_dict`).
 
     Raises:
       FileNotFoundError: no such directory, or a file missing (the message says when an interrupted jaxpeft export
@@ -257,4 +344,6 @@ def import_adapters(
       ValueError, TypeError: a damaged file, or as :func:`from_state_dict`.
     """
     config, tensors = read_directory(directory)
-    return from_state_dict(config, tensors, params, module_name, **kwargs)
+    if modules_to_save is None:
+        return from_state_dict(config, tensors, params, module_name, **kwargs)
+    return from_state_dict(config, tensors, params, module_name, modules_to_save=modules_to_save, **kwargs)

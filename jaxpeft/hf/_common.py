@@ -114,7 +114,7 @@ def module_of(path: str) -> tuple[str, str]:
 
 
 # A torch module path: dot-separated names of letters, digits and underscores (ModuleList indexes are digits).
-_TORCH_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+TORCH_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 
 
 def check_hf_name(name: Any, what: str) -> str:
@@ -126,7 +126,7 @@ def check_hf_name(name: Any, what: str) -> str:
         )
     if name.count(LAYER) > 1:
         raise ValueError(f"{what} is {name!r}; use at most one {LAYER} placeholder.")
-    if not _TORCH_NAME.fullmatch(name.replace(LAYER, "0")):
+    if not TORCH_NAME.fullmatch(name.replace(LAYER, "0")):
         raise ValueError(
             f"{what} is {name!r}, which is not a torch module path: expected names of letters, digits and underscores "
             "joined by single dots (e.g. 'model.layers.{layer}.self_attn.q_proj'), with no empty part, '..', '/', "

@@ -41,10 +41,13 @@ _HARMLESS_LORA = {
     "loftq_config": "used only with init_lora_weights='loftq' (refused); PEFT drops it otherwise",
 }
 _HARMLESS_IA3 = dict(_HARMLESS_COMMON)
-# Fields that change the forward, add trained weights or train differently: refused whenever set.
+# Fields that change the forward, add trained weights or train differently: refused whenever set. The method
+# readers refuse `modules_to_save` too: jaxpeft.hf.from_state_dict reads it (jaxpeft.hf._saved) and hands them
+# the rest of the file.
+_SAVED = "fully trained modules (`modules_to_save`) are read by jaxpeft.hf.from_state_dict, not by a method's reader"
 _REFUSED_LORA = {
     "lora_bias": "LoRA bias terms (`lora_bias`) are not supported",
-    "modules_to_save": "fully trained modules (`modules_to_save`) are not LoRA factors",
+    "modules_to_save": _SAVED,
     "trainable_token_indices": "trainable tokens (`trainable_token_indices`) are not supported",
     "target_parameters": "LoRA on bare parameters (`target_parameters`) is not supported",
     "layer_replication": "layer replication (`layer_replication`) changes the base model",
@@ -57,7 +60,7 @@ _REFUSED_LORA = {
     "monteclora_config": "MonteCLoRA (`monteclora_config`) samples its factors in training and saves extra weights",
     "megatron_config": "Megatron parallel layers (`megatron_config`) are not supported",
 }
-_REFUSED_IA3 = {"modules_to_save": "fully trained modules (`modules_to_save`) are not IA3 vectors"}
+_REFUSED_IA3 = {"modules_to_save": _SAVED}
 _SUPPORTED_LORA = (
     "peft_type",
     "r",
