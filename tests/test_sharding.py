@@ -126,3 +126,21 @@ def test_a_method_without_weight_axes_is_replicated_and_errors_name_the_path():
         jaxpeft.sharding.adapter_specs(adapters, {"other": {"kernel": P()}})
     with pytest.raises(ValueError, match=r"the base weight 'dense/kernel' has no PartitionSpec or NamedSharding"):
         jaxpeft.sharding.adapter_specs(adapters, {"dense": {"kernel": "fsdp"}})
+
+
+def test_nnx_sharding_metadata():
+    from flax import nnx
+
+    import jaxpeft.nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("fsdp", "tp"))
+            self.up = nnx.Linear(8, 16, kernel_init=init, rngs=rngs)
+
+    with jax.sharding.set_mesh(jax.make_mesh((1, 1), ("fsdp", "tp"))):
+        model = nnx.eval_shape(lambda: Model(nnx.Rngs(0)))
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+    adapted = jaxpeft.nnx.adapt(model, jaxpeft.LoraConfig(rank=2, targets=["up"]), key=jax.random.key(0))
+    got = jaxpeft.sharding.adapter_specs(jaxpeft.nnx.adapters_of(adapted), specs)["up"]["kernel"]
+    assert (got.a, got.b) == (P("fsdp", None), P(None, "tp"))
