@@ -270,8 +270,22 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
-        """Attends ``x`` ``[batch, seq, hidden]`` to itself under boolean ``mask`` ``[batch, 1, seq, seq]``.
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        deterministic: bool,
+        cache: Mapping[str, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Attends ``x`` ``[batch, seq, hidden]`` under boolean ``mask`` ``[batch, 1, seq, kv_len]``.
+
+        Without ``cache``, ``x`` attends to itself (``kv_len == seq``) and the output is returned. With a layer
+        cache ``{"k", "v"}`` (each ``[batch, max_len, kv_heads, head_dim]``), the new keys and values (after RoPE)
+        are written at slots ``cache_index .. cache_index + seq - 1``, ``x`` attends to all ``max_len`` slots
+        (``kv_len == max_len``; ``mask`` hides the unwritten ones) and ``(output, new_cache)`` is returned.
 
         Dropout on the attention weights is applied only when ``deterministic`` is False.
         """
@@ -284,9 +298,17 @@ class LlamaAttention(nn.Module):
         k = k.reshape(batch, seq, kv_heads, head_dim)
         v = v.reshape(batch, seq, kv_heads, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         probs = attention_probs(q, k, mask)
         probs = nn.Dropout(rate=cfg.attention_dropout)(probs, deterministic=deterministic)
-        return _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(attend(probs, v))
+        out = _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(attend(probs, v))
+        return out if new_cache is None else (out, new_cache)
 
 
 class LlamaMLP(nn.Module):
@@ -304,23 +326,39 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """One pre-norm decoder layer, written as an ``nn.scan`` body: returns ``(hidden, None)``."""
+    """One pre-norm decoder layer, written as an ``nn.scan`` body: returns ``(hidden, new_layer_cache)``."""
 
     config: LlamaConfig
 
     @nn.compact
     def __call__(
-        self, hidden: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, deterministic: bool
-    ) -> tuple[jax.Array, None]:
-        """Runs attention and MLP residual blocks on ``hidden`` ``[batch, seq, hidden]``."""
+        self,
+        hidden: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        deterministic: bool,
+        cache: Mapping[str, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """Runs attention and MLP residual blocks on ``hidden`` ``[batch, seq, hidden]``.
+
+        ``cache`` is this layer's slice of the KV cache (None without one); the second output is the updated
+        slice, or None.
+        """
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype, "dtype")
         param_dtype = resolve_dtype(cfg.param_dtype, "param_dtype")
         h = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="input_layernorm")(hidden)
-        hidden = hidden + LlamaAttention(cfg, name="self_attn")(h, cos, sin, mask, deterministic)
+        attn = LlamaAttention(cfg, name="self_attn")
+        if cache is None:
+            out, new_cache = attn(h, cos, sin, mask, deterministic), None
+        else:
+            out, new_cache = attn(h, cos, sin, mask, deterministic, cache, cache_index)
+        hidden = hidden + out
         h = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="post_attention_layernorm")(hidden)
         hidden = hidden + LlamaMLP(cfg, name="mlp")(h)
-        return hidden, None
+        return hidden, new_cache
 
 
 class LlamaModel(nn.Module):
@@ -347,7 +385,8 @@ class LlamaModel(nn.Module):
             layer_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            # cos, sin, mask, deterministic, cache (scanned: one slice per layer), cache_index.
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_hidden_layers,
         )(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
@@ -358,25 +397,55 @@ class LlamaModel(nn.Module):
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
         position_ids: jax.Array | None = None,
-    ) -> jax.Array:
+        cache: Mapping[str, jax.Array] | None = None,
+        cache_index: jax.Array | int | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Returns the final normalized hidden states ``[batch, seq, hidden]`` in the compute dtype.
 
         Args:
             input_ids: Token ids ``[batch, seq]``.
-            attention_mask: Optional ``[batch, seq]`` with 1 for real tokens and 0 for padding.
+            attention_mask: Optional key mask, 1 for real tokens and 0 for padding: ``[batch, seq]`` without a
+                cache, ``[batch, max_len]`` (one entry per cache slot) with one.
             deterministic: Disables dropout when True.
-            position_ids: Optional ``[batch, seq]`` positions; defaults to ``0..seq-1`` (as HF without cache).
+            position_ids: Optional ``[batch, seq]`` positions; defaults to ``0..seq-1`` without a cache and to
+                ``cache_index .. cache_index + seq - 1`` with one.
+            cache: Optional KV cache from :func:`init_cache` (``{"k", "v"}``, each
+                ``[layers, batch, max_len, kv_heads, head_dim]``). With it, ``input_ids`` are written at slots
+                ``cache_index ..`` and attend causally to every earlier slot; ``(hidden, new_cache)`` is returned.
+            cache_index: First cache slot of ``input_ids`` (a scalar, may be traced); required with ``cache``.
+                Slots past ``max_len`` are not checked under ``jit`` (``dynamic_update_slice`` clamps).
+
+        Raises:
+            ValueError: On a malformed cache or a missing ``cache_index``.
         """
         batch, seq = input_ids.shape
+        if cache is None:
+            if cache_index is not None:
+                raise ValueError("`cache_index` was given without `cache`; pass cache=init_cache(config, ...) too.")
+            offset: jax.Array | int = 0
+            key_slots = seq
+        else:
+            key_slots = _check_cache(cache, self.config, batch)
+            if cache_index is None:
+                raise ValueError("`cache` needs `cache_index`, the cache slot of input_ids[:, 0] (0 for a prefill).")
+            offset = jnp.asarray(cache_index, jnp.int32)
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
+            position_ids = jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        query_slot = offset + jnp.arange(seq, dtype=jnp.int32)
+        mask = (jnp.arange(key_slots, dtype=jnp.int32)[None, :] <= query_slot[:, None])[None, None]
         if attention_mask is not None:
+            if attention_mask.shape != (batch, key_slots):
+                what = "max_len (one entry per cache slot)" if cache is not None else "seq"
+                raise ValueError(
+                    f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch, {what}) = "
+                    f"{(batch, key_slots)}."
+                )
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         cos, sin = rope_cos_sin(position_ids, self.config)
         hidden = self.embed_tokens(input_ids)
-        hidden, _ = self.layers(hidden, cos, sin, mask, deterministic)
-        return self.norm(hidden)
+        hidden, new_cache = self.layers(hidden, cos, sin, mask, deterministic, cache, None if cache is None else offset)
+        hidden = self.norm(hidden)
+        return hidden if cache is None else (hidden, new_cache)
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Projects hidden states onto the token embedding (tied output head)."""
@@ -400,11 +469,55 @@ class LlamaForCausalLM(nn.Module):
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
         position_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """Returns float32 logits ``[batch, seq, vocab]``; arguments as :meth:`LlamaModel.__call__`."""
-        hidden = self.model(input_ids, attention_mask, deterministic, position_ids)
+        cache: Mapping[str, jax.Array] | None = None,
+        cache_index: jax.Array | int | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns float32 logits ``[batch, seq, vocab]``; arguments as :meth:`LlamaModel.__call__`.
+
+        With a ``cache`` (from :func:`init_cache`) it returns ``(logits, new_cache)``.
+        """
+        out = self.model(input_ids, attention_mask, deterministic, position_ids, cache, cache_index)
+        hidden, new_cache = (out, None) if cache is None else out
         logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
+    """An empty KV cache for ``LlamaForCausalLM(config)``: ``{"k", "v"}`` of zeros.
+
+    Each array is ``[num_hidden_layers, batch, max_len, num_key_value_heads, head_dim]``; the leading axis is the
+    scanned layer axis, so the cache is a plain pytree that ``jit``, ``while_loop`` and donation handle directly.
+    Keys are stored after RoPE.
+
+    Args:
+        config: The model config.
+        batch: Batch size.
+        max_len: Number of cache slots (prompt plus generated tokens).
+        dtype: Storage dtype; defaults to ``config.dtype``.
+
+    Returns:
+        The cache.
+    """
+    dtype = resolve_dtype(config.dtype, "dtype") if dtype is None else jnp.dtype(dtype)
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _check_cache(cache: Mapping[str, jax.Array], config: LlamaConfig, batch: int) -> int:
+    """Validates a cache from :func:`init_cache` against the config and batch; returns ``max_len``."""
+    if not isinstance(cache, Mapping) or set(cache) != {"k", "v"}:
+        got = sorted(cache) if isinstance(cache, Mapping) else type(cache).__name__
+        raise ValueError(f"`cache` must be the {{'k', 'v'}} dict from init_cache(config, batch, max_len); got {got}.")
+    shape = tuple(cache["k"].shape)
+    expected = (config.num_hidden_layers, batch, config.num_key_value_heads, config.head_dim)
+    if len(shape) != 5 or (shape[0], shape[1], shape[3], shape[4]) != expected or tuple(cache["v"].shape) != shape:
+        raise ValueError(
+            f"`cache` arrays have shapes {shape} and {tuple(cache['v'].shape)}; expected (layers, batch, max_len, "
+            f"kv_heads, head_dim) = ({expected[0]}, {batch}, max_len, {expected[2]}, {expected[3]}) for both. "
+            "Build it with init_cache(config, batch, max_len)."
+        )
+    return shape[2]
 
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+|\{layer\})(?:\.|$)")

