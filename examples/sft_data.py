@@ -173,6 +173,8 @@ def chatterbot_pairs(topics: Sequence[str] = ()) -> list[tuple[str, str]]:
         with open(os.path.join(directory, f"{topic}.yml"), encoding="utf-8") as f:
             doc = yaml.safe_load(f)
         for turns in doc.get("conversations", []):
+            if not isinstance(turns, list):  # one malformed entry in trivia.yml is a bare string
+                continue
             texts = [str(t).strip() for t in turns]
             # Turns alternate user, bot, user, bot...: pair each user turn with the reply that follows it.
             pairs.extend((q, a) for q, a in zip(texts[0::2], texts[1::2], strict=False) if q and a)

@@ -209,6 +209,7 @@ def test_chatterbot_pairs_or_skip():
         assert "pip install --no-deps chatterbot-corpus" in str(err)
         pytest.skip(str(err))
     assert len(pairs) > 100 and ("Who was the 37th President of the United States?", "Richard Nixon") in pairs
+    assert all(len(q) > 1 and len(a) > 0 for q, a in pairs)  # no malformed entry split into characters
     with pytest.raises(ValueError, match="unknown chatterbot topic"):
         sft_data.chatterbot_pairs(["nope"])
 
@@ -289,3 +290,43 @@ def test_two_hosts_each_reading_their_share_train_like_one(tmp_path):
         str(tmp_path / "ckpt"), jaxpeft.checkpoint.read_config(str(tmp_path / "ckpt")), _tiny_params(), read_only=True
     ) as ckpt:
         assert ckpt.latest_step() == 3
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations inside PeftModel
+def test_smollm2_truncated_fine_tunes_and_its_export_runs_in_peft(tmp_path):
+    """The real pretrained model (first 2 of 30 layers) through the script; PEFT runs the export to the same logits."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("yaml")
+    from examples.models import gguf
+
+    try:
+        path = gguf.smollm2_path()
+        sft_data.chatterbot_dir()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "hf"
+    result = lora_sft.main(
+        ["--model", "smollm2", "--layers", "2", "--data", "chatterbot:trivia", "--steps", "4", "--batch", "4",
+         "--seq-len", "48", "--eval-rows", "8", "--generate", "0", "--lr", "3e-3", "--export-hf", str(out),
+         "--no-progress"]
+    )  # fmt: skip
+    assert result["eval"]["after"] < result["eval"]["before"] - 0.1, result["eval"]
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config, params = gguf.load_gguf(path, num_layers=2)
+    hf = {k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "rope_parameters")}
+    torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf, attn_implementation="eager")).eval()
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in llama.to_hf_state_dict(params).items()}
+    missing, unexpected = torch_model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied: the head is the embedding
+    peft_model = peft.PeftModel.from_pretrained(torch_model, str(out)).eval()
+    _, adapters = jaxpeft.hf.import_adapters(str(out), params, llama.hf_module_name)
+    ids = np.asarray([sft_data.ByteTokenizer().encode("The capital of France is")], np.int32) % config.vocab_size
+    ours = jaxpeft.linen.apply(llama.LlamaForCausalLM(config), {"params": params}, adapters, jnp.asarray(ids))
+    with torch.no_grad():
+        theirs = peft_model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+        with peft_model.disable_adapter():
+            base = peft_model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    assert np.abs(np.asarray(ours) - theirs).max() < 2e-3 * np.abs(theirs).max()
+    assert np.abs(theirs - base).max() > 1e-2  # the adapters do something
