@@ -2,7 +2,9 @@
 
 Every function here takes call-level factors (stack axes already sliced away, as inside ``lax.scan``) and
 computes in the activation dtype: A and B are cast down to it, activations are never cast up. None of them
-forms ``W + ΔW``, so differentiating with respect to the factors never produces a gradient for the kernel.
+forms ``W + ΔW``, so differentiating with respect to the factors never produces a gradient for the kernel. The
+dense, einsum and tied-head branches share one ``jax.custom_vjp`` (``lowrank_chain``) whose backward pass
+transposes only rank-``r`` matrices, never the activations.
 The ``*_lowrank`` functions take arrays; the ``lora_*``/``*_delta`` functions take any object with ``a``,
 ``b``, ``scale`` and ``dropout`` attributes (``jaxpeft.LoraWeights``) for hand-written JAX models.
 """
@@ -10,6 +12,7 @@ The ``*_lowrank`` functions take arrays; the ``lora_*``/``*_delta`` functions ta
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -38,6 +41,7 @@ __all__ = [
     "lora_dense",
     "lora_einsum",
     "lora_embed",
+    "lowrank_chain",
 ]
 
 
@@ -70,6 +74,136 @@ def _check_call_level(a: jax.Array, n_in: int, where: str) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------------ low-rank chain
+#
+# ``scale · (x·F1)·F2`` with a hand-written backward pass. Autodiff transposes the forward contraction
+# ``x·A`` into ``dA = xᵀ·dh``, a dot whose *large* operand contracts over its leading (token) axes; XLA then
+# materialises ``xᵀ`` (a copy the size of the activations) before the matmul, for every adapted layer, every step.
+# The backward below orders each contraction so that the operand contracted over tokens is the rank-``r`` one
+# (``dAᵀ = dhᵀ·x``, then a transpose of the small ``(r, fan_in)`` result), and saves only ``x`` (which the
+# autodiff rule saves too) and the rank-``r`` intermediate ``h``.
+
+
+def _fresh_letters(used: str, n: int) -> str:
+    pool = [c for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA" if c not in used]
+    if len(pool) < n:
+        raise ValueError(f"einsum: not enough free letters to name {n} ellipsis axes.")
+    return "".join(pool[:n])
+
+
+def _contract(lhs: jax.Array, lhs_spec: str, rhs: jax.Array, rhs_spec: str, out_spec: str, precision: Any) -> jax.Array:
+    """``einsum(f"{lhs_spec},{rhs_spec}->{out_spec}")`` as one ``dot_general`` with the operands in this order.
+
+    ``jnp.einsum`` may swap the operands; the order decides which one XLA transposes, so it is fixed here. Letters
+    of one operand only that the output drops are summed first.
+    """
+    for spec, name in ((lhs_spec, "lhs"), (rhs_spec, "rhs")):
+        other = rhs_spec if name == "lhs" else lhs_spec
+        drop = tuple(i for i, c in enumerate(spec) if c not in other and c not in out_spec)
+        if drop:
+            arr = jnp.sum(lhs if name == "lhs" else rhs, axis=drop)
+            spec = "".join(c for i, c in enumerate(spec) if i not in drop)
+            if name == "lhs":
+                lhs, lhs_spec = arr, spec
+            else:
+                rhs, rhs_spec = arr, spec
+    batch = [c for c in lhs_spec if c in rhs_spec and c in out_spec]
+    contract = [c for c in lhs_spec if c in rhs_spec and c not in out_spec]
+    dims = (
+        (tuple(lhs_spec.index(c) for c in contract), tuple(rhs_spec.index(c) for c in contract)),
+        (tuple(lhs_spec.index(c) for c in batch), tuple(rhs_spec.index(c) for c in batch)),
+    )
+    out = jax.lax.dot_general(lhs, rhs, dims, precision=precision)
+    got = (
+        "".join(batch)
+        + "".join(c for c in lhs_spec if c not in rhs_spec)
+        + "".join(c for c in rhs_spec if c not in lhs_spec)
+    )
+    return out if got == out_spec else jnp.transpose(out, [got.index(c) for c in out_spec])
+
+
+def _lowrank_chain_fwd(
+    specs: tuple[str, str, str, str, str], x: jax.Array, f1: jax.Array, f2: jax.Array, scale: float, precision: Any
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
+    x_s, f1_s, h_s, f2_s, out_s = specs
+    h = _contract(x, x_s, f1, f1_s, h_s, precision) * jnp.asarray(scale, x.dtype)
+    return _contract(h, h_s, f2, f2_s, out_s, precision), (x, f1, f2, h)
+
+
+def _lowrank_chain_bwd(
+    specs: tuple[str, str, str, str, str],
+    scale: float,
+    precision: Any,
+    res: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    g: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x_s, f1_s, h_s, f2_s, out_s = specs
+    x, f1, f2, h = res
+    g = g.astype(x.dtype)
+    # products over the token axes put the rank-r operand first: only it (and the small result) is transposed
+    gh = _contract(g, out_s, f2, f2_s, h_s, precision) * jnp.asarray(scale, x.dtype)
+    dx = _contract(gh, h_s, f1, f1_s, x_s, precision)
+    df1 = _contract(gh, h_s, x, x_s, f1_s, precision)
+    df2 = _contract(h, h_s, g, out_s, f2_s, precision)
+    return dx, df1.astype(f1.dtype), df2.astype(f2.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def _lowrank_chain(
+    specs: tuple[str, str, str, str, str], x: jax.Array, f1: jax.Array, f2: jax.Array, scale: float, precision: Any
+) -> jax.Array:
+    return _lowrank_chain_fwd(specs, x, f1, f2, scale, precision)[0]
+
+
+_lowrank_chain.defvjp(_lowrank_chain_fwd, _lowrank_chain_bwd)
+
+
+def lowrank_chain(
+    x_spec: str,
+    f1_spec: str,
+    h_spec: str,
+    f2_spec: str,
+    out_spec: str,
+    x: jax.Array,
+    f1: jax.Array,
+    f2: jax.Array,
+    scale: float,
+    *,
+    precision: Any = None,
+) -> jax.Array:
+    """``scale · (x·F1)·F2`` as two einsums, in ``x.dtype``, with a backward pass that transposes no activation.
+
+    The gradients are exactly those of the two einsums; only the contraction order of the backward pass differs
+    from autodiff's: each product contracted over the token (non-factor) axes puts the rank-``r`` operand first, so
+    XLA transposes a rank-``r`` matrix instead of the activations (``dF1ᵀ = dhᵀ·x``, then a transpose of the small
+    result). Residuals kept for the backward pass: ``x``, the factors and the rank-``r`` intermediate. Like any
+    ``jax.custom_vjp`` it supports reverse mode (grad, vjp) under jit, vmap, scan, remat and sharding, but not
+    forward mode (``jax.jvp``); use ``jaxpeft.merged`` or plain einsums for that.
+
+    Args:
+      x_spec: einsum letters of ``x`` (may hold one ``...``).
+      f1_spec: letters of the first factor (A; ``B`` for a tied head), e.g. ``"dr"``.
+      h_spec: letters of the rank-``r`` intermediate ``x·F1`` (``...`` as in ``x_spec``).
+      f2_spec: letters of the second factor, e.g. ``"ro"``.
+      out_spec: letters of the output (``...`` as in ``x_spec``).
+      x: activations.
+      f1: first factor; cast to ``x.dtype`` (its gradient comes back in its own dtype).
+      f2: second factor; cast likewise.
+      scale: multiplies the rank-``r`` intermediate.
+      precision: passed to every contraction.
+
+    Returns:
+      ``scale · einsum(einsum(x, F1 → h), F2 → out)``.
+    """
+    if "..." in x_spec:
+        head, tail = x_spec.split("...")
+        n = x.ndim - len(head) - len(tail)
+        fresh = _fresh_letters(x_spec + f1_spec + h_spec + f2_spec + out_spec, n)
+        x_spec, h_spec, out_spec = (s.replace("...", fresh) for s in (x_spec, h_spec, out_spec))
+    specs = (x_spec, f1_spec, h_spec, f2_spec, out_spec)
+    return _lowrank_chain(specs, x, f1.astype(x.dtype), f2.astype(x.dtype), float(scale), precision)
+
+
 def dense_lowrank(
     x: jax.Array,
     a: jax.Array,
@@ -79,7 +213,7 @@ def dense_lowrank(
     axes: Sequence[int] | None = None,
     precision: Any = None,
 ) -> jax.Array:
-    """``scale · (x·A)·B`` for a dense (or DenseGeneral) layer, in ``x.dtype``.
+    """``scale · (x·A)·B`` for a dense (or DenseGeneral) layer, in ``x.dtype`` (backward: see ``lowrank_chain``).
 
     Args:
       x: activations; their ``axes`` (default: the trailing ``A.ndim - 1``) are contracted with A's fan-in.
@@ -95,10 +229,12 @@ def dense_lowrank(
     n_in = a.ndim - 1 if axes is None else len(axes)
     _check_call_level(a, n_in, "dense_lowrank")
     axes = tuple(range(x.ndim - n_in, x.ndim)) if axes is None else tuple(ax % x.ndim for ax in axes)
-    dims = ((axes, tuple(range(n_in))), ((), ()))
-    h = jax.lax.dot_general(x, a.astype(x.dtype), dims, precision=precision)
-    h = h * jnp.asarray(scale, x.dtype)
-    return jnp.tensordot(h, b.astype(x.dtype), axes=1, precision=precision)
+    n_out = b.ndim - 1
+    letters = _fresh_letters("", x.ndim + n_out + 1)
+    x_spec, fan_out, r = letters[: x.ndim], letters[x.ndim : x.ndim + n_out], letters[-1]
+    fan_in = "".join(x_spec[ax] for ax in axes)
+    rest = "".join(c for i, c in enumerate(x_spec) if i not in axes)
+    return lowrank_chain(x_spec, fan_in + r, rest + r, r + fan_out, rest + fan_out, x, a, b, scale, precision=precision)
 
 
 def dense_delta(
@@ -215,9 +351,7 @@ def einsum_lowrank(
 ) -> jax.Array:
     """``scale · (x·A)·B`` for ``jnp.einsum(subscripts, x, kernel)``, as two einsums, in ``x.dtype``."""
     p = _supported_plan(subscripts)
-    h = jnp.einsum(f"{p.x_spec},{p.a_spec}->{p.h_spec}", x, a.astype(x.dtype), precision=precision)
-    h = h * jnp.asarray(scale, x.dtype)
-    return jnp.einsum(f"{p.h_spec},{p.b_spec}->{p.out_spec}", h, b.astype(x.dtype), precision=precision)
+    return lowrank_chain(p.x_spec, p.a_spec, p.h_spec, p.b_spec, p.out_spec, x, a, b, scale, precision=precision)
 
 
 def einsum_delta(
@@ -267,8 +401,7 @@ def lora_embed(ids: jax.Array, table: jax.Array, lora: Factors) -> jax.Array:
 
 def attend_lowrank(q: jax.Array, a: jax.Array, b: jax.Array, scale: float, *, precision: Any = None) -> jax.Array:
     """The low-rank branch of a tied output head ``q·Eᵀ``: ``scale · (q·Bᵀ)·Aᵀ``, so merged ≡ unmerged holds."""
-    h = jnp.matmul(q, b.astype(q.dtype).T, precision=precision) * jnp.asarray(scale, q.dtype)
-    return jnp.matmul(h, a.astype(q.dtype).T, precision=precision)
+    return lowrank_chain("...d", "rd", "...r", "vr", "...v", q, b, a, scale, precision=precision)
 
 
 def attend_delta(q: jax.Array, lora: Factors, *, precision: Any = None) -> jax.Array:

@@ -127,3 +127,73 @@ def test_merged_fallback_equals_explicit_ops():
     adapters = {"w": lora((6, 2), (2, 5))}
     x = jnp.ones((2, 6))
     close(jaxpeft.merged(lambda p, x: x @ p["w"])(params, adapters, x), ops.lora_dense(x, params["w"], adapters["w"]))
+
+
+# ------------------------------------------------------------------------------------------------ lowrank_chain
+
+
+def _vjp_all(f, args, cot):
+    y, pull = jax.vjp(f, *args)
+    return y, pull(cot)
+
+
+LOWRANK_CASES = [
+    # (x_spec, f1_spec, h_spec, f2_spec, out_spec, x shape, f1 shape, f2 shape)
+    ("btd,dr->btr", "btr,ro->bto", (2, 5, 6), (6, 3), (3, 4)),  # dense
+    ("bdt,dr->btr", "btr,rop->btop", (2, 6, 5), (6, 3), (3, 4, 2)),  # dense_general over a middle axis
+    ("bthd,hdr->bthr", "bthr,hrk->btkh", (2, 5, 3, 4), (3, 4, 2), (3, 2, 6)),  # einsum with a stack letter
+    ("btd,rd->btr", "btr,vr->btv", (2, 5, 6), (3, 6), (7, 3)),  # attend: q·Bᵀ·Aᵀ
+]
+
+
+@pytest.mark.parametrize("first,second,xs,f1s,f2s", LOWRANK_CASES)
+def test_lowrank_chain_value_and_gradients_equal_autodiff_of_two_einsums(first, second, xs, f1s, f2s):
+    x_s, f1_s, h_s = first.replace("->", ",").split(",")
+    _, f2_s, out_s = second.replace("->", ",").split(",")
+    k = jax.random.split(jax.random.key(0), 4)
+    x, f1, f2 = (jax.random.normal(kk, s) for kk, s in zip(k, (xs, f1s, f2s), strict=False))
+
+    def plain(x, f1, f2):
+        return jnp.einsum(second, jnp.einsum(first, x, f1) * 0.7, f2)
+
+    def chain(x, f1, f2):
+        return ops.lowrank_chain(x_s, f1_s, h_s, f2_s, out_s, x, f1, f2, 0.7)
+
+    cot = jax.random.normal(k[3], plain(x, f1, f2).shape)
+    (y0, g0), (y1, g1) = _vjp_all(plain, (x, f1, f2), cot), _vjp_all(chain, (x, f1, f2), cot)
+    close(y1, y0)
+    for a, b in zip(g1, g0, strict=True):
+        close(a, b)
+
+
+def test_lowrank_chain_with_ellipsis_under_vmap_scan_and_remat():
+    k = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(k[0], (3, 2, 5, 6))  # vmapped over the leading axis, scanned over a stack of 2 adapters
+    a, b = jax.random.normal(k[1], (2, 6, 3)), jax.random.normal(k[2], (2, 3, 4))
+
+    def layer(branch):
+        def body(carry, ab):
+            return carry, jax.checkpoint(branch)(carry, *ab)
+
+        def f(x, a, b):
+            return jax.lax.scan(body, x, (a, b))[1].sum(axis=0)
+
+        return jax.vmap(f, in_axes=(0, None, None))
+
+    chain = layer(lambda x, a, b: ops.lowrank_chain("...d", "dr", "...r", "ro", "...o", x, a, b, 2.0))
+    plain = layer(lambda x, a, b: 2.0 * (x @ a) @ b)
+    cot = jax.random.normal(k[3], (3, 2, 5, 4))
+    (y0, g0), (y1, g1) = _vjp_all(jax.jit(plain), (x, a, b), cot), _vjp_all(jax.jit(chain), (x, a, b), cot)
+    close(y1, y0)
+    for u, v in zip(g1, g0, strict=True):
+        close(u, v)
+
+
+def test_lowrank_chain_computes_in_the_activation_dtype_and_returns_factor_dtype_gradients():
+    x = jnp.ones((4, 8), jnp.bfloat16)
+    a, b = jnp.full((8, 2), 0.1, jnp.float32), jnp.full((2, 3), 0.1, jnp.float32)
+    y, pull = jax.vjp(lambda x, a, b: ops.dense_lowrank(x, a, b, 1.0), x, a, b)
+    dx, da, db = pull(jnp.ones_like(y))
+    assert y.dtype == dx.dtype == jnp.bfloat16
+    assert da.dtype == db.dtype == jnp.float32
+    np.testing.assert_allclose(da, np.full((8, 2), 4 * 3 * 0.1), rtol=1e-2)  # bf16 arithmetic

@@ -106,10 +106,13 @@ class DoraWeights(Adapter):
             return f * (y + call.lowrank(call.x, self.a, self.b, self.scale, dtype=y.dtype).astype(y.dtype))
         x = call.x.astype(y.dtype)
         dropped = call.dropout(x, self.dropout)
-        plain = y if dropped is x else call.base(dropped)  # HF: with dropout the base runs again on dropout(x)
-        if call.bias is not None:
-            plain = plain - call.bias.astype(y.dtype)
         lora = call.lowrank(dropped, self.a, self.b, self.scale).astype(y.dtype)
+        bias = None if call.bias is None else call.bias.astype(y.dtype)
+        if dropped is x:  # f·(x·W + s·x·A·B) + bias: one activation-sized residual (the sum) for the backward pass
+            return f * (y + lora) if bias is None else f * (y - bias + lora) + bias
+        plain = call.base(dropped)  # HF: with dropout the base runs again on dropout(x)
+        if bias is not None:
+            plain = plain - bias
         return y + (f - 1) * plain + f * lora
 
 
