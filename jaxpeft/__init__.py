@@ -12,12 +12,18 @@ from jaxpeft.methods import (
     IA3Config,
     IA3Weights,
     LayerCall,
+    LohaConfig,
+    LohaWeights,
+    LokrConfig,
+    LokrWeights,
     LoraConfig,
     LoraWeights,
     MethodConfig,
     NotMergeableError,
     Plan,
     TargetInfo,
+    VeraConfig,
+    VeraWeights,
     adapter_items,
     config_from_dict,
     init,
@@ -26,7 +32,7 @@ from jaxpeft.methods import (
     plan,
     unmerge,
 )
-from jaxpeft.optim import freeze
+from jaxpeft.optim import freeze, loraplus
 from jaxpeft.quant import QuantizedArray, dequantize, quantize
 
 __version__ = "0.1.0"
@@ -39,6 +45,10 @@ __all__ = [
     "IA3Weights",
     "LayerCall",
     "Layout",
+    "LohaConfig",
+    "LohaWeights",
+    "LokrConfig",
+    "LokrWeights",
     "LoraConfig",
     "LoraWeights",
     "MethodConfig",
@@ -47,6 +57,8 @@ __all__ = [
     "QuantizedArray",
     "Summary",
     "TargetInfo",
+    "VeraConfig",
+    "VeraWeights",
     "adapter_items",
     "combine",
     "config_from_dict",
@@ -54,6 +66,7 @@ __all__ = [
     "freeze",
     "init",
     "layouts_of",
+    "loraplus",
     "merge",
     "merged",
     "partition",

@@ -1,15 +1,21 @@
-"""optax glue: freeze non-trainable leaves so they get neither updates nor optimizer state."""
+"""optax glue: freeze non-trainable leaves (no updates, no state), and LoRA+'s larger learning rate for B."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 
 from jaxpeft._partition import trainable_mask
+from jaxpeft.methods.base import Adapter
+from jaxpeft.methods.dora import DoraWeights
+from jaxpeft.methods.lora import LoraWeights, is_number
 
-__all__ = ["freeze"]
+__all__ = ["freeze", "loraplus"]
 
 
 def freeze(tx: optax.GradientTransformation, filter_spec: Any) -> optax.GradientTransformation:
@@ -32,3 +38,69 @@ def freeze(tx: optax.GradientTransformation, filter_spec: Any) -> optax.Gradient
         return jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(params, filter_spec))
 
     return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _is_adapter(x: Any) -> bool:
+    return isinstance(x, Adapter)
+
+
+def _node_labels(x: Any) -> Any:
+    if isinstance(x, (LoraWeights, DoraWeights)):
+        return dataclasses.replace(jax.tree.map(lambda _: "rest", x), b=jax.tree.map(lambda _: "b", x.b))
+    return jax.tree.map(lambda _: "rest", x)
+
+
+def loraplus_labels(tree: Any, b_filter: Any = None) -> Any:
+    """``"b"`` for each B factor of LoRA and DoRA nodes in ``tree``, ``"rest"`` for every other leaf.
+
+    With ``b_filter`` (a filter spec as in ``jaxpeft.partition``, True = B) the leaves it selects are the B factors
+    instead, for trees that hold no adapter nodes (an ``nnx.State`` of ``jaxpeft.nnx.AdapterParam``).
+    """
+    if b_filter is not None:
+        return jax.tree.map(lambda t: "b" if t else "rest", trainable_mask(tree, b_filter))
+    return jax.tree.map(lambda x: _node_labels(x) if _is_adapter(x) else "rest", tree, is_leaf=_is_adapter)
+
+
+def loraplus(
+    optimizer: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation],
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    ratio: float = 16.0,
+    b_filter: Any = None,
+) -> optax.GradientTransformation:
+    """LoRA+: ``optimizer(learning_rate)`` for every leaf, but ``optimizer(ratio · learning_rate)`` for LoRA's B.
+
+    The B factors are the ``b`` leaves of ``jaxpeft.LoraWeights`` and ``jaxpeft.DoraWeights`` nodes (DoRA's
+    magnitude and A, and every other method's arrays, keep ``learning_rate``). Each half is a separate
+    ``optimizer`` (``optax.partition``), so with Adam or SGD a B factor's update is exactly ``ratio`` times what
+    ``optimizer(learning_rate)`` alone would give it, and A's is unchanged. Compose with ``freeze`` when the tree
+    also holds frozen weights: ``jaxpeft.freeze(jaxpeft.loraplus(optax.adamw, 1e-4), spec)``.
+
+    Args:
+      optimizer: a factory taking the learning rate, e.g. ``optax.adamw`` or
+        ``functools.partial(optax.adamw, weight_decay=0.0)``.
+      learning_rate: A's learning rate: a number or an optax schedule (B's is ``ratio`` times it, step by step).
+      ratio: ``lr_B / lr_A``; the paper recommends 16 (2⁴) for most tasks.
+      b_filter: for trees without adapter nodes (``jaxpeft.nnx.optimizer``'s ``nnx.State``), which leaves are B, as a
+        filter spec (True = B), e.g. ``jaxpeft.path_filter(r"(^|/)b$")``.
+
+    Returns:
+      A ``GradientTransformation``.
+
+    References:
+      Hayou, Ghosh and Yu, "LoRA+: Efficient Low Rank Adaptation of Large Models", 2024.
+    """
+    if not is_number(ratio) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"`ratio`={ratio!r}; expected a positive finite number, e.g. 16 (the paper's default).")
+    if callable(learning_rate):
+        schedule = learning_rate
+
+        def b_rate(step: Any) -> Any:
+            return ratio * schedule(step)
+
+        lr_b: optax.ScalarOrSchedule = b_rate
+    else:
+        lr_b = ratio * learning_rate
+    return optax.partition(
+        {"rest": optimizer(learning_rate), "b": optimizer(lr_b)}, lambda tree: loraplus_labels(tree, b_filter)
+    )

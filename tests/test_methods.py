@@ -156,6 +156,10 @@ METHODS = {
     "dora": jaxpeft.DoraConfig(rank=2, alpha=4, targets=r"(kernel|embedding)$"),
     "ia3": jaxpeft.IA3Config(targets=r"kernel$", feedforward=["down", "conv"]),
     "scale_shift": ScaleShiftConfig(),
+    "loha": jaxpeft.LohaConfig(rank=2, alpha=4, targets=r"kernel$"),  # conv included
+    # rank 1 < max/2 everywhere: W1 and W2 both low-rank; the full factors are covered in test_peft_family.py
+    "lokr": jaxpeft.LokrConfig(rank=1, alpha=2, targets=["up", "down", "heads", "mix", "out"], decompose_both=True),
+    "vera": jaxpeft.VeraConfig(rank=4, targets=["up", "down", "heads", "mix", "out"], d_initial=0.5),
 }
 UNMERGEABLE = {"dora"}  # merge is one-way: the column norm it divides by is lost
 
