@@ -6,7 +6,7 @@ the adapters of one PEFT method (default LoRA, rank 4 on every linear layer of t
 stay frozen.
 
     python examples/quickstart.py                  # LoRA
-    python examples/quickstart.py --method dora    # or ia3
+    python examples/quickstart.py --method dora    # or ia3, loha, lokr, vera
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ METHODS: dict[str, tuple[jaxpeft.MethodConfig, float]] = {
     "lora": (jaxpeft.LoraConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),
     "dora": (jaxpeft.DoraConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),
     "ia3": (jaxpeft.IA3Config(targets=["key", "value", "down"], feedforward=["down"]), 5e-2),
+    "loha": (jaxpeft.LohaConfig(rank=2, alpha=4, targets="all-linear"), 1e-2),
+    "lokr": (jaxpeft.LokrConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),
+    "vera": (jaxpeft.VeraConfig(rank=64, targets="all-linear"), 2e-2),
 }
 
 
