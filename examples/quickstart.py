@@ -6,7 +6,7 @@ the adapters of one PEFT method (default LoRA, rank 4 on every linear layer of t
 stay frozen.
 
     python examples/quickstart.py                  # LoRA
-    python examples/quickstart.py --method dora    # or ia3, loha, lokr, vera
+    python examples/quickstart.py --method dora    # or ia3, loha, lokr, vera, bitfit, ln_tuning
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ METHODS: dict[str, tuple[jaxpeft.MethodConfig, float]] = {
     "loha": (jaxpeft.LohaConfig(rank=2, alpha=4, targets="all-linear"), 1e-2),
     "lokr": (jaxpeft.LokrConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),
     "vera": (jaxpeft.VeraConfig(rank=64, targets="all-linear"), 2e-2),
+    # PiSSA / OLoRA: A, B from the SVD / QR of each weight, the base keeps the residual (jaxpeft.init_adjusted)
+    "pissa": (jaxpeft.LoraConfig(rank=4, alpha=8, targets="all-linear", init="pissa"), 3e-3),
+    "olora": (jaxpeft.LoraConfig(rank=4, alpha=8, targets="all-linear", init="olora"), 3e-3),
+    "bitfit": (jaxpeft.BitFitConfig(), 2e-2),  # every Dense/DenseGeneral bias
+    "ln_tuning": (jaxpeft.LNTuningConfig(), 2e-2),  # every LayerNorm's scale and bias
 }
 
 
@@ -114,12 +119,14 @@ def main(argv: list[str] | None = None) -> float:
     cfg, lr = METHODS[method]
     layouts = jaxpeft.linen.infer_layouts(model, ids)  # abstract trace: which kernel axes are stack/fan-in/fan-out
     print(jaxpeft.plan(cfg, params, layouts=layouts))  # the dry run
-    adapters = jax.jit(lambda p, k: jaxpeft.init(cfg, p, key=k, layouts=layouts))(params, jax.random.key(4))
+    # init_adjusted = init for every method but PiSSA/OLoRA, whose base weights become the residual W - s·A·B
+    init = jax.jit(lambda p, k: jaxpeft.init_adjusted(cfg, p, key=k, layouts=layouts))
+    frozen, adapters = init(params, jax.random.key(4))
     print()
-    print(jaxpeft.summary(params, adapters, tx=optax.adam(1e-3)))
+    print(jaxpeft.summary(frozen, adapters, tx=optax.adam(1e-3)))
 
     def peft_loss(adapters, batch):  # differentiate only the adapters: no gradient of a frozen weight exists
-        return xent(jaxpeft.linen.apply(model, {"params": params}, adapters, batch), batch)
+        return xent(jaxpeft.linen.apply(model, {"params": frozen}, adapters, batch), batch)
 
     adapters = train(peft_loss, adapters, task_b, 100, lr, method, jax.random.key(5))
 
@@ -133,9 +140,9 @@ def main(argv: list[str] | None = None) -> float:
         print(f"    {path:22s} {e:.2f}")
 
     print("\n3) ship it: merge the adapters into plain params (zero inference overhead)")
-    merged = jax.jit(jaxpeft.merge)(params, adapters)
+    merged = jax.jit(jaxpeft.merge)(frozen, adapters)
     batch = task_b(jax.random.key(6))
-    unmerged_out = jax.jit(lambda a, x: jaxpeft.linen.apply(model, {"params": params}, a, x))(adapters, batch)
+    unmerged_out = jax.jit(lambda a, x: jaxpeft.linen.apply(model, {"params": frozen}, a, x))(adapters, batch)
     merged_out = jax.jit(model.apply)({"params": merged}, batch)
     diff = float(jnp.abs(merged_out - unmerged_out).max())
     acc = float((merged_out[:, :-1].argmax(-1) == batch[:, 1:]).mean())

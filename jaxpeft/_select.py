@@ -14,6 +14,7 @@ __all__ = [
     "ALL_LINEAR",
     "LINEAR_KINDS",
     "OUTPUT_HEAD_NAMES",
+    "VECTOR_KINDS",
     "WEIGHT_NAMES",
     "Layout",
     "TargetSpec",
@@ -31,7 +32,10 @@ WEIGHT_NAMES = ("kernel", "embedding", "weight")
 LINEAR_KINDS = ("dense", "dense_general", "einsum")
 #: Module names treated as the output head, which ``"all-linear"`` leaves alone (as HF PEFT does).
 OUTPUT_HEAD_NAMES = ("lm_head", "head", "logits", "output_head")
-KINDS = ("dense", "dense_general", "einsum", "conv", "embed", "unsupported")
+#: Kinds of a vector leaf trained in place (``jaxpeft.BitFitConfig``, ``jaxpeft.LNTuningConfig``): a layer's bias and
+#: a norm layer's scale or bias. Their layouts have no fan-in axes: ``(*stack, *features)`` with ``fan_out`` features.
+VECTOR_KINDS = ("bias", "norm")
+KINDS = ("dense", "dense_general", "einsum", "conv", "embed", *VECTOR_KINDS, "unsupported")
 
 TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
 
@@ -48,7 +52,8 @@ class Layout:
       stack: number of leading axes that index independent layers (scan/vmap stacks, einsum batch axes).
       fan_in: number of axes contracted with the input.
       fan_out: number of axes that appear in the output.
-      kind: the layer kind ("dense", "dense_general", "einsum", "conv", "embed" or "unsupported").
+      kind: the layer kind ("dense", "dense_general", "einsum", "conv", "embed" or "unsupported"), or for a vector
+        leaf (``VECTOR_KINDS``: "bias", "norm") what it is; a vector has ``fan_in=0`` and its feature axes as fan-out.
       reason: for ``kind="unsupported"``, why the layer cannot be adapted.
     """
 
@@ -61,10 +66,11 @@ class Layout:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"`kind`={self.kind!r} is not one of {KINDS}.")
-        if min(self.stack, self.fan_in, self.fan_out) < 0 or min(self.fan_in, self.fan_out) < 1:
+        min_fan_in = 0 if self.kind in VECTOR_KINDS else 1
+        if min(self.stack, self.fan_in, self.fan_out) < 0 or self.fan_in < min_fan_in or self.fan_out < 1:
             raise ValueError(
                 f"Layout(stack={self.stack}, fan_in={self.fan_in}, fan_out={self.fan_out}) is invalid: "
-                "stack must be >= 0, fan_in and fan_out >= 1."
+                "stack must be >= 0, fan_in and fan_out >= 1 (fan_in >= 0 for the vector kinds 'bias', 'norm')."
             )
 
     @property
@@ -183,6 +189,11 @@ def select_targets(
         if drop is not None and drop(path, leaf, layout):
             excluded.append(path)
             continue
+        if layout is not None and layout.kind in VECTOR_KINDS:
+            raise ValueError(
+                f"{path!r} is a {layout.kind} vector; this method adapts kernels. Add it to `exclude`, or train it "
+                "with jaxpeft.BitFitConfig / jaxpeft.LNTuningConfig."
+            )
         shape = tuple(getattr(leaf, "shape", ()))
         if len(shape) < 2:
             raise ValueError(

@@ -19,11 +19,14 @@ import jax.numpy as jnp
 from jaxpeft import ops, quant
 from jaxpeft._paths import leaves_with_paths, path_str, set_path
 from jaxpeft._select import Layout
+from jaxpeft.methods.bank import AdapterBank
 from jaxpeft.methods.base import Adapter, LayerCall, MethodConfig, Plan, adapter_items, check_fits
 from jaxpeft.methods.base import init as method_init
+from jaxpeft.methods.base import init_adjusted as method_init_adjusted
 from jaxpeft.methods.base import plan as method_plan
+from jaxpeft.methods.leaf import LeafAdapter, substitute
 
-__all__ = ["apply", "infer_layouts", "init", "plan", "quantize"]
+__all__ = ["apply", "infer_layouts", "init", "init_adjusted", "plan", "quantize"]
 
 _PREFIX = "peft::"
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
@@ -142,6 +145,29 @@ def init(
     return method_init(cfg, params, key=key, layouts=layouts)
 
 
+def init_adjusted(
+    cfg: MethodConfig,
+    model: nn.Module,
+    params: Any,
+    *args: Any,
+    key: jax.Array,
+    method: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """``jaxpeft.init_adjusted`` with layouts inferred from ``model``: ``(new_params, adapters)``.
+
+    For PiSSA/OLoRA (``LoraConfig(init="pissa" | "pissa_niter_<n>" | "olora")``) run the model as
+    ``apply(model, {"params": new_params}, adapters, ...)``: at init it computes the original model's outputs up
+    to float rounding, and ``jaxpeft.merge(new_params, trained)`` is the original weights plus the trained update.
+
+    Raises:
+      ValueError: ``params`` is the whole ``{"params": ...}`` variables dict; and as ``jaxpeft.init_adjusted``.
+    """
+    layouts = infer_layouts(model, *args, method=method, **kwargs)
+    _check_params(params, layouts)
+    return method_init_adjusted(cfg, params, key=key, layouts=layouts)
+
+
 def quantize(
     targets: Any, model: nn.Module, params: Any, *args: Any, kind: str = "nf4", method: Any = None, **kwargs: Any
 ) -> Any:
@@ -179,6 +205,8 @@ def _augment(params: Any, adapters: Any) -> tuple[Any, dict[tuple[str, ...], dic
     table: dict[tuple[str, ...], dict[str, _Stored]] = {}
     shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(params, is_leaf=quant.is_quantized)}
     for path, node in adapter_items(adapters):
+        if isinstance(node, LeafAdapter):  # substituted into the params instead (see `substitute`)
+            continue
         if path in shapes:
             check_fits(path, node, shapes[path])
         module_path, _, leaf = path.rpartition("/")
@@ -247,14 +275,46 @@ def _dequantized_base(
     return lambda inp: run(inp, q, others)
 
 
+def _detached_base(
+    module: nn.Module,
+    method: str,
+    kernel: jax.Array,
+    bind: Callable[[jax.Array], tuple[tuple[Any, ...], dict[str, Any]]],
+    guard: _Guard,
+) -> Callable[[jax.Array], jax.Array]:
+    """``base(x)``: a detached clone of the layer applied to its current (call-level) weights."""
+    variables = {_weight_name(module): kernel}
+    if module.has_variable("params", "bias"):
+        variables["bias"] = module.get_variable("params", "bias")
+    clone = module.clone(parent=None, name=None)
+    name = None if method == "__call__" else method
+
+    def run(inp: jax.Array) -> jax.Array:
+        a, kw = bind(inp)
+        with guard:
+            out: jax.Array = clone.apply({"params": variables}, *a, method=name, **kw)  # type: ignore[assignment]
+        return out
+
+    return run
+
+
 def _layer_call(
-    module: nn.Module, method: str, next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any], guard: _Guard
+    module: nn.Module,
+    method: str,
+    next_fun: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    guard: _Guard,
+    *,
+    detached: bool = False,
+    adapter_ids: Any = None,
 ) -> LayerCall:
     """The one place that translates a Linen layer call into the neutral ``LayerCall``.
 
     Over a quantised weight, ``base`` runs the layer on its dequantised weight (see ``_dequantized_base``) and
     ``kernel`` is the dequantised weight (read only by methods that need it, e.g. DoRA's norm; unused, it is
-    never computed).
+    never computed). With ``detached`` (an adapter whose forward runs ``base`` under ``jax.vmap``), ``base`` runs
+    a detached copy of the layer on its current weights, which Flax allows inside JAX transforms.
     """
     bind: Callable[[jax.Array], tuple[tuple[Any, ...], dict[str, Any]]]
     if args:
@@ -278,6 +338,8 @@ def _layer_call(
     if quant.is_quantized(kernel):
         base = _dequantized_base(module, method, kernel, bind, guard)
         kernel = quant.dequantize(kernel)
+    elif detached:
+        base = _detached_base(module, method, kernel, bind, guard)
     else:
 
         def base(inp: jax.Array) -> jax.Array:
@@ -286,7 +348,14 @@ def _layer_call(
             return out
 
     precision = getattr(module, "precision", None)
-    common = {"x": x, "base": base, "kernel": kernel, "precision": precision, "dropout_key": dropout_key}
+    common = {
+        "x": x,
+        "base": base,
+        "kernel": kernel,
+        "precision": precision,
+        "dropout_key": dropout_key,
+        "adapter_ids": adapter_ids,
+    }
     if isinstance(module, nn.Embed):
         return LayerCall(kind="attend" if method == "attend" else "embed", **common)
     bias = _bias(module, args, kwargs, jnp.ndim(x)) if not isinstance(module, nn.Einsum) else None
@@ -312,7 +381,9 @@ def _holds_quantized(module: nn.Module, leaf: str) -> bool:
     return module.has_variable("params", leaf) and quant.is_quantized(module.get_variable("params", leaf))
 
 
-def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, _Stored]], used: set[str], quantized: bool) -> Any:
+def _interceptor(
+    table: Mapping[tuple[str, ...], Mapping[str, _Stored]], used: set[str], quantized: bool, adapter_ids: Any
+) -> Any:
     guard = _Guard()
 
     def intercept(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context: Any) -> Any:
@@ -327,13 +398,35 @@ def _interceptor(table: Mapping[tuple[str, ...], Mapping[str, _Stored]], used: s
         stored = entry.get(leaf) if entry is not None else None
         if stored is None and not (quantized and _holds_quantized(module, leaf)):
             return next_fun(*args, **kwargs)
-        call = _layer_call(module, method, next_fun, args, kwargs, guard)
+        detached = stored is not None and type(stored.node).transforms_base
+        call = _layer_call(module, method, next_fun, args, kwargs, guard, detached=detached, adapter_ids=adapter_ids)
         if stored is None:  # a quantised weight without an adapter: the layer on its dequantised weight
             return call.base(call.x)
         used.add("/".join((*module.path, leaf)))
         return stored.rebuild(module, leaf).forward(call)
 
     return intercept
+
+
+def _check_ids(ids: Any, adapters: Any) -> jax.Array:
+    """``ids`` as an integer array, range-checked against the banks when its values are known (outside ``jit``)."""
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim > 1:
+        raise ValueError(
+            f"`adapter_ids` has dtype {ids.dtype} and shape {ids.shape}; expected integers of shape () or (batch,), "
+            "e.g. jaxpeft.adapter_ids(bank, ['fr', 'de'])."
+        )
+    sizes = {len(n.names) for _, n in adapter_items(adapters) if isinstance(n, AdapterBank)}
+    if not sizes:
+        raise ValueError("`adapter_ids` was given but `adapters` holds no adapter bank (see jaxpeft.stack_adapters).")
+    try:
+        low, high = int(jnp.min(ids)), int(jnp.max(ids))
+    except jax.errors.ConcretizationTypeError:
+        return ids
+    n = min(sizes)
+    if low < 0 or high >= n:
+        raise ValueError(f"`adapter_ids` ranges over [{low}, {high}]; the bank holds {n} adapters (ids 0..{n - 1}).")
+    return ids
 
 
 def apply(
@@ -345,6 +438,7 @@ def apply(
     method: Any = None,
     mutable: Any = False,
     strict: bool = True,
+    adapter_ids: Any = None,
     **kwargs: Any,
 ) -> Any:
     """``model.apply(variables, *args)`` with every adapted layer running its adapter's forward rule.
@@ -354,6 +448,9 @@ def apply(
     no kernel gradient is ever computed. Works under ``jax.jit`` and inside ``nn.scan``, ``nn.vmap`` and
     ``nn.remat`` stacks. Dropout runs when ``rngs`` has a ``"dropout"`` key and the method's dropout rate is
     positive (a scanned stack should split the ``"dropout"`` rng, as usual).
+
+    Leaf methods (``jaxpeft.LeafAdapter``: BitFit, LN tuning) intercept nothing: each adapted leaf is replaced by
+    ``node.value(leaf)`` (``leaf + delta``) in the params before ``model.apply``, so the model's own code runs.
 
     Params may hold quantised weights (``jaxpeft.quantize``, QLoRA): each layer whose weight is quantised runs
     its own code on the dequantised weight inside ``jax.checkpoint`` (adapted or not), so the full-precision
@@ -369,6 +466,9 @@ def apply(
       method: optional method to call instead of ``__call__``.
       mutable: as in ``model.apply``.
       strict: raise if an adapter was not used by the call (a silent no-op otherwise).
+      adapter_ids: for adapter banks (``jaxpeft.stack_adapters``): an integer array, shape ``()`` (one adapter for
+        the call) or ``(batch,)`` (one per example: a mixed batch); ``jaxpeft.adapter_ids`` makes it from names.
+        Data, not a Python branch: new ids never recompile.
       **kwargs: keyword arguments for the call.
 
     Returns:
@@ -383,10 +483,13 @@ def apply(
             f"`variables` has collections {sorted(variables)}; expected a 'params' collection, "
             "e.g. jaxpeft.linen.apply(model, {'params': params}, adapters, x)."
         )
-    params, table = _augment(variables["params"], adapters)
+    params, substituted = substitute(variables["params"], adapters)  # leaf methods: the model sees leaf + delta
+    params, table = _augment(params, adapters)
     quantized = any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
-    used: set[str] = set()
-    with nn.intercept_methods(_interceptor(table, used, quantized)):
+    used: set[str] = set(substituted)
+    if adapter_ids is not None:
+        adapter_ids = _check_ids(adapter_ids, adapters)
+    with nn.intercept_methods(_interceptor(table, used, quantized, adapter_ids)):
         out = model.apply({**variables, "params": params}, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
     unused = sorted({p for p, _ in adapter_items(adapters)} - used)
     if strict and unused:

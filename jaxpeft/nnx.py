@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +13,18 @@ from flax import nnx
 from jaxpeft import ops, quant
 from jaxpeft._paths import leaves_with_paths, path_str, set_path
 from jaxpeft._select import Layout
+from jaxpeft.methods.bank import AdapterBank
 from jaxpeft.methods.base import Adapter, LayerCall, MethodConfig, Plan, adapter_items, check_fits, fold_target
 from jaxpeft.methods.base import init as method_init
+from jaxpeft.methods.base import init_adjusted as method_init_adjusted
 from jaxpeft.methods.base import plan as method_plan
+from jaxpeft.methods.leaf import LeafAdapter
 
 __all__ = [
+    "AdapterIds",
     "AdapterLayer",
     "AdapterParam",
+    "LeafAdapterLayer",
     "QuantizedLayer",
     "adapt",
     "adapters_of",
@@ -32,6 +37,7 @@ __all__ = [
     "plan",
     "quantize",
     "remove",
+    "set_adapter_ids",
     "unmerge",
 ]
 
@@ -41,7 +47,11 @@ PathParts = tuple[Hashable, ...]
 # Layer types jaxpeft.nnx can adapt (exact flax behaviour; subclasses that override ``__call__`` are refused).
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 _BASE = "base"
-_RESERVED = ("base", "treedef", "names", "stored_ndim", "deterministic", "rngs", "n_transform")
+_RESERVED = ("base", "treedef", "names", "stored_ndim", "deterministic", "rngs", "n_transform", "adapter_ids")
+
+
+class AdapterIds(nnx.Variable):
+    """Which adapter of a bank each example uses (``set_adapter_ids``); data, neither trained nor part of the base."""
 
 
 class AdapterParam(nnx.Variable):
@@ -117,7 +127,7 @@ class _Canon:
 
     def __init__(self, model: Any) -> None:
         self.nodes = list(nnx.iter_graph(model))
-        self.wrappers = {p: n for p, n in self.nodes if isinstance(n, (AdapterLayer, QuantizedLayer))}
+        self.wrappers = {p: n for p, n in self.nodes if isinstance(n, (AdapterLayer, QuantizedLayer, LeafAdapterLayer))}
 
     def __call__(self, parts: PathParts) -> PathParts:
         return tuple(k for i, k in enumerate(parts) if not (k == _BASE and parts[:i] in self.wrappers))
@@ -129,11 +139,19 @@ class _Canon:
                 yield (*self(parts), _weight_name(node)), node
 
     def adapted(self) -> list[tuple[str, AdapterLayer]]:
-        """``(canonical weight path, wrapper)`` for each ``AdapterLayer``, sorted by path."""
+        """``(canonical weight path, wrapper)`` for each ``AdapterLayer``, and ``(leaf path, slot)`` for each leaf
+        adapted by a ``LeafAdapterLayer`` (a slot has the same ``adapter``/``names``/``treedef`` interface), sorted
+        by path."""
         rows = [
             (_path_text((*self(p), _weight_name(w.base))), w)
             for p, w in self.wrappers.items()
             if isinstance(w, AdapterLayer)
+        ]
+        rows += [
+            (_path_text((*self(p), name)), cast(AdapterLayer, slot))
+            for p, w in self.wrappers.items()
+            if isinstance(w, LeafAdapterLayer)
+            for name, slot in w.leaves.items()
         ]
         return sorted(rows, key=lambda row: row[0])
 
@@ -184,7 +202,9 @@ def _dequantized_run(base: Any, method: str, args: tuple[Any, ...], kwargs: dict
     return lambda inp: run(inp, state)
 
 
-def _layer_call(base: Any, method: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any) -> LayerCall:
+def _layer_call(
+    base: Any, method: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any, ids: Any = None
+) -> LayerCall:
     """The one place that translates an NNX layer call into the neutral ``LayerCall``.
 
     Over a quantised weight, ``base`` runs the layer on its dequantised weight (see ``_dequantized_run``) and
@@ -199,7 +219,14 @@ def _layer_call(base: Any, method: str, x: Any, args: tuple[Any, ...], kwargs: d
     if quant.is_quantized(kernel):
         run = _dequantized_run(base, method, args, kwargs)
         kernel = quant.dequantize(kernel)
-    common = {"x": x, "base": run, "kernel": kernel, "precision": getattr(base, "precision", None), "dropout_key": key}
+    common = {
+        "x": x,
+        "base": run,
+        "kernel": kernel,
+        "precision": getattr(base, "precision", None),
+        "dropout_key": key,
+        "adapter_ids": ids,
+    }
     if isinstance(base, nnx.Embed):
         return LayerCall(kind="attend" if method == "attend" else "embed", **common)
     bias_var = getattr(base, "bias", None)
@@ -239,6 +266,7 @@ class AdapterLayer(nnx.Module):
         self.base = base
         self.deterministic = False
         self.rngs = nnx.data(rngs)
+        self.adapter_ids: AdapterIds | None = nnx.data(None)
         self._store(adapter)
 
     def _store(self, adapter: Adapter) -> None:
@@ -278,6 +306,13 @@ class AdapterLayer(nnx.Module):
         if deterministic is not None:
             self.deterministic = deterministic
 
+    def _ids(self, node: Adapter) -> jax.Array | None:
+        """The adapter ids set by ``set_adapter_ids``, with the stack axes that remain at this call indexed away."""
+        if self.adapter_ids is None:
+            return None
+        ids: jax.Array = self.adapter_ids.get_value()
+        return ids[(0,) * node.layout.stack] if isinstance(node, AdapterBank) else ids
+
     def _dropout_key(self) -> jax.Array | None:
         if self.deterministic or self.rngs is None:
             return None
@@ -285,7 +320,9 @@ class AdapterLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The adapted layer; at init every built-in method returns exactly ``base(x, *args, **kwargs)``."""
-        return self.adapter.forward(_layer_call(self.base, "__call__", x, args, kwargs, self._dropout_key))
+        node = self.adapter
+        call = _layer_call(self.base, "__call__", x, args, kwargs, self._dropout_key, self._ids(node))
+        return node.forward(call)
 
     def attend(self, query: jax.Array, **kwargs: Any) -> jax.Array:
         """``nnx.Embed.attend`` with the adapter applied (a tied output head); embeddings only."""
@@ -293,7 +330,8 @@ class AdapterLayer(nnx.Module):
             raise AttributeError(
                 f"`attend` exists on wrapped nnx.Embed layers only; this wraps nnx.{type(self.base).__name__}."
             )
-        return self.adapter.forward(_layer_call(self.base, "attend", query, (), kwargs, self._dropout_key))
+        node = self.adapter
+        return node.forward(_layer_call(self.base, "attend", query, (), kwargs, self._dropout_key, self._ids(node)))
 
 
 class QuantizedLayer(nnx.Module):
@@ -318,6 +356,111 @@ class QuantizedLayer(nnx.Module):
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The layer's own forward on its dequantised weight."""
         return _dequantized_run(self.base, "__call__", args, kwargs)(x)
+
+
+class _LeafSlot(nnx.Module):
+    """The ``AdapterParam`` arrays and static parts of one leaf adapter (a slot of a ``LeafAdapterLayer``)."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(adapter)
+        names = tuple(path_str(kp) for kp, _ in flat)
+        clash = [n for n in names if n in _RESERVED or not n.isidentifier()]
+        if clash:
+            raise ValueError(
+                f"{type(adapter).__name__} has array fields {clash} that jaxpeft.nnx cannot store as attributes; "
+                f"rename them (reserved: {_RESERVED})."
+            )
+        self.treedef = treedef
+        self.names = names
+        self.stored_ndim = flat[0][1].ndim if flat else 0
+        for name, (_, value) in zip(names, flat, strict=True):
+            setattr(self, name, AdapterParam(jnp.asarray(value)))
+
+    @property
+    def adapter(self) -> Adapter:
+        """The current adapter node (sliced inside ``nnx.scan``/``nnx.vmap``)."""
+        leaves = [getattr(self, n).get_value() for n in self.names]
+        node: Adapter = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return node.at_call(self.stored_ndim - leaves[0].ndim) if leaves else node
+
+
+class LeafAdapterLayer(nnx.Module):
+    """A module whose own leaves (a bias, a norm's scale and bias) are trained in place (BitFit, LN tuning).
+
+    Calling it runs the wrapped module's own code on a copy of its state in which each adapted leaf is
+    ``adapter.value(leaf)`` (``leaf + delta``, see ``jaxpeft.LeafAdapter``): the wrapped module is never changed, so
+    ``nnx.state(model, nnx.Param)`` stays the frozen base, and the adapter arrays are ``AdapterParam`` variables
+    under ``leaves[name]``. Inside ``nnx.scan``/``nnx.vmap`` stacks they carry the leaves' stack axes and are
+    sliced with them. Like ``AdapterLayer`` it adds no level to canonical paths.
+
+    Attributes:
+      base: the wrapped module (whose adapted leaves are ``nnx.Param`` attributes it reads in ``__call__``).
+      leaves: ``nnx.Dict`` from leaf name (``"bias"``, ``"scale"``) to the slot holding its adapter.
+    """
+
+    def __init__(self, base: nnx.Module, adapters: Mapping[str, LeafAdapter]) -> None:
+        self.base = base
+        self.leaves = nnx.Dict({name: _LeafSlot(node) for name, node in sorted(adapters.items())})
+
+    def __getattr__(self, name: str) -> Any:
+        base = self.__dict__.get("base")
+        if name.startswith("_") or base is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(
+            f"LeafAdapterLayer (wrapping {type(base).__name__}) has no attribute {name!r}. The wrapped module is "
+            "`.base`, but reading its leaves directly skips the adapters: call the layer, or jaxpeft.nnx.merge(model)."
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped module's output with its adapted leaves substituted; at init exactly ``base(*args)``."""
+        graphdef, state = nnx.split(self.base)
+        layer = nnx.merge(graphdef, state, copy=True)  # own variables: `base` is not touched
+        for name, slot in self.leaves.items():
+            var = getattr(layer, name)
+            var.set_value(cast(LeafAdapter, slot.adapter).value(var.get_value()))
+        return layer(*args, **kwargs)
+
+
+def _leaf_params(model: Any, table: Mapping[str, Adapter]) -> dict[str, nnx.Param]:
+    """The ``nnx.Param`` under each leaf adapter's path (canonical), after checking that the adapter fits."""
+    leaf_table = {p: n for p, n in table.items() if isinstance(n, LeafAdapter)}
+    if not leaf_table:
+        return {}
+    canon = _Canon(model)
+    wrappers = (AdapterLayer, QuantizedLayer, LeafAdapterLayer)
+    modules = {
+        _path_text(canon(p)): n for p, n in canon.nodes if isinstance(n, nnx.Module) and not isinstance(n, wrappers)
+    }
+    out: dict[str, nnx.Param] = {}
+    for path, node in sorted(leaf_table.items()):
+        module_path, _, name = path.rpartition("/")
+        var = getattr(modules.get(module_path), name, None)
+        if not isinstance(var, nnx.Param):
+            owner = modules.get(module_path)
+            where = f"a {type(owner).__name__} without an nnx.Param `{name}`" if owner is not None else "no module"
+            raise ValueError(
+                f"adapter {path!r} ({type(node).__name__}) names a leaf of {where} at {module_path!r}; were the "
+                "adapters made for this model?"
+            )
+        if any(p.rpartition("/")[0] == module_path for p, n in table.items() if not isinstance(n, LeafAdapter)):
+            raise ValueError(
+                f"adapter {path!r} trains a leaf of a layer that also has a kernel adapter; jaxpeft.nnx wraps a layer "
+                "once. Use one kind of method per layer (jaxpeft.linen.apply runs both)."
+            )
+        check_fits(path, node, tuple(var.shape))
+        out[path] = var
+    return out
+
+
+def _leaf_owners(model: Any, table: Mapping[str, Adapter]) -> dict[str, dict[str, LeafAdapter]]:
+    """``{module path: {leaf name: adapter}}`` for the leaf adapters of ``table`` (validated)."""
+    owners: dict[str, dict[str, LeafAdapter]] = {}
+    for path in _leaf_params(model, table):
+        module_path, _, name = path.rpartition("/")
+        node = table[path]
+        assert isinstance(node, LeafAdapter)
+        owners.setdefault(module_path, {})[name] = node
+    return owners
 
 
 def _quantized(module: Any) -> bool:
@@ -461,7 +604,10 @@ def _validated(model: Any, adapters: Any) -> tuple[dict[str, Adapter], dict[str,
     for parts, module in _Canon(model).layers():
         shapes[_path_text(parts)] = (tuple(getattr(module, _weight_name(module)).shape), _kernel_layout(module))
     layouts = infer_layouts(model)
+    _leaf_params(model, table)  # leaf adapters (BitFit, LN tuning) sit on a module's own leaves
     for path, node in sorted(table.items()):
+        if isinstance(node, LeafAdapter):
+            continue
         if path not in shapes:
             known = [p for p, (_, lay) in shapes.items() if lay.kind != "unsupported"][:4]
             why = f" {layouts[path].reason}" if path in layouts else ""
@@ -522,6 +668,7 @@ def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
     _check_unadapted(model, "jaxpeft.nnx.attach")
     table, _ = _validated(model, adapters)
     streams = _dropout_streams(table, model, rngs)
+    owners = _leaf_owners(model, table)
 
     def wrap(parts: PathParts, node: Any) -> Any:
         layer = node.base if isinstance(node, QuantizedLayer) else node
@@ -529,6 +676,9 @@ def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
             path = _path_text((*parts, _weight_name(layer)))
             if path in table:
                 return AdapterLayer(layer, table[path], rngs=streams.get(path))
+        owned = owners.get(_path_text(parts))
+        if owned is not None and isinstance(node, nnx.Module):
+            return LeafAdapterLayer(node, owned)
         return node
 
     return nnx.recursive_map(wrap, nnx.clone(model))
@@ -557,13 +707,59 @@ def adapt(model: M, cfg: MethodConfig, *, key: jax.Array, rngs: nnx.Rngs | None 
     Returns:
       The adapted model.
 
+    A config that adjusts the base (PiSSA/OLoRA, ``cfg.adjusts_base``) follows ``jaxpeft.init_adjusted``
+    instead: the copy's adapted layers get the residual weights (``W - s·A·B``) as their base kernels, so its
+    output equals the original model's up to float rounding, and ``merge`` gives the original weights plus the
+    trained update. ``model`` keeps its weights.
+
     Raises:
       ValueError: as ``jaxpeft.plan`` (nothing matched, unsupported layer selected, ...) or the model already has
-        adapters.
+        adapters; as ``jaxpeft.init_adjusted`` for a base-adjusting config.
     """
     _check_unadapted(model, "jaxpeft.nnx.adapt")
-    adapters = method_init(cfg, base_params(model), key=key, layouts=infer_layouts(model))
-    return attach(model, adapters, rngs=rngs)
+    params, layouts = base_params(model), infer_layouts(model)
+    if not (isinstance(cfg, MethodConfig) and cfg.adjusts_base):  # (method_init reports a wrong `cfg`)
+        return attach(model, method_init(cfg, params, key=key, layouts=layouts), rngs=rngs)
+    residual, adapters = method_init_adjusted(cfg, params, key=key, layouts=layouts)
+    adapted = attach(model, adapters, rngs=rngs)
+    weights = dict(leaves_with_paths(residual, is_leaf=quant.is_quantized))
+    for path, wrapper in _Canon(adapted).adapted():  # the copy's own variables: `model` is not touched
+        getattr(wrapper.base, _weight_name(wrapper.base)).set_value(weights[path])
+    return adapted
+
+
+def set_adapter_ids(model: Any, ids: Any) -> None:
+    """Choose which adapter of each bank runs (``jaxpeft.stack_adapters``; the NNX form of ``adapter_ids``).
+
+    ``ids`` of shape ``()`` picks one adapter for every call, ``(batch,)`` one per example (a mixed batch), None
+    clears them. The ids are an ``AdapterIds`` variable of each bank layer (broadcast over its stack axes, so
+    ``nnx.scan``/``nnx.vmap`` stacks slice them like the adapters): new values never recompile an ``nnx.jit``
+    function, a new shape does.
+
+    Raises:
+      ValueError: ``ids`` not integers of shape ``()``/``(batch,)``, out of range, or no bank in ``model``.
+    """
+    banks = [(p, layer) for p, layer in _Canon(model).adapted() if isinstance(layer.adapter, AdapterBank)]
+    if not banks:
+        raise ValueError("the model holds no adapter bank; attach one first: jaxpeft.nnx.attach(model, bank).")
+    if ids is None:
+        for _, layer in banks:
+            layer.adapter_ids = None
+        return
+    value = jnp.asarray(ids)
+    n = min(len(layer.adapter.names) for _, layer in banks)  # type: ignore[attr-defined]
+    if not jnp.issubdtype(value.dtype, jnp.integer) or value.ndim > 1:
+        raise ValueError(
+            f"`ids` has dtype {value.dtype} and shape {value.shape}; expected integers of shape () or (batch,)."
+        )
+    if int(jnp.min(value)) < 0 or int(jnp.max(value)) >= n:
+        raise ValueError(
+            f"`ids` ranges over [{int(jnp.min(value))}, {int(jnp.max(value))}]; the bank holds {n} adapters."
+        )
+    for _, layer in banks:
+        node = layer.adapter
+        stack = tuple(jax.tree.leaves(node)[0].shape[: node.layout.stack])
+        layer.adapter_ids = AdapterIds(jnp.broadcast_to(value, (*stack, *value.shape)))
 
 
 def optimizer(model: Any, tx: optax.GradientTransformation) -> nnx.Optimizer:
@@ -622,6 +818,8 @@ def remove(model: M) -> M:
     """
 
     def unwrap(_: PathParts, node: Any) -> Any:
+        if isinstance(node, LeafAdapterLayer):
+            return node.base
         if not isinstance(node, AdapterLayer):
             return node
         return QuantizedLayer(node.base) if _quantized(node.base) else node.base
@@ -653,6 +851,8 @@ def _fold_into(plain: M, adapters: Any, sign: int) -> M:
         weight.set_value(new_w)
         if new_b is not None and bias_var is not None:
             bias_var.set_value(new_b)
+    for path, var in _leaf_params(plain, table).items():  # leaf adapters: the leaf itself, e.g. bias + delta
+        var.set_value(_fold_jit(var.get_value(), None, table[path], sign)[0])
     return plain
 
 

@@ -63,13 +63,24 @@ SPECS = jaxpeft._paths.map_with_paths(base_spec, SHAPES)
 TX = optax.adamw(1e-2)
 
 
-def loss_fn(adapters, params, ids):
-    logits = jaxpeft.linen.apply(MODEL, {"params": params}, adapters, ids)
+WHICH = jnp.asarray([0, 1, 2, 1, 0, 2, 2, 1], jnp.int32)  # a mixed batch over a bank of three adapters
+
+
+def loss_fn(adapters, params, ids, which=None):
+    logits = jaxpeft.linen.apply(MODEL, {"params": params}, adapters, ids, adapter_ids=which)
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
+def start(cfg, params, init):
+    """The adapters a run starts from: non-zero so every factor gets a gradient; a bank of three for ``bank:``."""
+    adapters = jax.tree.map(lambda x: x + 0.05, init(cfg, params, key=jax.random.key(2), layouts=LAYOUTS))
+    if not BANK:
+        return adapters
+    return jaxpeft.stack_adapters({f"a{i}": jax.tree.map(lambda x, i=i: x * (1 + 0.3 * i), adapters) for i in range(3)})
+
+
 def step(adapters, opt, params, ids):
-    loss, grads = jax.value_and_grad(loss_fn)(adapters, params, ids)
+    loss, grads = jax.value_and_grad(loss_fn)(adapters, params, ids, WHICH if BANK else None)
     updates, opt = TX.update(grads, opt, adapters)
     return optax.apply_updates(adapters, updates), opt, loss
 
@@ -82,8 +93,9 @@ def run(cfg, shape):
     mesh = Mesh(np.array(jax.devices()).reshape(shape), ("data", "fsdp", "tp"))
     params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), PARAMS, SPECS)
     ids = jax.device_put(IDS, NamedSharding(mesh, P("data")))
-    adapters = jaxpeft.sharding.init(cfg, params, key=jax.random.key(2), layouts=LAYOUTS)
-    adapters = jax.tree.map(lambda x: x + 0.05, adapters)  # non-zero B so every factor gets a gradient
+    adapters = start(cfg, params, jaxpeft.sharding.init)
+    if BANK:  # a bank stacked from sharded adapters is placed with the shardings derived for it
+        adapters = jax.device_put(adapters, jaxpeft.sharding.adapter_shardings(adapters, params))
     shardings = jaxpeft.sharding.adapter_shardings(adapters, params)
     opt = jaxpeft.sharding.init_optimizer(TX, adapters, shardings)
     opt_shardings = jax.tree.map(lambda x: x.sharding, opt)
@@ -112,22 +124,34 @@ def run(cfg, shape):
 def reference(cfg):
     dev = jax.devices()[0]
     params = jax.device_put(PARAMS, dev)
-    adapters = jaxpeft.init(cfg, params, key=jax.random.key(2), layouts=LAYOUTS)
-    adapters = jax.tree.map(lambda x: x + 0.05, adapters)
+    adapters = start(cfg, params, jaxpeft.init)
     new_adapters, _, loss = jax.jit(step)(adapters, jax.jit(TX.init)(adapters), params, jax.device_put(IDS, dev))
     return float(loss), [np.asarray(x).tolist() for x in jax.tree.leaves(new_adapters)]
 
 
 LAYOUTS = jaxpeft.linen.infer_layouts(MODEL, IDS)
+BANK = False
+# every method on one mesh; ``bank:`` a mixed batch over three LoRA adapters, ids sharded along ``data``
+FAMILY = {
+    "ia3": jaxpeft.IA3Config(targets=["k", "v", "down"], feedforward=["down"]),
+    "loha": jaxpeft.LohaConfig(rank=2, alpha=4, targets=["q", "v", "up", "down"]),
+    "lokr": jaxpeft.LokrConfig(rank=2, alpha=4, targets=["q", "v", "up", "down"]),
+    "vera": jaxpeft.VeraConfig(rank=4, targets=["q", "v", "up"]),
+    "bitfit": jaxpeft.BitFitConfig(targets=r"bias$"),  # the norms' biases (the model's Dense layers have none)
+    "ln_tuning": jaxpeft.LNTuningConfig(),
+    "bank:lora": jaxpeft.LoraConfig(rank=3, alpha=6, targets="all-linear"),
+}
 
 if __name__ == "__main__":
     out = {}
     for name, cfg in {
         "lora": jaxpeft.LoraConfig(rank=3, alpha=6, targets="all-linear"),
         "dora": jaxpeft.DoraConfig(rank=3, alpha=6, targets=["q", "v", "up", "down"]),
+        **FAMILY,
     }.items():
+        BANK = name.startswith("bank:")
         ref_loss, ref_adapters = reference(cfg)
-        for shape in ((8, 1, 1), (2, 2, 2), (1, 2, 4)):
+        for shape in ((8, 1, 1), (2, 2, 2), (1, 2, 4)) if name in ("lora", "dora") else ((2, 2, 2),):
             res = run(cfg, shape)
             res["loss_diff"] = abs(res["loss"] - ref_loss)
             res["adapter_diff"] = max(

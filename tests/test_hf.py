@@ -445,7 +445,7 @@ def _llama_files(llama_setup):
         ({"lora_bias": True}, r"sets `lora_bias`=True: LoRA bias terms"),
         ({"modules_to_save": ["lm_head"]}, r"entry 'lm_head'\) makes PEFT wrap HF module 'lm_head' .* no tensors"),
         ({"bias": "all"}, r"has `bias`='all': trained biases are not LoRA factors"),
-        ({"peft_type": "LOHA"}, r"`peft_type`='LOHA'; jaxpeft.hf imports 'LORA' \(plain or use_dora\) and 'IA3'"),
+        ({"peft_type": "BOFT"}, r"`peft_type`='BOFT'; jaxpeft.hf imports 'LORA' \(plain or use_dora\), 'IA3'"),
         ({"init_lora_weights": "pissa_niter_4"}, r"rewrites the base weights, so the factors alone"),
         ({"r": 3}, r"'model.layers.0.self_attn.q_proj' has rank 2 in the tensors but 3 in adapter_config.json"),
     ],

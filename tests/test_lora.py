@@ -48,7 +48,7 @@ def perturb(adapters, seed=7, scale=0.1):
         ({"targets": ["q", 3]}, r"`targets` entries must be non-empty module names, got 3"),
         ({"exclude": "all-linear"}, r"`exclude`=\"all-linear\" is not allowed"),
         ({"dtype": "float64"}, r"`dtype`='float64' needs 64-bit JAX"),
-        ({"init": "pissa"}, r"`init`='pissa'; expected one of"),
+        ({"init": "loftq"}, r"`init`='loftq'; expected one of"),
         ({"dtype": "int8"}, r"`dtype`='int8'; adapters need a floating dtype"),
         ({"dtype": "floaty"}, r"`dtype`='floaty' is not a dtype name"),
         ({"rank_pattern": {"q": 0}}, r"`rank_pattern`\['q'\]=0; expected a positive finite number"),

@@ -335,18 +335,6 @@ def test_loha_adapts_a_convolution_exactly():
     np.testing.assert_allclose(out, model.apply({"params": jaxpeft.merge(params, adapters)}, ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [jaxpeft.LohaConfig(targets=["q"]), jaxpeft.LokrConfig(targets=["q"]), jaxpeft.VeraConfig(targets=["q"])],
-    ids=lambda c: c.method,
-)
-def test_hf_export_refuses_these_methods_clearly(cfg):
-    params = {"q": {"kernel": jnp.ones((4, 4))}}
-    adapters = jaxpeft.init(cfg, params, key=jax.random.key(0))
-    with pytest.raises(TypeError, match=rf"`cfg` is a {type(cfg).__name__}; jaxpeft.hf exports .*LoraConfig"):
-        jaxpeft.hf.to_state_dict(adapters, cfg, params, lambda path: path)
-
-
 def test_weight_axes_shard_like_the_base_weight():
     from jax.sharding import PartitionSpec as P
 

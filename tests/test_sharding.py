@@ -27,6 +27,7 @@ def results():
 
 
 MESHES = [f"{m}-{s}" for m in ("lora", "dora") for s in ("8x1x1", "2x2x2", "1x2x4")]
+MESHES += [f"{m}-2x2x2" for m in ("ia3", "loha", "lokr", "vera", "bitfit", "ln_tuning", "bank:lora")]  # every method; a mixed batch
 
 
 @pytest.mark.parametrize("case", MESHES)
@@ -34,7 +35,9 @@ def test_sharded_step_equals_one_device_and_keeps_shardings(results, case):
     r = results[case]
     assert r["derived"], "adapters were not created with the derived shardings"
     assert r["out_specs_kept"] and r["opt_sharded_like_adapters"], "the step resharded adapters or optimizer state"
-    assert r["loss_diff"] < 1e-5 and r["adapter_diff"] < 1e-4
+    # one AdamW step of lr 1e-2 moves each entry by about lr·g/|g|: a bank's per-adapter gradients sum fewer
+    # examples, so reduction-order rounding of its smaller entries shows more in the step (the loss is exact)
+    assert r["loss_diff"] < 1e-5 and r["adapter_diff"] < (1e-3 if case.startswith("bank:") else 1e-4)
     assert not set(r["all_gathers"]) & set(r["base_shapes"]), f"the base was all-gathered: {r['all_gathers']}"
     if case.endswith("8x1x1"):  # data parallel: the base is replicated, nothing is gathered at all
         assert r["all_gathers"] == []

@@ -42,7 +42,10 @@ if __package__ in (None, ""):  # run as `python examples/benchmarks/train_step.p
 
 from examples.models.llama import LlamaConfig, LlamaForCausalLM
 
-MODES = ("full", "floor", "lora", "dora", "ia3", "qlora-int8", "qlora-nf4", "merged")
+MODES = ("full", "floor", "lora", "dora", "ia3", "qlora-int8", "qlora-nf4", "merged", "lora16", "mixed16")
+#: ``mixed16``: one batch of 16 examples, each with its own LoRA adapter of a bank of 16 (``jaxpeft.stack_adapters``);
+#: ``lora16``: one LoRA adapter on the same batch. Both reshape the preset's tokens into 16 rows.
+MIXED = 16
 HF_MODES = ("hf-floor", "hf-lora", "hf-lora-compiled")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORMS = r"norm/scale$"  # input_layernorm, post_attention_layernorm and the final norm
@@ -136,7 +139,25 @@ def build_step(mode: str, shape: Shape, params: Any, ids: Any) -> tuple[Callable
     model = LlamaForCausalLM(shape.llama())
     tx = optax.adamw(1e-4)
     frozen: Any
-    if mode == "full":
+    if mode in ("lora16", "mixed16"):
+        if ids.size % MIXED:
+            raise ValueError(
+                f"`{mode}` splits the batch's {ids.size} tokens into {MIXED} rows; use a multiple of {MIXED}."
+            )
+        ids = jnp.reshape(ids, (MIXED, -1))
+    if mode == "mixed16":
+        cfg = _method_config("lora", shape)
+        keys = jax.random.split(jax.random.key(1), MIXED)
+        train = jaxpeft.stack_adapters(
+            {f"user{i}": jaxpeft.linen.init(cfg, model, params, ids, key=k) for i, k in enumerate(keys)}
+        )
+        frozen = params
+        which = jnp.arange(MIXED, dtype=jnp.int32)
+
+        def loss_fn(t: Any, frozen: Any, ids: jax.Array) -> jax.Array:
+            return _xent(jaxpeft.linen.apply(model, {"params": frozen}, t, ids, adapter_ids=which), ids)
+
+    elif mode == "full":
         train, frozen = params, None
 
         def loss_fn(t: Any, frozen: Any, ids: jax.Array) -> jax.Array:
@@ -149,7 +170,7 @@ def build_step(mode: str, shape: Shape, params: Any, ids: Any) -> tuple[Callable
             return _xent(model.apply({"params": jaxpeft.combine(t, frozen)}, ids), ids)
 
     elif mode in MODES:
-        cfg = _method_config(mode, shape)
+        cfg = _method_config(mode.removesuffix("16"), shape)
         frozen = params
         if mode.startswith("qlora-"):
             frozen = jaxpeft.linen.quantize(cfg, model, params, ids, kind=mode.removeprefix("qlora-"))
@@ -319,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"`--modes` has {unknown}; expected a subset of {', '.join(MODES)}.")
     if "floor" not in modes:
         modes.insert(0, "floor")
+    if "mixed16" in modes and "lora16" not in modes:  # its reference: one adapter on the same 16-row batch
+        modes.insert(modes.index("mixed16"), "lora16")
     tokens = shape.batch * shape.seq
     print(f"preset {args.preset}: {shape} ({tokens} tokens/step), backend {jax.default_backend()}, {args.reps} reps")
 
@@ -380,6 +403,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ratios: dict[str, float] = {}
     if "lora" in rows and "dora" in rows:
         ratios["dora/lora"] = rows["dora"]["median_ms"] / rows["lora"]["median_ms"]
+    if "mixed16" in rows and "lora16" in rows:
+        ratios["mixed16/lora16"] = rows["mixed16"]["median_ms"] / rows["lora16"]["median_ms"]
+        one, mixed = rows["lora16"]["gflop"], rows["mixed16"]["gflop"]
+        if one and mixed:
+            ratios["mixed16/lora16 FLOPs"] = mixed / one
     for name in rows:
         if name not in ("floor", "hf-floor", "lora", "hf-lora", "hf-lora-compiled"):
             ratios[f"{name}/floor"] = rows[name]["ratio"]

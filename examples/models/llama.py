@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+import jaxpeft
 from examples.models._common import (
     LAYER_PLACEHOLDER,
     attend,
@@ -279,6 +280,7 @@ class LlamaAttention(nn.Module):
         deterministic: bool,
         cache: Mapping[str, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Attends ``x`` ``[batch, seq, hidden]`` under boolean ``mask`` ``[batch, 1, seq, kv_len]``.
 
@@ -286,6 +288,8 @@ class LlamaAttention(nn.Module):
         cache ``{"k", "v"}`` (each ``[batch, max_len, kv_heads, head_dim]``), the new keys and values (after RoPE)
         are written at slots ``cache_index .. cache_index + seq - 1``, ``x`` attends to all ``max_len`` slots
         (``kv_len == max_len``; ``mask`` hides the unwritten ones) and ``(output, new_cache)`` is returned.
+        A ``prefix`` (prefix tuning: keys and values ``[batch, n, kv_heads, head_dim]``, used as given, no RoPE) is
+        put in front of the keys and values (``kv_len == n + seq``).
 
         Dropout on the attention weights is applied only when ``deterministic`` is False.
         """
@@ -305,6 +309,9 @@ class LlamaAttention(nn.Module):
             v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        if prefix is not None:
+            k = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
         probs = attention_probs(q, k, mask)
         probs = nn.Dropout(rate=cfg.attention_dropout)(probs, deterministic=deterministic)
         out = _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(attend(probs, v))
@@ -340,11 +347,12 @@ class LlamaDecoderLayer(nn.Module):
         deterministic: bool,
         cache: Mapping[str, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """Runs attention and MLP residual blocks on ``hidden`` ``[batch, seq, hidden]``.
 
         ``cache`` is this layer's slice of the KV cache (None without one); the second output is the updated
-        slice, or None.
+        slice, or None. ``prefix`` is this layer's slice of a prefix-tuning prefix (see ``LlamaModel``).
         """
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype, "dtype")
@@ -352,7 +360,7 @@ class LlamaDecoderLayer(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="input_layernorm")(hidden)
         attn = LlamaAttention(cfg, name="self_attn")
         if cache is None:
-            out, new_cache = attn(h, cos, sin, mask, deterministic), None
+            out, new_cache = attn(h, cos, sin, mask, deterministic, prefix=prefix), None
         else:
             out, new_cache = attn(h, cos, sin, mask, deterministic, cache, cache_index)
         hidden = hidden + out
@@ -385,8 +393,8 @@ class LlamaModel(nn.Module):
             layer_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            # cos, sin, mask, deterministic, cache (scanned: one slice per layer), cache_index.
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            # cos, sin, mask, deterministic, cache and prefix (scanned: one slice per layer), cache_index.
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
             length=cfg.num_hidden_layers,
         )(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
@@ -399,6 +407,8 @@ class LlamaModel(nn.Module):
         position_ids: jax.Array | None = None,
         cache: Mapping[str, jax.Array] | None = None,
         cache_index: jax.Array | int | None = None,
+        prompt: Any = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Returns the final normalized hidden states ``[batch, seq, hidden]`` in the compute dtype.
 
@@ -414,11 +424,36 @@ class LlamaModel(nn.Module):
                 ``cache_index ..`` and attend causally to every earlier slot; ``(hidden, new_cache)`` is returned.
             cache_index: First cache slot of ``input_ids`` (a scalar, may be traced); required with ``cache``.
                 Slots past ``max_len`` are not checked under ``jit`` (``dynamic_update_slice`` clamps).
+            prompt: Prompt tuning (HF PEFT semantics): virtual token embeddings put before the input's
+                (``jaxpeft.prepend_prompt``: the adapter tree of a ``jaxpeft.PromptTuningConfig`` or an array
+                ``[n, hidden]``). They take positions ``0..n-1``, the real tokens ``n..``; ``attention_mask`` stays
+                ``[batch, seq]`` (extended here). The output covers the real tokens only. With a ``cache`` the
+                virtual tokens fill slots ``cache_index .. cache_index + n - 1`` (prefill at 0, decode from
+                ``n + seq``) and ``attention_mask`` covers the cache slots.
+            prefix: Prefix tuning (HF PEFT semantics): ``jaxpeft.prefix_kv(adapters, batch)``, keys and values
+                ``[layers, batch, n, kv_heads, head_dim]`` put before every layer's own. Every token attends to all
+                ``n`` slots, ``attention_mask`` stays ``[batch, seq]`` (extended here) and positions are shifted by
+                ``n`` (``position_ids + n``; ``n..n+seq-1`` by default), as in HF where the prefix is a KV cache.
+                For generation write the prefix into the first ``n`` cache slots instead and prefill at
+                ``cache_index=n``.
 
         Raises:
-            ValueError: On a malformed cache or a missing ``cache_index``.
+            ValueError: On a malformed cache, prefix or mask, a missing ``cache_index``, or a ``prefix`` with a
+                ``cache``, ``position_ids`` with a ``prompt``.
         """
-        batch, seq = input_ids.shape
+        batch = input_ids.shape[0]
+        hidden = self.embed_tokens(input_ids)
+        n_virtual = 0
+        if prompt is not None:
+            if position_ids is not None or prefix is not None:
+                raise ValueError(
+                    "`prompt` takes no `position_ids` or `prefix`: the virtual tokens take positions 0..n-1 and the "
+                    "input follows (HF PEFT ignores position_ids with prompt tuning)."
+                )
+            hidden, extended = jaxpeft.prepend_prompt(hidden, attention_mask if cache is None else None, prompt)
+            attention_mask = extended if cache is None else attention_mask
+            n_virtual = hidden.shape[1] - input_ids.shape[1]
+        seq = hidden.shape[1]
         if cache is None:
             if cache_index is not None:
                 raise ValueError("`cache_index` was given without `cache`; pass cache=init_cache(config, ...) too.")
@@ -429,6 +464,18 @@ class LlamaModel(nn.Module):
             if cache_index is None:
                 raise ValueError("`cache` needs `cache_index`, the cache slot of input_ids[:, 0] (0 for a prefill).")
             offset = jnp.asarray(cache_index, jnp.int32)
+        if prefix is not None:
+            offset = key_slots = _check_prefix(prefix, self.config, batch, cache is not None)
+            key_slots += seq
+            if attention_mask is not None:
+                if attention_mask.shape != (batch, seq):
+                    raise ValueError(
+                        f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch, seq) = "
+                        f"{(batch, seq)}, the real tokens' mask (the prefix's slots are added here)."
+                    )
+                attention_mask = jaxpeft.extend_attention_mask(attention_mask, offset)
+            if position_ids is not None:
+                position_ids = position_ids + offset
         if position_ids is None:
             position_ids = jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         query_slot = offset + jnp.arange(seq, dtype=jnp.int32)
@@ -442,9 +489,9 @@ class LlamaModel(nn.Module):
                 )
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         cos, sin = rope_cos_sin(position_ids, self.config)
-        hidden = self.embed_tokens(input_ids)
-        hidden, new_cache = self.layers(hidden, cos, sin, mask, deterministic, cache, None if cache is None else offset)
-        hidden = self.norm(hidden)
+        index = None if cache is None else offset
+        hidden, new_cache = self.layers(hidden, cos, sin, mask, deterministic, cache, index, prefix)
+        hidden = self.norm(hidden)[:, n_virtual:]
         return hidden if cache is None else (hidden, new_cache)
 
     def attend(self, hidden: jax.Array) -> jax.Array:
@@ -471,12 +518,16 @@ class LlamaForCausalLM(nn.Module):
         position_ids: jax.Array | None = None,
         cache: Mapping[str, jax.Array] | None = None,
         cache_index: jax.Array | int | None = None,
+        prompt: Any = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Returns float32 logits ``[batch, seq, vocab]``; arguments as :meth:`LlamaModel.__call__`.
 
-        With a ``cache`` (from :func:`init_cache`) it returns ``(logits, new_cache)``.
+        With a ``cache`` (from :func:`init_cache`) it returns ``(logits, new_cache)``. ``prompt`` / ``prefix``:
+        prompt or prefix tuning (``jaxpeft.PromptTuningConfig`` / ``jaxpeft.PrefixTuningConfig``); the logits cover
+        the real tokens only.
         """
-        out = self.model(input_ids, attention_mask, deterministic, position_ids, cache, cache_index)
+        out = self.model(input_ids, attention_mask, deterministic, position_ids, cache, cache_index, prompt, prefix)
         hidden, new_cache = (out, None) if cache is None else out
         logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
         logits = logits.astype(jnp.float32)
@@ -502,6 +553,28 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None)
     dtype = resolve_dtype(config.dtype, "dtype") if dtype is None else jnp.dtype(dtype)
     shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _check_prefix(prefix: Any, config: LlamaConfig, batch: int, with_cache: bool) -> int:
+    """Validates a prefix-tuning prefix from ``jaxpeft.prefix_kv`` against the config and batch; returns its length."""
+    if with_cache:
+        raise ValueError(
+            "`prefix` with `cache`: write the prefix into the cache's first n slots instead, "
+            "cache = {'k': cache['k'].at[:, :, :n].set(keys), 'v': cache['v'].at[:, :, :n].set(values)}, and prefill "
+            "at cache_index=n (positions then start at n, as in HF)."
+        )
+    if not isinstance(prefix, tuple) or len(prefix) != 2:
+        raise ValueError(f"`prefix` is a {type(prefix).__name__}; expected (keys, values) from jaxpeft.prefix_kv.")
+    shape = tuple(prefix[0].shape)
+    expected = (config.num_hidden_layers, batch, config.num_key_value_heads, config.head_dim)
+    if len(shape) != 5 or (shape[0], shape[1], shape[3], shape[4]) != expected or tuple(prefix[1].shape) != shape:
+        raise ValueError(
+            f"`prefix` keys and values have shapes {shape} and {tuple(prefix[1].shape)}; expected (layers, batch, n, "
+            f"kv_heads, head_dim) = ({expected[0]}, {batch}, n, {expected[2]}, {expected[3]}) for both. Make the "
+            f"PrefixTuningConfig for this model: num_layers={expected[0]}, num_kv_heads={expected[2]}, "
+            f"head_dim={expected[3]}."
+        )
+    return shape[2]
 
 
 def _check_cache(cache: Mapping[str, jax.Array], config: LlamaConfig, batch: int) -> int:

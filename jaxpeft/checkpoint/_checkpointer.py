@@ -53,7 +53,7 @@ from jaxpeft.checkpoint._targets import (
     placed_params,
 )
 from jaxpeft.methods.base import MethodConfig, config_from_dict, layouts_of
-from jaxpeft.methods.base import init as method_init
+from jaxpeft.methods.base import init_adjusted as method_init_adjusted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +285,8 @@ class AdapterCheckpointer:
         if self._plan_cache is None or self._plan_cache[0] != layouts:
 
             def make(params: Any, key: jax.Array) -> Any:
-                return method_init(self._cfg, params, key=key, layouts=layouts)
+                # init_adjusted: a PiSSA/OLoRA config's adapters have the shapes of its plain init
+                return method_init_adjusted(self._cfg, params, key=key, layouts=layouts)[1]
 
             expected = jax.eval_shape(make, self._params, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
             self._plan_cache = (dict(layouts), expected, node_table(expected))

@@ -1,9 +1,17 @@
-"""Hugging Face PEFT interop: LoRA, DoRA and IA3 adapters as ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Hugging Face PEFT interop: LoRA, DoRA, IA3, LoHa, LoKr and VeRA adapters (and prompt learning) as
+``adapter_config.json`` + ``adapter_model.safetensors``.
 
 The files are the ones ``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` reads (safetensors
 metadata ``{"format": "pt"}``): ``jaxpeft.LoraConfig`` is PEFT's ``LoraConfig``, ``jaxpeft.DoraConfig`` its
-``LoraConfig(use_dora=True)`` and ``jaxpeft.IA3Config`` its ``IA3Config``. Each method's tensor naming lives in its
-own module (``jaxpeft.hf.lora`` for LoRA and DoRA, ``jaxpeft.hf.ia3``); this module dispatches on the config.
+``LoraConfig(use_dora=True)``, ``jaxpeft.IA3Config`` its ``IA3Config``, ``jaxpeft.LohaConfig``/``LokrConfig`` its
+``LoHaConfig``/``LoKrConfig`` and ``jaxpeft.VeraConfig`` its ``VeraConfig(save_projection=True)`` (VeRA files made by
+PEFT itself hold torch-generated projections and are refused: ``jaxpeft.hf.vera``), ``jaxpeft.LNTuningConfig`` its
+``LNTuningConfig`` (``LN_TUNING``: the files hold the tuned norms themselves, so both directions need the concrete
+base params; ``jaxpeft.hf.ln_tuning``). Each method's tensor naming lives in its own module (``jaxpeft.hf.lora`` for
+LoRA and DoRA, ``jaxpeft.hf.ia3``, ``loha``, ``lokr``, ``vera``, ``ln_tuning``); this module dispatches on the
+config. ``jaxpeft.PromptTuningConfig``/``PrefixTuningConfig`` are PEFT's
+``PROMPT_TUNING``/``PREFIX_TUNING`` (``jaxpeft.hf.prompt``): one ``prompt_embeddings`` tensor and no modules, so
+``module_name`` is not used (pass None).
 
 Which HF module a parameter belongs to is decided by a ``module_name`` function from our module path (the
 parameter path without its leaf, e.g. ``"model/layers/self_attn/q_proj"``) to the HF module name. A template
@@ -32,14 +40,18 @@ from typing import Any, overload
 import numpy as np
 
 from jaxpeft._select import Layout
-from jaxpeft.hf import _saved, ia3, lora
+from jaxpeft.hf import _saved, ia3, ln_tuning, loha, lokr, lora, prompt, vera
 from jaxpeft.hf._common import LAYER, ModuleName, as_fn, check_hf_name, check_tensors, module_name_map
 from jaxpeft.hf._config import CONFIG_NAME
 from jaxpeft.hf._files import WEIGHTS_NAME, read_directory, write_directory
 from jaxpeft.methods.base import MethodConfig
+from jaxpeft.methods.bitfit import BitFitConfig, LNTuningConfig
 from jaxpeft.methods.dora import DoraConfig
 from jaxpeft.methods.ia3 import IA3Config
+from jaxpeft.methods.loha import LohaConfig
+from jaxpeft.methods.lokr import LokrConfig
 from jaxpeft.methods.lora import LoraConfig
+from jaxpeft.methods.vera import VeraConfig
 
 __all__ = [
     "CONFIG_NAME",
@@ -54,8 +66,27 @@ __all__ = [
 
 _SUPPORTED = (
     "jaxpeft.LoraConfig (PEFT LoraConfig), jaxpeft.DoraConfig (PEFT LoraConfig(use_dora=True)) and "
-    "jaxpeft.IA3Config (PEFT IA3Config)"
+    "jaxpeft.IA3Config (PEFT IA3Config), jaxpeft.LohaConfig (PEFT LoHaConfig), jaxpeft.LokrConfig (PEFT "
+    "LoKrConfig), jaxpeft.VeraConfig (PEFT VeraConfig with save_projection=True), jaxpeft.LNTuningConfig (PEFT "
+    "LNTuningConfig), jaxpeft.PromptTuningConfig and jaxpeft.PrefixTuningConfig"
 )
+#: The writer of each module-adapting method without LoRA's embedding options (config type -> its ``to_hf``).
+_EXPORTERS = {
+    IA3Config: ia3.to_hf,
+    LohaConfig: loha.to_hf,
+    LokrConfig: lokr.to_hf,
+    VeraConfig: vera.to_hf,
+    LNTuningConfig: ln_tuning.to_hf,
+}
+#: The reader of each ``peft_type`` that adapts modules.
+_IMPORTERS = {
+    "LORA": lora.from_hf,
+    "IA3": ia3.from_hf,
+    "LOHA": loha.from_hf,
+    "LOKR": lokr.from_hf,
+    "VERA": vera.from_hf,
+    "LN_TUNING": ln_tuning.from_hf,
+}
 
 
 def to_state_dict(
@@ -81,8 +112,12 @@ def to_state_dict(
 
     Args:
       adapters: the adapter tree (``jaxpeft.init``, trained or restored).
-      cfg: the config the adapters were made with: a ``LoraConfig``, ``DoraConfig`` or ``IA3Config``.
-      params: the base params (arrays or ``jax.ShapeDtypeStruct``), read for shapes and module names.
+      cfg: the config the adapters were made with: a ``LoraConfig``, ``DoraConfig``, ``IA3Config``, ``LohaConfig``,
+        ``LokrConfig``, ``VeraConfig`` (VeRA: the whole adapter tree ``jaxpeft.init`` made, whose projections it
+        writes as PEFT's shared ``vera_A``/``vera_B``) or ``LNTuningConfig`` (each tuned norm's whole parameters,
+        ``base + delta``, as PEFT saves them).
+      params: the base params (arrays or ``jax.ShapeDtypeStruct``), read for shapes and module names;
+        ``LNTuningConfig``: concrete arrays (the written norms are base + delta).
       module_name: our module path -> HF module name (``{layer}`` for a scan axis); a callable or a dict.
       layouts: optional; checked against the layout each adapter node carries.
       task_type: HF ``task_type`` (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"FEATURE_EXTRACTION"``).
@@ -120,8 +155,26 @@ def to_state_dict(
         single dots: no ``..``, ``/``, spaces or empty parts). For ``modules_to_save``: a leaf jaxpeft does not
         convert; an adapted module inside (or named like) a module to save (PEFT would drop its adapter); another
         module of ``params`` that PEFT's suffix rule (or ``task_type`` ``SEQ_CLS``/``TOKEN_CLS``/``QUESTION_ANS``)
-        would also wrap, which would make its loader fail.
+        would also wrap, which would make its loader fail. A base-adjusting init (PiSSA/OLoRA): convert first.
     """
+    if isinstance(cfg, MethodConfig) and cfg.adjusts_base:
+        raise ValueError(
+            f"`cfg` has {cfg.base_adjustment}: its adapters are the identity only over the residual base weights, "
+            "which an HF adapter file cannot carry. Convert them first: `plain_cfg, plain = "
+            "jaxpeft.to_plain_lora(cfg, trained, initial)` gives rank-2r LoRA adapters over the original weights "
+            "(PEFT's path_initial_model_for_weight_conversion); export `plain` with `plain_cfg` and the original "
+            "params."
+        )
+    if type(cfg) in prompt.PEFT_TYPES:  # one `prompt_embeddings` tensor, no modules: `module_name` is not used
+        unused = {"layouts": layouts, "target_modules": target_modules, "ensure_weight_tying": ensure_weight_tying}
+        unused.update(tied_head=tied_head, modules_to_save=modules_to_save)
+        return prompt.to_hf(adapters, cfg, params, task_type, base_model_name_or_path, **unused)  # type: ignore[arg-type]
+    if isinstance(cfg, BitFitConfig):
+        raise TypeError(
+            f"`cfg` is a {type(cfg).__name__}: jaxpeft.hf does not write {cfg.method} adapters (PEFT has no BitFit). "
+            "Share the trained leaves as PEFT `modules_to_save` instead: merged = jaxpeft.merge(params, adapters), "
+            "then modules_to_save={'<HF module>': <its subtree of merged>} (the layers whose biases you trained)."
+        )
     fn = as_fn(module_name)
     for name, value in (("task_type", task_type), ("base_model_name_or_path", base_model_name_or_path)):
         if value is not None and not isinstance(value, str):
@@ -143,10 +196,15 @@ def to_state_dict(
             ensure_weight_tying=ensure_weight_tying,
             tied_head=tied_head,
         )
-    elif type(cfg) is IA3Config:
+    elif type(cfg) in _EXPORTERS:
         if ensure_weight_tying is not None or tied_head is not None:
-            raise ValueError("`ensure_weight_tying` and `tied_head` are LoRA options; IA3 adapts no embeddings.")
-        config, tensors = ia3.to_hf(adapters, cfg, params, fn, layouts=layouts, target_modules=target_modules)
+            raise ValueError(
+                f"`ensure_weight_tying` and `tied_head` are LoRA options; {type(cfg).__name__} adapts no embeddings."
+            )
+        write = _EXPORTERS[type(cfg)]
+        config, tensors = write(  # type: ignore[operator]
+            adapters, cfg, params, fn, layouts=layouts, target_modules=target_modules
+        )
     else:
         raise TypeError(f"`cfg` is a {type(cfg).__name__}; jaxpeft.hf exports {_SUPPORTED} adapters.")
     universe = _saved.module_universe(params, fn)
@@ -230,9 +288,14 @@ def from_state_dict(
     """A config and adapter tree from HF PEFT adapter config contents and tensors.
 
     ``peft_type`` ``"LORA"`` gives a ``LoraConfig`` (a ``DoraConfig`` with ``use_dora``), ``"IA3"`` an
-    ``IA3Config``. The returned config targets exactly the imported parameters (an anchored regex of their paths;
-    LoRA ranks and alphas per module as ``rank_pattern``/``alpha_pattern``; IA3's feed-forward modules as
-    ``feedforward``), so ``jaxpeft.plan(cfg, params, layouts=...)`` reproduces the adapter shapes and
+    ``IA3Config``, ``"LOHA"``/``"LOKR"``/``"VERA"`` a ``LohaConfig``/``LokrConfig``/``VeraConfig`` (VeRA: only files
+    whose shared projections are jaxpeft's, i.e. that jaxpeft exported; LoHa/LoKr: ``rank_dropout``,
+    ``module_dropout`` and CP convolutions are refused), ``"LN_TUNING"`` an ``LNTuningConfig`` (the file holds the
+    tuned norms; the deltas are ``saved - params``, so concrete params are needed, and every parameter of each
+    norm in the file is trained, as in PEFT). The returned config targets exactly the imported
+    parameters (an anchored regex of their paths; LoRA, LoHa and LoKr ranks and alphas per module as
+    ``rank_pattern``/``alpha_pattern``; IA3's feed-forward modules as ``feedforward``), so
+    ``jaxpeft.plan(cfg, params, layouts=...)`` reproduces the adapter shapes and
     ``jaxpeft.checkpoint`` can save them. HF modules of a ``{layer}`` template are stacked along the leading axis;
     every layer must be present. With ``ensure_weight_tying``, the tied output head's copy of a LoRA embedding
     adapter is dropped when ``params`` have no such head (``jaxpeft.linen`` applies embedding adapters to
@@ -243,7 +306,7 @@ def from_state_dict(
     Args:
       config: the parsed ``adapter_config.json``.
       tensors: ``{key: array}`` from ``adapter_model.safetensors``.
-      params: the base params (arrays or ``jax.ShapeDtypeStruct``).
+      params: the base params (arrays or ``jax.ShapeDtypeStruct``; concrete arrays for ``LN_TUNING``).
       module_name: our module path -> HF module name, as for :func:`to_state_dict`.
       modules_to_save: ``{HF module name: a tree like the saved module}`` (arrays or ``jax.ShapeDtypeStruct``, in
         the Flax naming of :func:`to_state_dict`'s ``modules_to_save``) for a file with PEFT ``modules_to_save``;
@@ -278,21 +341,33 @@ def from_state_dict(
         the field or tensor, the value, what was expected and the fix).
       TypeError: ``config`` or ``tensors`` of the wrong Python type.
     """
+    if isinstance(config, Mapping) and config.get("peft_type") in prompt.PEFT_TYPES.values():
+        if modules_to_save is not None:
+            raise ValueError("`modules_to_save` is not supported for prompt-learning adapters; pass None.")
+        return prompt.from_hf(config, tensors, params, dtype=dtype)  # `module_name`, `layouts` are not used
     fn = as_fn(module_name)
     if not isinstance(config, Mapping):
         raise TypeError(f"`config` is a {type(config).__name__}; expected the parsed {CONFIG_NAME} (a dict).")
     peft_type = config.get("peft_type")
-    if peft_type not in ("LORA", "IA3"):
+    if not isinstance(peft_type, str) or peft_type not in _IMPORTERS:
         raise ValueError(
-            f"{CONFIG_NAME} has `peft_type`={peft_type!r:.80}; jaxpeft.hf imports 'LORA' (plain or use_dora) and "
-            "'IA3' adapters only."
+            f"{CONFIG_NAME} has `peft_type`={peft_type!r:.80}; jaxpeft.hf imports 'LORA' (plain or use_dora), "
+            "'IA3', 'LOHA', 'LOKR', 'VERA' and 'LN_TUNING' adapters, and 'PROMPT_TUNING', 'PREFIX_TUNING'."
         )
     entries = _saved.read_entries(config)
-    groups, rest = _saved.split(entries, check_tensors(tensors))
+    checked = check_tensors(tensors)
+    shared = {k: checked.pop(k) for k in vera.SHARED_KEYS if k in checked and peft_type == "VERA"}
+    groups, rest = _saved.split(entries, checked)
     saved = _saved.from_hf(groups, entries, modules_to_save, _saved.module_universe(params, fn))
-    method = lora.from_hf if peft_type == "LORA" else ia3.from_hf
+    method = _IMPORTERS[peft_type]
     cfg, adapters = method(
-        {**config, "modules_to_save": None}, rest, params, fn, layouts=layouts, dtype=dtype, base_weights=base_weights
+        {**config, "modules_to_save": None},
+        {**rest, **shared},
+        params,
+        fn,
+        layouts=layouts,
+        dtype=dtype,
+        base_weights=base_weights,
     )
     return (cfg, adapters) if modules_to_save is None else (cfg, adapters, saved)
 

@@ -1,12 +1,13 @@
 """What an ``adapter_config.json`` means: PEFT 0.21.2's fields (supported, harmless or refused), checked values, and
 PEFT's own rule for which modules a config adapts.
 
-Every field of PEFT's ``LoraConfig`` and ``IA3Config`` is classified below. *Supported* fields are read and their
-values checked (type, range, regex); *harmless* ones do not change what the saved tensors compute (metadata, or
-options that only act at initialisation or on layer types jaxpeft does not import); *refused* ones are refused by
-name whenever they are set. A key PEFT does not know either (a newer PEFT's field, or a typo) is ignored when it
-is unset (``null``, ``false``, empty) and refused by name otherwise: jaxpeft cannot know whether it changes the
-forward. Errors name the file, the field, the value, what was expected and the fix.
+Every field of PEFT's ``LoraConfig``, ``IA3Config``, ``LoHaConfig``, ``LoKrConfig``, ``VeraConfig`` and
+``LNTuningConfig`` is classified below. *Supported* fields are read and their values checked (type, range, regex);
+*harmless* ones do not change what the saved tensors compute (metadata, or options that only act at initialisation
+or on layer types jaxpeft does not import); *refused* ones are refused by name whenever they are set. A key PEFT
+does not know either (a newer PEFT's field, or a typo) is ignored when it is unset (``null``, ``false``, empty) and
+refused by name otherwise: jaxpeft cannot know whether it changes the forward. Errors name the file, the field, the
+value, what was expected and the fix.
 """
 
 from __future__ import annotations
@@ -61,6 +62,51 @@ _REFUSED_LORA = {
     "megatron_config": "Megatron parallel layers (`megatron_config`) are not supported",
 }
 _REFUSED_IA3 = {"modules_to_save": _SAVED}
+_HARMLESS_LYCORIS = {k: v for k, v in _HARMLESS_COMMON.items() if k != "fan_in_fan_out"}  # LoHa/LoKr lack it
+_HARMLESS_LOKR = {**_HARMLESS_LYCORIS, "rank_dropout_scale": "used only with a non-zero rank_dropout (refused)"}
+_HARMLESS_VERA = dict(_HARMLESS_COMMON)
+_HARMLESS_LN_TUNING = {k: v for k, v in _HARMLESS_COMMON.items() if k != "fan_in_fan_out"}  # it lacks it
+_SUPPORTED_LN_TUNING = ("peft_type", "target_modules", "exclude_modules")
+_SUPPORTED_LOHA = (
+    "peft_type",
+    "r",
+    "alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "init_weights",
+    "rank_dropout",
+    "module_dropout",
+    "use_effective_conv2d",
+)
+_SUPPORTED_LOKR = (*_SUPPORTED_LOHA, "decompose_both", "decompose_factor")
+_SUPPORTED_VERA = (
+    "peft_type",
+    "r",
+    "target_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "projection_prng_key",
+    "save_projection",
+    "vera_dropout",
+    "d_initial",
+    "init_weights",
+    "bias",
+)
+#: Fields refused whenever set, by ``peft_type``.
+_REFUSED = {"LORA": _REFUSED_LORA, **dict.fromkeys(("IA3", "LOHA", "LOKR", "VERA", "LN_TUNING"), _REFUSED_IA3)}
+#: PEFT's config class of each ``peft_type``, for messages.
+CONFIG_CLASSES = {
+    "LORA": "LoraConfig",
+    "IA3": "IA3Config",
+    "LOHA": "LoHaConfig",
+    "LOKR": "LoKrConfig",
+    "VERA": "VeraConfig",
+    "LN_TUNING": "LNTuningConfig",
+}
 _SUPPORTED_LORA = (
     "peft_type",
     "r",
@@ -83,6 +129,10 @@ _SUPPORTED_IA3 = ("peft_type", "target_modules", "exclude_modules", "feedforward
 KNOWN_FIELDS = {
     "LORA": frozenset((*_SUPPORTED_LORA, *_HARMLESS_LORA, *_REFUSED_LORA)),
     "IA3": frozenset((*_SUPPORTED_IA3, *_HARMLESS_IA3, *_REFUSED_IA3)),
+    "LOHA": frozenset((*_SUPPORTED_LOHA, *_HARMLESS_LYCORIS, *_REFUSED_IA3)),
+    "LOKR": frozenset((*_SUPPORTED_LOKR, *_HARMLESS_LOKR, *_REFUSED_IA3)),
+    "VERA": frozenset((*_SUPPORTED_VERA, *_HARMLESS_VERA, *_REFUSED_IA3)),
+    "LN_TUNING": frozenset((*_SUPPORTED_LN_TUNING, *_HARMLESS_LN_TUNING, *_REFUSED_IA3)),
 }
 # init_lora_weights values that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA).
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -160,7 +210,7 @@ def check_fields(config: Any, peft_type: str) -> dict[str, Any]:
     bad_keys = [k for k in config if not isinstance(k, str)]
     if bad_keys:
         raise ValueError(f"{CONFIG_NAME} has non-string keys {bad_keys[:3]!r}; JSON object keys are strings.")
-    refused = _REFUSED_LORA if peft_type == "LORA" else _REFUSED_IA3
+    refused = _REFUSED[peft_type]
     for field, why in refused.items():
         if _is_set(config.get(field)):
             raise ValueError(
@@ -171,7 +221,7 @@ def check_fields(config: Any, peft_type: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(
             f"{CONFIG_NAME} sets {', '.join(f'`{k}`={_show(config[k])}' for k in unknown[:3])}, which PEFT 0.21.2's "
-            f"{'LoraConfig' if peft_type == 'LORA' else 'IA3Config'} does not have; jaxpeft cannot tell whether "
+            f"{CONFIG_CLASSES[peft_type]} does not have; jaxpeft cannot tell whether "
             "it changes the adapter's output, so it refuses the file. If it does not, delete the key from the config "
             "and import with jaxpeft.hf.from_state_dict."
         )
@@ -463,3 +513,118 @@ def check_selection(
             f"adapter file, and its `{init_field}` makes PEFT give them random weights (it warns 'Found missing "
             "adapter keys'). jaxpeft cannot reproduce that: add their tensors or narrow `target_modules`."
         )
+
+
+# ----------------------------------------------------------------------------------------------- LoHa / LoKr / VeRA
+
+
+@dataclasses.dataclass(frozen=True)
+class LycorisFields:
+    """The checked values of a PEFT ``LoHaConfig`` or ``LoKrConfig`` file (the LoKr-only fields at their defaults
+    for LoHa)."""
+
+    r: int
+    alpha: float
+    rank_pattern: tuple[tuple[str, int], ...]
+    alpha_pattern: tuple[tuple[str, float], ...]
+    identity_init: bool  # a targeted module with no saved tensors is the identity in PEFT
+    use_effective_conv2d: bool
+    decompose_both: bool
+    decompose_factor: int
+    selection: Selection
+
+    def rank_alpha(self, name: str) -> tuple[int, float]:
+        """The rank and alpha PEFT gives module ``name`` (first matching pattern key, else ``r``/``alpha``)."""
+        rank = next((v for k, v in self.rank_pattern if hf_pattern_match(k, name)), self.r)
+        alpha = next((v for k, v in self.alpha_pattern if hf_pattern_match(k, name)), self.alpha)
+        return rank, alpha
+
+
+def _training_dropout(config: Mapping[str, Any], field: str, what: str) -> None:
+    """Refuse a non-zero LyCORIS ``rank_dropout``/``module_dropout`` (jaxpeft has neither), naming the fix."""
+    value = config.get(field, 0.0)
+    if not _is_number(value) or not 0.0 <= value < 1.0:
+        raise _fail(field, value, "a rate in [0, 1), e.g. 0.0")
+    if value:
+        raise ValueError(
+            f"{CONFIG_NAME} has `{field}`={_show(value)}: {what} is not implemented in jaxpeft, so the adapter cannot "
+            "be trained on as PEFT trains it. It acts only in training (the outputs at inference do not depend on "
+            f"it): set `{field}` to 0 in the file to import the adapter."
+        )
+
+
+def read_lycoris(config: Mapping[str, Any], peft_type: str) -> LycorisFields:
+    """The checked fields of a ``peft_type: "LOHA"`` or ``"LOKR"`` config; missing fields take PEFT's defaults."""
+    config = check_fields(config, peft_type)
+    _training_dropout(config, "rank_dropout", "rank dropout (dropping rows of the weight update)")
+    _training_dropout(config, "module_dropout", "module dropout (skipping the whole adapter at random)")
+    init = config.get("init_weights", True)
+    if not (isinstance(init, bool) or (peft_type == "LOKR" and init == "lycoris")):
+        raise _fail("init_weights", init, "true or false" + (" or 'lycoris'" if peft_type == "LOKR" else ""))
+    factor = config.get("decompose_factor", -1)
+    if not _is_int(factor) or (factor < 1 and factor != -1):
+        raise _fail("decompose_factor", factor, "-1 or a positive whole number, e.g. 4")
+    return LycorisFields(
+        r=_rank("r", config.get("r", 8)),
+        alpha=_alpha("alpha", config.get("alpha", 8)),
+        rank_pattern=_pattern(config, "rank_pattern", _rank),
+        alpha_pattern=_pattern(config, "alpha_pattern", _alpha),
+        identity_init=init is not False,  # True: W2 (LoHa) or W1 (LoKr) zeros; 'lycoris': LoKr's W2 zeros
+        use_effective_conv2d=_bool(config, "use_effective_conv2d", False),
+        decompose_both=_bool(config, "decompose_both", False),
+        decompose_factor=factor,
+        selection=read_selection(config, layers=True),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class VeraFields:
+    """The checked values of a PEFT ``VeraConfig`` file."""
+
+    r: int
+    projection_prng_key: int
+    d_initial: float
+    vera_dropout: float
+    identity_init: bool
+    selection: Selection
+
+
+def read_vera(config: Mapping[str, Any]) -> VeraFields:
+    """The checked fields of a ``peft_type: "VERA"`` config; missing fields take PEFT's defaults."""
+    config = check_fields(config, "VERA")
+    bias = config.get("bias", "none")
+    if bias != "none":
+        raise ValueError(
+            f"{CONFIG_NAME} has `bias`={_show(bias)}: trained biases are not VeRA vectors; refusing to import it "
+            "(only 'none' is supported)."
+        )
+    if _bool(config, "save_projection", True) is not True:
+        raise ValueError(
+            f"{CONFIG_NAME} has `save_projection`=false: the file lacks VeRA's shared projections vera_A/vera_B, "
+            "and PEFT regenerates them from torch's random generator (projection_prng_key), which jaxpeft cannot "
+            "reproduce. jaxpeft imports VeRA files that hold its own projections (written by jaxpeft.hf's export, "
+            "with save_projection=true): train the adapter with jaxpeft.VeraConfig, or export it from jaxpeft."
+        )
+    key = config.get("projection_prng_key", 0)
+    if not _is_int(key) or not 0 <= key < 2**32:
+        raise _fail("projection_prng_key", key, "a whole number in [0, 2**32)")
+    dropout = config.get("vera_dropout", 0.0)
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise _fail("vera_dropout", dropout, "a rate in [0, 1), e.g. 0.05")
+    d_initial = config.get("d_initial", 0.1)
+    if not _is_number(d_initial) or not math.isfinite(d_initial):
+        raise _fail("d_initial", d_initial, "a finite number, e.g. 0.1")
+    return VeraFields(
+        r=_rank("r", config.get("r", 256)),
+        projection_prng_key=key,
+        d_initial=float(d_initial),
+        vera_dropout=float(dropout),
+        identity_init=_bool(config, "init_weights", True),  # True: lambda_b zeros
+        selection=read_selection(config, layers=True),
+    )
+
+
+def read_ln_tuning(config: Mapping[str, Any]) -> Selection:
+    """The checked selection of a ``peft_type: "LN_TUNING"`` config (PEFT's ``LNTuningConfig`` has no
+    ``layers_to_transform``; every other field is metadata or ``modules_to_save``)."""
+    return read_selection(check_fields(config, "LN_TUNING"), layers=False)

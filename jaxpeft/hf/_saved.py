@@ -35,9 +35,13 @@ TASK_MODULES = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
-#: Path components of adapter tensors (LoRA, DoRA, IA3) and of PEFT's base-layer copies.
-_ADAPTER_PARTS = frozenset(
-    ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ia3_l", "base_layer")
+#: Path components of adapter tensors (LoRA, DoRA, IA3, LoHa, LoKr, VeRA, LN tuning) and of PEFT's base-layer copies.
+_ADAPTER_PARTS = (
+    frozenset(
+        ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ia3_l", "base_layer")
+    )
+    | frozenset(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "vera_lambda_d", "vera_lambda_b"))
+    | frozenset(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "ln_tuning_layers"))
 )
 _TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight"}
 _NDIM = {"kernel": 2, "embedding": 2, "scale": 1, "bias": 1}

@@ -46,6 +46,7 @@ __all__ = [
     "adapter_items",
     "check_fits",
     "init",
+    "init_adjusted",
     "layouts_of",
     "merge",
     "plan",
@@ -76,6 +77,9 @@ class Adapter:
     layout: Layout
     #: Dropout rate of the method; the framework adapters only provide a dropout key when it is positive.
     dropout: float = 0.0
+    #: Whether ``forward`` calls ``call.base`` inside a JAX transform (``jax.vmap``, as adapter banks do); the
+    #: framework adapters then give a ``base`` that runs a detached copy of the layer instead of the bound one.
+    transforms_base: ClassVar[bool] = False
 
     def forward(self, call: LayerCall) -> jax.Array:
         """The adapted layer's output for ``call``; at init it must equal ``call.base(call.x)``."""
@@ -185,6 +189,9 @@ class LayerCall:
         another kernel of the same window and no bias.
       precision: the layer's precision.
       dropout_key: returns a fresh dropout key, or None when the caller asked for no dropout.
+      adapter_ids: for an adapter bank (``jaxpeft.stack_adapters``), which of its adapters runs: an integer
+        array of shape ``(batch,)`` (one per example along ``x``'s leading axis; a mixed batch) or ``()`` (the
+        whole call), or None when the caller gave none. Other methods ignore it.
     """
 
     kind: str
@@ -197,6 +204,7 @@ class LayerCall:
     conv: Callable[[jax.Array, jax.Array], jax.Array] | None = None
     precision: Any = None
     dropout_key: Callable[[], jax.Array | None] = _no_key
+    adapter_ids: jax.Array | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CALL_KINDS:
@@ -315,9 +323,36 @@ class MethodConfig:
     def check_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> None:
         """Method-specific checks of the selection (e.g. a pattern that matches no target); raise ValueError."""
 
+    def for_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> MethodConfig:
+        """The config whose ``init_target`` builds the adapters of ``rows``, the whole selection (default: ``self``).
+
+        ``plan`` and ``init`` call it once, after ``select``. A method whose adapters depend on every target at
+        once returns a copy carrying what it needs (VeRA: the largest fan-in, which sizes its shared projection);
+        it must compare equal to ``self`` in every JSON field.
+        """
+        return self
+
     def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> Adapter:
         """The adapter of one selected weight (``weight`` may be abstract under ``jax.eval_shape``)."""
         raise NotImplementedError(f"{type(self).__name__} defines no init_target.")
+
+    @property
+    def base_adjustment(self) -> str | None:
+        """What makes this config change the base weights at init (e.g. ``"init='pissa'"``), or None (default).
+
+        Such a config's adapters are the identity only over the weights ``adjust_base`` returns (PiSSA, OLoRA move
+        ``s·A·B`` out of the weight), so ``init`` refuses it and ``init_adjusted`` returns both.
+        """
+        return None
+
+    @property
+    def adjusts_base(self) -> bool:
+        """Whether ``init`` needs the base weights changed (``base_adjustment`` is not None)."""
+        return self.base_adjustment is not None
+
+    def adjust_base(self, path: str, weight: Any, node: Adapter) -> jax.Array:
+        """The base weight at ``path`` that ``node`` (fresh from ``init_target``) is the identity over."""
+        raise NotImplementedError(f"{type(self).__name__} does not adjust base weights.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the ``method`` name; ``ValueError`` if a field holds a function."""
@@ -441,7 +476,9 @@ def plan(cfg: MethodConfig, params: Any, *, layouts: Mapping[str, Layout] | None
     cfg = _check_config(cfg)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     rows = []
-    for path, leaf, layout in cfg.select(params, layouts):
+    selected = cfg.select(params, layouts)
+    cfg = cfg.for_targets(selected)
+    for path, leaf, layout in selected:
         node = jax.eval_shape(
             lambda w, k, path=path, layout=layout: cfg.init_target(path, w, layout, k), _abstract(leaf), key
         )
@@ -466,14 +503,77 @@ def init(cfg: MethodConfig, params: Any, *, key: jax.Array, layouts: Mapping[str
 
     Returns:
       The adapter tree.
+
+    Raises:
+      ValueError: a config that changes the base weights at init (``cfg.adjusts_base``: PiSSA, OLoRA): use
+        :func:`init_adjusted`.
     """
     cfg = _check_config(cfg)
+    if cfg.adjusts_base:
+        raise ValueError(
+            f"`cfg` ({type(cfg).__name__} with {cfg.base_adjustment}) changes the base weights at init: its "
+            "adapters are the identity only over the residual weights, so jaxpeft.init alone would change the "
+            "model. Use `params, adapters = jaxpeft.init_adjusted(cfg, params, key=key)` (jaxpeft.linen."
+            "init_adjusted for a Linen model; jaxpeft.nnx.adapt adjusts the model itself) and train over those "
+            "params."
+        )
     rows = cfg.select(params, layouts)
+    cfg = cfg.for_targets(rows)
     keys = jax.random.split(key, len(rows))
     adapters: dict[str, Any] = {}
     for (path, leaf, layout), k in zip(rows, keys, strict=True):
         adapters = set_path(adapters, path, _init_target(cfg, path, leaf, layout, k))
     return adapters
+
+
+def init_adjusted(
+    cfg: MethodConfig, params: Any, *, key: jax.Array, layouts: Mapping[str, Layout] | None = None
+) -> tuple[Any, dict]:
+    """``(new_params, adapters)``: the adapters of ``cfg`` and the base params they are the identity over.
+
+    For a config that adjusts the base (``cfg.adjusts_base``: ``LoraConfig(init="pissa" | "pissa_niter_<n>" |
+    "olora")``) each selected weight is replaced by ``cfg.adjust_base`` (PiSSA/OLoRA: the residual
+    ``W - s·A·B`` formed in float32 and cast back to the weight's dtype); every other leaf of ``params`` is
+    returned as is (same arrays, same tree structure). For any other config the result is
+    ``(params, init(cfg, params, ...))``. Keys, selection and ordering are those of ``init``.
+
+    Guarantees: at init the adapted model over ``new_params`` computes the original model's outputs up to the
+    rounding of the residual (not bit-exact); ``merge(new_params, adapters)`` is the original weights up to that
+    rounding, and after training ``merge(new_params, trained)`` is ``W + ΔW_trained`` (PEFT's PiSSA/OLoRA merge).
+    Keep ``new_params`` as the base: the adapters mean nothing over the original weights until converted
+    (``jaxpeft.to_plain_lora``).
+
+    Raises:
+      ValueError: as ``init``; a base-adjusting config over a quantised weight, a ``jax.ShapeDtypeStruct``
+        (values are needed) or a non-floating weight.
+    """
+    cfg = _check_config(cfg)
+    if not cfg.adjusts_base:
+        return params, init(cfg, params, key=key, layouts=layouts)
+    rows = cfg.select(params, layouts)
+    cfg = cfg.for_targets(rows)
+    for path, leaf, _ in rows:
+        if (problem := _not_adjustable(leaf)) is not None:
+            raise ValueError(f"{cfg.base_adjustment} adjusts the base weight {path!r}, which {problem}.")
+    keys = jax.random.split(key, len(rows))
+    adapters: dict[str, Any] = {}
+    new: dict[str, Any] = {}
+    for (path, leaf, layout), k in zip(rows, keys, strict=True):
+        node = cfg.init_target(path, leaf, layout, k)
+        adapters = set_path(adapters, path, node)
+        new[path] = cfg.adjust_base(path, leaf, node)
+    return map_with_paths(lambda path, w: new.get(path, w), params, is_leaf=quant.is_quantized), adapters
+
+
+def _not_adjustable(leaf: Any) -> str | None:
+    """Why a base-adjusting init cannot replace ``leaf`` (None when it can)."""
+    if quant.is_quantized(leaf):
+        return "is quantised (initialise on the float params, then quantise the returned params)"
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return "is a jax.ShapeDtypeStruct (its values are needed; wrap the call in jax.eval_shape for shapes only)"
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        return f"is {jnp.dtype(leaf.dtype).name}, not floating"
+    return None
 
 
 def _init_target(cfg: MethodConfig, path: str, weight: Any, layout: Layout, key: jax.Array) -> Adapter:
@@ -573,6 +673,10 @@ def merge(params: Any, adapters: Any) -> Any:
     update requantises to the same codes. ``unmerge(merge(p))`` differs from ``p`` by at most two such roundings.
     Requantising rounds, so a merge into a quantised weight has no useful gradient: train with the adapters
     separate (``jaxpeft.linen.apply``, ``jaxpeft.nnx``), not through ``jaxpeft.merged``.
+
+    With a base-adjusting init (PiSSA/OLoRA, ``init_adjusted``) pass the residual params the adapters were made
+    over: ``merge(residual, trained)`` is the original weights plus the trained update (``W - s·A0·B0 + s·A·B``),
+    as PEFT's merge of such an adapter; over the original params it would count the initial ``s·A0·B0`` twice.
 
     Raises:
       NotMergeableError: a method that cannot be merged, or a non-floating (e.g. int8) weight (the message names

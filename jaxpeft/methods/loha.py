@@ -9,14 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jaxpeft._select import ALL_LINEAR, Layout, TargetSpec, compile_regex, match_pattern
+from jaxpeft._select import ALL_LINEAR, Layout, TargetSpec
 from jaxpeft.methods.base import STATIC, Adapter, LayerCall, MethodConfig, check_ndim, fold_weight
-from jaxpeft.methods.lora import _freeze_pattern, check_dtype, check_factors, factor_axes, factors_delta, is_number
+from jaxpeft.methods.lora import RankFields, check_factors, factor_axes, factors_delta
 
 __all__ = ["LohaConfig", "LohaWeights", "delta_output"]
 
@@ -67,8 +67,8 @@ def uniform(key: jax.Array, shape: Sequence[int], dtype: Any, fan_in: int) -> ja
 
 
 @dataclasses.dataclass(frozen=True)
-class RankedConfig(MethodConfig):
-    """The fields and checks LoHa and LoKr share: ``rank``, ``alpha`` (``scale = alpha / rank``), patterns, dtype.
+class RankedConfig(RankFields, MethodConfig):
+    """The fields LoHa and LoKr share: ``rank``, ``alpha`` (``scale = alpha / rank``), patterns, dtype.
 
     Not a method itself (no ``method`` name); :class:`LohaConfig` and :class:`jaxpeft.LokrConfig` subclass it.
     """
@@ -89,28 +89,8 @@ class RankedConfig(MethodConfig):
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"`rank`={self.rank!r}; expected a positive integer such as 8.")
-        if not is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"`alpha`={self.alpha!r}; expected a positive finite number (HF's alpha), e.g. 8.")
-        object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "dtype", check_dtype(self.dtype))
+        self.check_rank_alpha("HF's alpha), e.g. 8")
         super().__post_init__()
-        object.__setattr__(self, "rank_pattern", _freeze_pattern(self.rank_pattern, "rank_pattern", int))
-        object.__setattr__(self, "alpha_pattern", _freeze_pattern(self.alpha_pattern, "alpha_pattern", float))
-        for field in ("rank_pattern", "alpha_pattern"):
-            for pattern, _ in getattr(self, field):
-                compile_regex(pattern, field)
-
-    def rank_for(self, path: str) -> int:
-        """The rank at ``path`` (``rank_pattern`` first, then ``rank``)."""
-        items = cast(tuple[tuple[str, int], ...], self.rank_pattern)
-        return next((r for p, r in items if match_pattern(p, path)), self.rank)
-
-    def alpha_for(self, path: str) -> float:
-        """The alpha at ``path`` (``alpha_pattern`` first, then ``alpha``)."""
-        items = cast(tuple[tuple[str, float], ...], self.alpha_pattern)
-        return next((a for p, a in items if match_pattern(p, path)), self.alpha)
 
     def scale_for(self, path: str) -> float:
         """``alpha / rank`` at ``path``, as in HF PEFT."""
@@ -118,14 +98,7 @@ class RankedConfig(MethodConfig):
 
     def check_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> None:
         check_kinds(self.title, self.kinds, rows)
-        paths = [p for p, _, _ in rows]
-        for field in ("rank_pattern", "alpha_pattern"):
-            for pattern, _ in getattr(self, field):
-                if not any(match_pattern(pattern, p) for p in paths):
-                    raise ValueError(
-                        f"`{field}` key {pattern!r} matches none of the {len(paths)} targets (e.g. {paths[0]!r}); "
-                        "fix the regex or drop the entry."
-                    )
+        self.check_patterns(rows)
 
 
 @jax.tree_util.register_dataclass

@@ -5,18 +5,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxpeft import quant
+from jaxpeft._paths import leaves_with_paths, set_path
 from jaxpeft._select import ALL_LINEAR, Layout, TargetSpec, compile_regex, match_pattern
-from jaxpeft.methods.base import STATIC, Adapter, LayerCall, MethodConfig, check_ndim, fold_weight
+from jaxpeft.methods.base import STATIC, Adapter, LayerCall, MethodConfig, adapter_items, check_ndim, fold_weight
 
-__all__ = ["LoraConfig", "LoraWeights"]
+__all__ = ["LoraConfig", "LoraWeights", "to_plain_lora"]
 
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+# Layer kinds whose weight is one linear map (input features -> output features), as PEFT's nn.Linear.
+_DECOMPOSABLE = ("dense", "dense_general", "einsum")
 
 
 def _freeze_pattern(value: Any, name: str, kind: type) -> tuple[tuple[str, Any], ...]:
@@ -61,8 +68,62 @@ def check_dtype(value: str) -> str:
     return dtype.name
 
 
+class RankFields:
+    """What configs with ``rank``, ``alpha``, ``rank_pattern``/``alpha_pattern`` and ``dtype`` fields share.
+
+    A mixin for frozen dataclass configs (LoRA, DoRA, LoHa, LoKr): the checks of those fields, their per-path
+    lookups and the check that every pattern matches a target. Its ``__post_init__`` freezes the patterns and
+    the selection (``MethodConfig.__post_init__``), after the subclass has run ``check_rank_alpha`` and its own
+    checks.
+    """
+
+    rank: int
+    alpha: float
+    rank_pattern: Mapping[str, int] | tuple[tuple[str, int], ...]
+    alpha_pattern: Mapping[str, float] | tuple[tuple[str, float], ...]
+    dtype: str
+
+    def check_rank_alpha(self, alpha_hint: str) -> None:
+        """Validate ``rank``, ``alpha`` (its error ends with ``alpha_hint``) and ``dtype``; store them canonically."""
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"`rank`={self.rank!r}; expected a positive integer such as 8.")
+        if not is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"`alpha`={self.alpha!r}; expected a positive finite number ({alpha_hint}.")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]  # MethodConfig's: the selection fields
+        object.__setattr__(self, "rank_pattern", _freeze_pattern(self.rank_pattern, "rank_pattern", int))
+        object.__setattr__(self, "alpha_pattern", _freeze_pattern(self.alpha_pattern, "alpha_pattern", float))
+        for field in ("rank_pattern", "alpha_pattern"):
+            for pattern, _ in getattr(self, field):
+                compile_regex(pattern, field)
+
+    def rank_for(self, path: str) -> int:
+        """The rank at ``path`` (``rank_pattern`` first, then ``rank``)."""
+        items = cast(tuple[tuple[str, int], ...], self.rank_pattern)
+        return next((r for p, r in items if match_pattern(p, path)), self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha at ``path`` (``alpha_pattern`` first, then ``alpha``)."""
+        items = cast(tuple[tuple[str, float], ...], self.alpha_pattern)
+        return next((a for p, a in items if match_pattern(p, path)), self.alpha)
+
+    def check_patterns(self, rows: Sequence[tuple[str, Any, Layout]]) -> None:
+        """Raise when a ``rank_pattern``/``alpha_pattern`` key matches none of the selected targets."""
+        paths = [p for p, _, _ in rows]
+        for field in ("rank_pattern", "alpha_pattern"):
+            for pattern, _ in getattr(self, field):
+                if not any(match_pattern(pattern, p) for p in paths):
+                    raise ValueError(
+                        f"`{field}` key {pattern!r} matches none of the {len(paths)} targets (e.g. {paths[0]!r}); "
+                        "fix the regex or drop the entry."
+                    )
+
+
 @dataclasses.dataclass(frozen=True)
-class LoraConfig(MethodConfig):
+class LoraConfig(RankFields, MethodConfig):
     """LoRA hyper-parameters; frozen, hashable (static under ``jax.jit``) and JSON round-trippable.
 
     Args:
@@ -77,12 +138,26 @@ class LoraConfig(MethodConfig):
       use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
       init: ``"kaiming"`` (HF default: A kaiming-uniform, B zeros) or ``"gaussian"`` (A ~ N(0, 1/r²), B zeros).
         Embeddings always start with A zeros and B ~ N(0, 1), as in HF PEFT. Either way ΔW = 0 at init.
+        The base-adjusting inits of HF PEFT start from the weight instead, and move ``s·A·B`` out of the base:
+        ``"pissa"`` (A, B from the top-``r`` singular triplets, ``s·A·B = U_r S_r V_rᵀ``), ``"pissa_niter_<n>"``
+        (the same from a randomised SVD with ``n`` subspace iterations, seeded by the init key) and ``"olora"``
+        (``B = Q[:, :r]ᵀ``, ``A = R[:r]ᵀ`` of the QR decomposition of the torch-layout weight). The decomposition
+        runs in float32 per stack slice (fan-in and fan-out axes flattened); the factors get ``dtype``. Their
+        adapters are the identity only over the residual weights ``W - s·A·B``, so ``jaxpeft.init`` refuses
+        them: use :func:`jaxpeft.init_adjusted` (``jaxpeft.linen.init_adjusted``; ``jaxpeft.nnx.adapt`` swaps the
+        residual in itself). Dense, DenseGeneral and Einsum weights only (HF PEFT decomposes nn.Linear only), with
+        ``rank`` at most the smaller side of each weight, and LoRA only (not ``DoraConfig``). ``merge`` and
+        ``jaxpeft.checkpoint`` work as usual over the residual params (merged = original ``W`` + the trained
+        update, as in PEFT); to export to HF PEFT or to use the update over the original weights, convert with
+        :func:`to_plain_lora`.
       dtype: dtype of the adapter arrays (float32 by default, also over a bf16 base). The adapted contraction
         casts A and B to the activation dtype; activations are never cast up.
 
     References:
       Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021.
       Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023.
+      Meng et al., "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models", 2024.
+      Büyükakyüz, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models", 2024.
     """
 
     method: ClassVar[str] = "lora"
@@ -102,50 +177,51 @@ class LoraConfig(MethodConfig):
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"`rank`={self.rank!r}; expected a positive integer such as 8.")
-        if not is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"`alpha`={self.alpha!r}; expected a positive finite number (HF's lora_alpha), e.g. 16.")
+        self.check_rank_alpha("HF's lora_alpha), e.g. 16")
         if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout`={self.dropout!r}; expected a rate (a number) in [0, 1), e.g. 0.05.")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"`use_rslora`={self.use_rslora!r}; expected True or False (not a string).")
-        if self.init not in _INITS:
-            raise ValueError(f"`init`={self.init!r}; expected one of {_INITS}.")
+        if not isinstance(self.init, str) or not (self.init in _INITS or _PISSA_NITER.fullmatch(self.init)):
+            raise ValueError(
+                f"`init`={self.init!r}; expected one of {_INITS} or 'pissa_niter_<n>' (e.g. 'pissa_niter_4')."
+            )
+        if self.base_adjustment is not None and self.method != LoraConfig.method:
+            raise ValueError(
+                f"`init`={self.init!r} is not supported by {type(self).__name__}: jaxpeft implements the "
+                "base-adjusting inits (PiSSA, OLoRA) for plain LoRA only. Use LoraConfig(init=...), or "
+                f"{type(self).__name__} with init='kaiming'."
+            )
         object.__setattr__(self, "dropout", float(self.dropout))
-        object.__setattr__(self, "dtype", check_dtype(self.dtype))
-        object.__setattr__(self, "alpha", float(self.alpha))
         super().__post_init__()
-        object.__setattr__(self, "rank_pattern", _freeze_pattern(self.rank_pattern, "rank_pattern", int))
-        object.__setattr__(self, "alpha_pattern", _freeze_pattern(self.alpha_pattern, "alpha_pattern", float))
-        for field in ("rank_pattern", "alpha_pattern"):
-            for pattern, _ in getattr(self, field):
-                compile_regex(pattern, field)
-
-    def rank_for(self, path: str) -> int:
-        """The rank of the adapter at ``path`` (``rank_pattern`` first, then ``rank``)."""
-        items = cast(tuple[tuple[str, int], ...], self.rank_pattern)
-        return next((r for p, r in items if match_pattern(p, path)), self.rank)
-
-    def alpha_for(self, path: str) -> float:
-        """The alpha of the adapter at ``path`` (``alpha_pattern`` first, then ``alpha``)."""
-        items = cast(tuple[tuple[str, float], ...], self.alpha_pattern)
-        return next((a for p, a in items if match_pattern(p, path)), self.alpha)
 
     def scale_for(self, path: str) -> float:
         """``alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``) for the adapter at ``path``."""
         rank = self.rank_for(path)
         return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
 
+    @property
+    def base_adjustment(self) -> str | None:
+        """``"init='pissa'"`` (or the ``pissa_niter_<n>``/``olora`` init) when it changes the base; else None."""
+        return None if self.init in ("kaiming", "gaussian") else f"init={self.init!r}"
+
+    def adjust_base(self, path: str, weight: Any, node: Adapter) -> jax.Array:
+        """The residual ``W - s·A·B`` of PiSSA/OLoRA, formed in float32 from the stored factors, in ``weight``'s dtype.
+
+        Built from the factors as stored (already in ``dtype``), so the adapted model over the residual equals the
+        original model up to the rounding of the residual to the weight's dtype.
+        """
+        if not isinstance(node, LoraWeights):
+            raise TypeError(f"adapter {path!r} is a {type(node).__name__}; LoraConfig.adjust_base takes LoraWeights.")
+        if quant.is_quantized(weight):
+            raise ValueError(_quantized_message(path, self.init))
+        return fold_weight(weight, node.delta(weight.shape), -1)
+
     def check_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> None:
-        paths = [p for p, _, _ in rows]
-        for field in ("rank_pattern", "alpha_pattern"):
-            for pattern, _ in getattr(self, field):
-                if not any(match_pattern(pattern, p) for p in paths):
-                    raise ValueError(
-                        f"`{field}` key {pattern!r} matches none of the {len(paths)} targets (e.g. {paths[0]!r}); "
-                        "fix the regex or drop the entry."
-                    )
+        if self.base_adjustment is not None:
+            for path, leaf, layout in rows:
+                self._check_decomposable(path, tuple(leaf.shape), layout)
+        self.check_patterns(rows)
 
     def factor_shapes(self, path: str, shape: Sequence[int], layout: Layout) -> tuple[tuple[int, ...], ...]:
         """``(A shape, B shape)`` of the adapter at ``path`` on a weight of ``shape``."""
@@ -166,9 +242,119 @@ class LoraConfig(MethodConfig):
             a = jax.random.normal(key, a_shape, dtype) / self.rank_for(path)
         return a, jnp.zeros(b_shape, dtype)
 
+    def _check_decomposable(self, path: str, shape: tuple[int, ...], layout: Layout) -> None:
+        if layout.kind not in _DECOMPOSABLE:
+            raise ValueError(
+                f"`init`={self.init!r} cannot initialise {path!r}, a {layout.kind!r} weight: the base-adjusting inits "
+                f"decompose linear maps only ({', '.join(_DECOMPOSABLE)}), like HF PEFT's nn.Linear. Leave it out of "
+                "`targets` (e.g. `exclude`), or adapt it in a second config with init='kaiming'."
+            )
+        _, fan_in, fan_out = layout.split(shape)
+        rank, smaller = self.rank_for(path), min(math.prod(fan_in), math.prod(fan_out))
+        if rank > smaller:
+            raise ValueError(
+                f"`init`={self.init!r} needs rank <= min(fan_in, fan_out) = {smaller} for {path!r} (shape {shape}); "
+                f"got rank {rank}. Lower `rank` or set it for this path in `rank_pattern`."
+            )
+
     def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> Adapter:
-        a, b = self.init_factors(path, weight.shape, layout, key)
+        if self.base_adjustment is not None:
+            a, b = self.decompose(path, weight, layout, key)
+        else:
+            a, b = self.init_factors(path, weight.shape, layout, key)
         return LoraWeights(a, b, self.scale_for(path), self.dropout, layout)
+
+    def decompose(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """PiSSA's or OLoRA's initial ``(A, B)`` from the values of ``weight`` (float32 maths, ``dtype`` result).
+
+        The kernel is flattened to ``(stack, fan_in, fan_out)`` and each stack slice decomposed on its own
+        (``vmap``); PiSSA with ``pissa_niter_<n>`` draws one random test matrix per slice from ``key``.
+        """
+        if isinstance(weight, jax.ShapeDtypeStruct):
+            raise ValueError(
+                f"`init`={self.init!r} decomposes the base weight {path!r}, so `params` must hold arrays, not "
+                "jax.ShapeDtypeStruct (wrap the whole init in jax.eval_shape for shapes only)."
+            )
+        if quant.is_quantized(weight):
+            raise ValueError(_quantized_message(path, self.init))
+        shape = tuple(weight.shape)
+        self._check_decomposable(path, shape, layout)
+        stack, fan_in, fan_out = layout.split(shape)
+        rank, scale = self.rank_for(path), self.scale_for(path)
+        w = jnp.reshape(weight.astype(jnp.float32), (math.prod(stack), math.prod(fan_in), math.prod(fan_out)))
+        if self.init == "olora":
+            a, b = jax.vmap(lambda m: _olora(m, rank))(w)
+        elif self.init == "pissa":
+            a, b = jax.vmap(lambda m: _pissa(m, rank, scale))(w)
+        else:
+            niter = int(cast(re.Match, _PISSA_NITER.fullmatch(self.init)).group(1))
+            keys = jax.random.split(key, w.shape[0])
+            a, b = jax.vmap(lambda m, k: _pissa_lowrank(m, rank, scale, niter, k))(w, keys)
+        dtype = jnp.dtype(self.dtype)
+        return jnp.reshape(a, (*stack, *fan_in, rank)).astype(dtype), jnp.reshape(b, (*stack, rank, *fan_out)).astype(
+            dtype
+        )
+
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _quantized_message(path: str, init: str) -> str:
+    return (
+        f"`init`={init!r} cannot adjust {path!r}: the weight is quantised (jaxpeft.quantize), and the residual "
+        "W - s·A·B must be formed from the full-precision weight. Initialise on the float params, then quantise the "
+        "residual params that jaxpeft.init_adjusted returns."
+    )
+
+
+def _pissa_factors(u: jax.Array, s: jax.Array, vh: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """``A = U·√(S/scale)``, ``B = √(S/scale)·Vh``: then ``scale·A·B = U·S·Vh``."""
+    root = jnp.sqrt(s / scale)
+    return u * root[None, :], root[:, None] * vh
+
+
+def _pissa(m: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
+    """PiSSA on one ``(fan_in, fan_out)`` kernel: the top-``rank`` singular triplets (full SVD)."""
+    u, s, vh = jnp.linalg.svd(m, full_matrices=False)
+    return _pissa_factors(u[:, :rank], s[:rank], vh[:rank], scale)
+
+
+def _pissa_lowrank(m: jax.Array, rank: int, scale: float, niter: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """PiSSA from a randomised SVD (Halko et al., as ``torch.svd_lowrank`` with ``q=rank``, ``niter`` iterations)."""
+    omega = jax.random.normal(key, (m.shape[1], rank), jnp.float32)
+    q, _ = jnp.linalg.qr(jnp.matmul(m, omega, precision=_HI))
+    for _ in range(niter):
+        q, _ = jnp.linalg.qr(jnp.matmul(m.T, q, precision=_HI))
+        q, _ = jnp.linalg.qr(jnp.matmul(m, q, precision=_HI))
+    u, s, vh = jnp.linalg.svd(jnp.matmul(q.T, m, precision=_HI), full_matrices=False)
+    return _pissa_factors(jnp.matmul(q, u, precision=_HI), s, vh, scale)
+
+
+def _host_qr(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The reduced QR of ``m`` (``(..., rows, cols)``, float32) computed by NumPy's LAPACK on the host.
+
+    Not ``jnp.linalg.qr``: on a 2-core CPU, XLA's concurrent scheduler deadlocks on a program holding several
+    LAPACK QR custom calls (a jitted OLoRA init of two layers hung). The QR runs once, at init; NumPy's
+    Householder QR is LAPACK's ``geqrf``/``orgqr``, as torch's (PEFT's) is.
+    """
+    k = min(m.shape[-2], m.shape[-1])
+    out = (
+        jax.ShapeDtypeStruct((*m.shape[:-1], k), jnp.float32),
+        jax.ShapeDtypeStruct((*m.shape[:-2], k, m.shape[-1]), jnp.float32),
+    )
+
+    def qr(a: Any) -> tuple[np.ndarray, np.ndarray]:
+        q, r = np.linalg.qr(np.asarray(a, np.float32))
+        return np.asarray(q, np.float32), np.asarray(r, np.float32)
+
+    q, r = jax.pure_callback(qr, out, m.astype(jnp.float32), vmap_method="broadcast_all")
+    return q, r
+
+
+def _olora(m: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """OLoRA on one ``(fan_in, fan_out)`` kernel: ``mᵀ = Q·R`` (torch layout); ``A = R[:r]ᵀ``, ``B = Q[:, :r]ᵀ``."""
+    q, r = _host_qr(m.T)
+    return r[:rank].T, q[:, :rank].T
 
 
 def factors_delta(a: jax.Array, b: jax.Array, scale: float, layout: Layout, shape: Sequence[int]) -> jax.Array:
@@ -245,3 +431,82 @@ class LoraWeights(Adapter):
             x = call.dropout(call.x.astype(y.dtype), self.dropout)
             delta = call.lowrank(x, self.a, self.b, self.scale)
         return y + delta.astype(y.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+
+
+def _plain_pattern(items: Any, factor: float, kind: type) -> tuple[tuple[str, Any], ...]:
+    return tuple((p, kind(v * factor)) for p, v in items)
+
+
+def _lora_node(node: Adapter, name: str, path: str) -> LoraWeights:
+    if not isinstance(node, LoraWeights):
+        raise ValueError(f"`{name}` adapter {path!r} is a {type(node).__name__}, not LoraWeights.")
+    return node
+
+
+def to_plain_lora(cfg: LoraConfig, trained: Any, initial: Any) -> tuple[LoraConfig, dict[str, Any]]:
+    """Trained PiSSA/OLoRA adapters as plain LoRA over the ORIGINAL weights, as PEFT's conversion does.
+
+    With ``W = W_res + s·A0·B0`` at init and ``W_res + s·A·B`` after training, the update over the original weight
+    is ``s·A·B - s·A0·B0 = s·[A | A0]·[B ; -B0]``: a LoRA of rank ``2r`` at the same scale. The returned config
+    has ``rank`` (and every ``rank_pattern`` entry) doubled, ``alpha`` (and ``alpha_pattern``) doubled (with
+    ``use_rslora``: times √2), and ``init='kaiming'``, so each adapter's scale is unchanged and the config fits
+    ``jaxpeft.hf.export_adapters``, ``jaxpeft.checkpoint`` and ``jaxpeft.init`` shapes. Guarantee: the converted
+    adapters over the original params compute the trained PiSSA/OLoRA model (over the residual params) up to
+    float rounding; ``merge(original, converted) ≈ merge(residual, trained)``. Works for any ``LoraConfig``
+    (for ``kaiming``/``gaussian`` inits the second half is the initial adapter, whose product is zero).
+
+    Args:
+      cfg: the ``LoraConfig`` both adapter trees were made with.
+      trained: the adapters after training.
+      initial: the adapters ``jaxpeft.init_adjusted`` returned (same paths and shapes).
+
+    Returns:
+      ``(plain_cfg, adapters)``: a ``LoraConfig`` and ``LoraWeights`` nodes of rank ``2r``.
+
+    Raises:
+      TypeError: ``cfg`` is not a ``LoraConfig`` (DoRA's update is not linear in its factors).
+      ValueError: the two trees differ in paths or shapes, or do not match ``cfg``.
+    """
+    if type(cfg) is not LoraConfig:
+        raise TypeError(
+            f"`cfg` is a {type(cfg).__name__}; to_plain_lora converts LoraConfig adapters only (a DoRA or other "
+            "update is not a difference of low-rank products)."
+        )
+    table, start = dict(adapter_items(trained)), dict(adapter_items(initial))
+    if sorted(table) != sorted(start):
+        missing, extra = sorted(set(table) - set(start)), sorted(set(start) - set(table))
+        raise ValueError(
+            f"`trained` and `initial` differ in paths: only in trained {missing[:4]}, only in initial {extra[:4]}; "
+            "pass the adapters jaxpeft.init_adjusted returned for the same config."
+        )
+    factor = math.sqrt(2.0) if cfg.use_rslora else 2.0
+    plain = dataclasses.replace(
+        cfg,
+        rank=2 * cfg.rank,
+        alpha=cfg.alpha * factor,
+        rank_pattern=_plain_pattern(cfg.rank_pattern, 2, int),
+        alpha_pattern=_plain_pattern(cfg.alpha_pattern, factor, float),
+        init="kaiming",
+    )
+    out: dict[str, Any] = {}
+    for path in sorted(table):
+        node, node0 = _lora_node(table[path], "trained", path), _lora_node(start[path], "initial", path)
+        shapes = {k: tuple(v.shape) for k, v in leaves_with_paths(node)}
+        shapes0 = {k: tuple(v.shape) for k, v in leaves_with_paths(node0)}
+        if shapes != shapes0 or node.layout != node0.layout:
+            raise ValueError(
+                f"adapter {path!r}: trained {shapes} and initial {shapes0} (or their layouts) differ; pass the "
+                "adapters of the same init."
+            )
+        if node.rank != cfg.rank_for(path) or not math.isclose(node.scale, cfg.scale_for(path), rel_tol=1e-6):
+            raise ValueError(
+                f"adapter {path!r} has rank {node.rank} and scale {node.scale}, but `cfg` gives rank "
+                f"{cfg.rank_for(path)} and scale {cfg.scale_for(path)}; pass the config the adapters were made with."
+            )
+        a = jnp.concatenate([node.a, node0.a.astype(node.a.dtype)], axis=-1)
+        b = jnp.concatenate([node.b, -node0.b.astype(node.b.dtype)], axis=node.layout.stack)
+        out = set_path(out, path, LoraWeights(a, b, plain.scale_for(path), node.dropout, node.layout))
+    return plain, out

@@ -15,7 +15,7 @@ from jaxpeft.methods.base import STATIC, Adapter, LayerCall, MethodConfig, check
 from jaxpeft.methods.loha import check_kinds
 from jaxpeft.methods.lora import check_dtype, factors_delta, is_number
 
-__all__ = ["VeraConfig", "VeraWeights", "projection"]
+__all__ = ["VeraConfig", "VeraWeights", "projection", "shared_projections"]
 
 VERA_KINDS = ("dense", "dense_general", "einsum")
 _GOLDEN = 0x9E3779B9
@@ -45,6 +45,20 @@ def projection(seed: int, which: int, rows: int, cols: int) -> jax.Array:
     return (h >> 8).astype(jnp.float32) * (2.0 / (1 << 24)) - 1.0
 
 
+def shared_projections(
+    seed: int, rank: int, fan_in: int, fan_out: int, bound_fan_in: int
+) -> tuple[jax.Array, jax.Array]:
+    """VeRA's frozen ``A (fan_in, r)`` and ``B (r, fan_out)``, float32: :func:`projection` scaled like HF PEFT.
+
+    A is ``U(±√(6/bound_fan_in))`` (PEFT's kaiming bound of its shared ``vera_A``, whose fan-in is the largest of all
+    targets), B ``U(±√(6/r))``. Every entry depends only on its indices, so the matrices of a smaller layer are
+    exactly the top-left blocks of a larger one's (HF PEFT's ``vera_A[:, :in]``/``vera_B[:out, :]`` slices).
+    """
+    a = projection(seed, 0, fan_in, rank) * math.sqrt(6.0 / bound_fan_in)
+    b = projection(seed, 1, fan_out, rank).T * math.sqrt(6.0 / rank)
+    return a, b
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VeraWeights(Adapter):
@@ -52,9 +66,10 @@ class VeraWeights(Adapter):
 
     The leaves are the trained vectors ``lambda_d`` ``(*stack, r)`` and ``lambda_b`` ``(*stack, *fan_out)``;
     nothing else. The frozen projections A and B are a pure function of the static ``seed`` and the layer's
-    sizes (:func:`projection`), regenerated inside the forward: they take no storage in the adapter tree, the
-    checkpoint or the optimizer, and get no gradient. A is kaiming-uniform ``U(±√(6/fan_in))`` (``fan_in`` the
-    layer's flattened fan-in), B ``U(±√(6/r))``, as HF PEFT's ``_kaiming_init``. The forward is
+    sizes (:func:`shared_projections`), regenerated inside the forward: they take no storage in the adapter tree, the
+    checkpoint or the optimizer, and get no gradient. A is kaiming-uniform ``U(±√(6/shared_fan_in))``, with
+    ``shared_fan_in`` the largest flattened fan-in over all the targets of the config (the width of HF PEFT's shared
+    ``vera_A``; None: this layer's own fan-in), B ``U(±√(6/r))``, as HF PEFT's ``_kaiming_init``. The forward is
     ``base(x) + (dropout(x)·(A ⊙ λ_d))·(B ⊙ λ_b)``: LoRA's low-rank path with scaled factors, never ``W + ΔW``.
     """
 
@@ -64,10 +79,16 @@ class VeraWeights(Adapter):
     fan_in_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=STATIC)
     dropout: float = dataclasses.field(default=0.0, metadata=STATIC)
     layout: Layout = dataclasses.field(default=Layout(), metadata=STATIC)
+    shared_fan_in: int | None = dataclasses.field(default=None, metadata=STATIC)
 
     @property
     def rank(self) -> int:
         return int(self.lambda_d.shape[-1])
+
+    @property
+    def bound_fan_in(self) -> int:
+        """The fan-in that sets A's kaiming bound: ``shared_fan_in``, or this layer's flattened fan-in."""
+        return math.prod(self.fan_in_shape) if self.shared_fan_in is None else self.shared_fan_in
 
     def describe(self) -> str:
         return f"r={self.rank} seed={self.seed}"
@@ -83,14 +104,15 @@ class VeraWeights(Adapter):
         want_d, want_b = (*stack, self.rank), (*stack, *fan_out)
         if fan_in != self.fan_in_shape or tuple(self.lambda_b.shape) != want_b or self.lambda_d.shape[:-1] != stack:
             return f"expected fan-in {self.fan_in_shape}, lambda_d {want_d} and lambda_b {want_b}"
+        if self.bound_fan_in < math.prod(fan_in):
+            return f"its shared projection's fan-in {self.bound_fan_in} is below the weight's {math.prod(fan_in)}"
         return None
 
     def projections(self) -> tuple[jax.Array, jax.Array]:
         """The frozen ``(A (*fan_in, r), B (r, *fan_out))`` of this layer, float32 (constants: no gradient)."""
         rank, n_in = self.rank, math.prod(self.fan_in_shape)
         fan_out = tuple(self.lambda_b.shape[self.layout.stack :])
-        a = projection(self.seed, 0, n_in, rank) * math.sqrt(6.0 / n_in)
-        b = projection(self.seed, 1, math.prod(fan_out), rank).T * math.sqrt(6.0 / rank)
+        a, b = shared_projections(self.seed, rank, n_in, math.prod(fan_out), self.bound_fan_in)
         return jnp.reshape(a, (*self.fan_in_shape, rank)), jnp.reshape(b, (rank, *fan_out))
 
     def factors(self) -> tuple[jax.Array, jax.Array]:
@@ -129,10 +151,11 @@ class VeraConfig(MethodConfig):
       dropout: dropout rate on the adapter branch's input, applied only when a dropout key is given.
       dtype: dtype of the vectors.
 
-    Differences from HF PEFT, by design: A and B are regenerated from ``projection_prng_key`` (with jaxpeft's own
-    hash, :func:`projection`) instead of stored, so there is no ``save_projection`` and their values are not
-    PyTorch's; and A's kaiming bound uses each layer's own fan-in, where PEFT sizes one A to the largest fan-in of
-    all targets (the same when every target has the same input size, e.g. q/k/v/o projections). Dense,
+    As in HF PEFT, A's kaiming bound comes from the largest fan-in of all the selected targets (the width of PEFT's
+    shared ``vera_A``; ``jaxpeft.init`` finds it through :meth:`for_targets`), so one A serves every layer. The
+    difference from HF PEFT, by design: A and B are regenerated from ``projection_prng_key`` (with jaxpeft's own
+    hash, :func:`projection`) instead of stored, so their values are not PyTorch's; ``jaxpeft.hf`` writes them
+    into the file (PEFT's ``save_projection=True``) on export. Dense,
     DenseGeneral and Einsum kernels (fan-in and fan-out flattened); each layer of a scanned stack has its own
     vectors over the same A and B.
 
@@ -151,6 +174,9 @@ class VeraConfig(MethodConfig):
     d_initial: float = 0.1
     dropout: float = 0.0
     dtype: str = "float32"
+    #: The largest flattened fan-in of the selection, set by :meth:`for_targets` (not a constructor argument, not
+    #: in JSON); None in a config you build, whose ``init_target`` alone then treats each weight as the only target.
+    largest_fan_in: int | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -170,6 +196,18 @@ class VeraConfig(MethodConfig):
     def check_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> None:
         check_kinds("VeRA", VERA_KINDS, rows)
 
+    def for_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> VeraConfig:
+        """This config with ``largest_fan_in``: the largest flattened fan-in of ``rows`` (PEFT's ``vera_A`` width)."""
+        sizes = [math.prod(layout.split(tuple(leaf.shape))[1]) for _, leaf, layout in rows]
+        new = dataclasses.replace(self)
+        object.__setattr__(new, "largest_fan_in", max(sizes, default=None))
+        return new
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("largest_fan_in", None)
+        return out
+
     def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> VeraWeights:
         problem = check_ndim(layout, tuple(weight.shape))
         if problem is not None:
@@ -177,4 +215,5 @@ class VeraConfig(MethodConfig):
         stack, fan_in, fan_out = layout.split(weight.shape)
         lambda_d = jnp.full((*stack, self.rank), self.d_initial, self.dtype)
         lambda_b = jnp.zeros((*stack, *fan_out), self.dtype)
-        return VeraWeights(lambda_d, lambda_b, self.projection_prng_key, fan_in, self.dropout, layout)
+        shared = math.prod(fan_in) if self.largest_fan_in is None else max(self.largest_fan_in, math.prod(fan_in))
+        return VeraWeights(lambda_d, lambda_b, self.projection_prng_key, fan_in, self.dropout, layout, shared)

@@ -1,0 +1,272 @@
+"""Adapter banks: several named adapters of one method stacked over one base, chosen per call or per example.
+
+:func:`stack_adapters` turns ``{name: adapter tree}`` into one tree whose nodes are :class:`AdapterBank`\\ s: each
+holds the adapters of one weight stacked on an *adapter axis* (placed right after the weight's stack axes, so
+``nn.scan``/``nnx.vmap`` stacks slice a bank like the kernel). Which adapter runs is **data**, an integer array
+passed at call time (``jaxpeft.linen.apply(..., adapter_ids=ids)``, ``jaxpeft.nnx.set_adapter_ids(model, ids)``):
+
+- ``ids`` of shape ``()``: the whole call uses adapter ``ids`` (switching adapters never recompiles);
+- ``ids`` of shape ``(batch,)``: example ``i`` (along the leading axis of every adapted layer's input) uses
+  adapter ``ids[i]``: a *mixed batch*. The adapters' arrays are gathered per example and the method's own forward
+  rule runs under ``jax.vmap``, so the output of each example equals running that example alone with its adapter,
+  for every method; the base layer runs once over the whole batch (vmap folds the example axis into its batch).
+  For LoRA the adapted branch costs what one adapter costs; the gathered factors take ``batch·(fan_in + fan_out)·r``
+  floats. Gradients reach each adapter from the examples that used it (training several adapters in one step).
+
+To serve the base model to some examples, stack a fresh ``jaxpeft.init`` tree as one of the adapters: every built-in
+method is the identity at init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft._paths import path_str, set_path
+from jaxpeft._select import Layout
+from jaxpeft.methods.base import STATIC, Adapter, LayerCall, NotMergeableError, adapter_items
+from jaxpeft.methods.leaf import LeafAdapter
+from jaxpeft.methods.lora import LoraWeights
+
+__all__ = ["AdapterBank", "adapter_ids", "select_adapter", "stack_adapters", "unstack_adapters"]
+
+
+def _take(leaf: jax.Array, index: Any, axis: int) -> jax.Array:
+    return jnp.take(leaf, index, axis=axis, mode="clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterBank(Adapter):
+    """The adapters of one weight, stacked: each leaf of ``adapters`` is ``(*stack, n, ...)`` (n after the stack).
+
+    ``adapters`` is one node of the stacked method (its static parts are shared by all ``n``); ``names`` are the
+    adapters' names in stacking order and ``layout`` the weight's. The forward reads ``call.adapter_ids`` (see
+    the module docstring). A bank is not mergeable: merge one adapter (:func:`select_adapter`).
+    """
+
+    transforms_base: ClassVar[bool] = True
+
+    adapters: Any
+    names: tuple[str, ...] = dataclasses.field(metadata=STATIC)
+    layout: Layout = dataclasses.field(default=Layout(), metadata=STATIC)
+
+    @property
+    def dropout(self) -> float:  # type: ignore[override]
+        return float(getattr(self.adapters, "dropout", 0.0))
+
+    def at_call(self, n_sliced: int) -> AdapterBank:
+        if n_sliced == 0:
+            return self
+        lay = self.layout
+        return AdapterBank(
+            self.adapters.at_call(n_sliced), self.names, Layout(lay.stack - n_sliced, lay.fan_in, lay.fan_out, lay.kind)
+        )
+
+    def pick(self, index: Any) -> Adapter:
+        """The adapter at ``index`` (an int or a traced scalar) as a node of the stacked method."""
+        node: Adapter = jax.tree.map(lambda leaf: _take(leaf, index, self.layout.stack), self.adapters)
+        return node
+
+    def describe(self) -> str:
+        inner = self.adapters.describe() if isinstance(self.adapters, Adapter) else ""
+        return f"{len(self.names)} adapters {inner}".rstrip()
+
+    def check(self, weight_shape: tuple[int, ...]) -> str | None:
+        n = len(self.names)
+        for leaf in jax.tree.leaves(self.adapters):
+            if leaf.ndim <= self.layout.stack or leaf.shape[self.layout.stack] != n:
+                return f"an adapter bank of {n} expects each array to have {n} entries on axis {self.layout.stack}"
+        problem: str | None = self.pick(0).check(weight_shape)
+        return problem
+
+    def weight_axes(self) -> dict[str, tuple[int | None, ...]] | None:
+        inner = self.adapters.weight_axes()
+        if inner is None:
+            return None
+        s = self.layout.stack
+        return {k: (*v[:s], None, *v[s:]) for k, v in inner.items()}
+
+    def fold(self, weight: jax.Array, bias: jax.Array | None, sign: int) -> tuple[jax.Array, jax.Array | None]:
+        raise NotMergeableError(
+            f"an adapter bank holds {len(self.names)} adapters {list(self.names)}; merge one of them: "
+            "jaxpeft.merge(params, jaxpeft.select_adapter(bank, name))."
+        )
+
+    def forward(self, call: LayerCall) -> jax.Array:
+        ids = call.adapter_ids
+        if ids is None:
+            raise ValueError(
+                f"an adapter bank of {list(self.names)} needs `adapter_ids` (which adapter runs): pass "
+                "jaxpeft.linen.apply(..., adapter_ids=ids) or call jaxpeft.nnx.set_adapter_ids(model, ids); ids of "
+                "shape () pick one adapter for the call, shape (batch,) one per example."
+            )
+        ids = jnp.asarray(ids)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"`adapter_ids` has dtype {ids.dtype}; expected integers (jaxpeft.adapter_ids(...)).")
+        inner_call = dataclasses.replace(call, adapter_ids=None)
+        if ids.ndim == 0:
+            return self.pick(ids).forward(inner_call)
+        batch = call.x.shape[0] if call.x.ndim else None
+        if ids.ndim != 1 or ids.shape[0] != batch:
+            raise ValueError(
+                f"`adapter_ids` has shape {ids.shape}; a mixed batch needs one id per example along the leading axis "
+                f"of the layer input, shape ({batch},) here (or shape () for one adapter for the whole call)."
+            )
+        picked = self.pick(ids)  # each leaf (*stack, batch, ...)
+        key = call.dropout_key() if self.dropout > 0 else None
+
+        def one(node: Adapter, x: jax.Array, i: jax.Array) -> jax.Array:
+            one_key = None if key is None else jax.random.fold_in(key, i)
+            c = dataclasses.replace(inner_call, x=x[None], dropout_key=lambda: one_key)
+            return node.forward(c)[0]
+
+        out: jax.Array = jax.vmap(one, in_axes=(self.layout.stack, 0, 0))(picked, call.x, jnp.arange(batch))
+        return out
+
+
+def _flatten(bank: AdapterBank) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
+    """The stacked node's fields as the bank's children under their own names (``a``, ``b``, ...).
+
+    One level only (everything below the node counts as a child), so the aux data is the node's class and static
+    fields whatever the children are (arrays, ``None``, optax's masked nodes, shardings).
+    """
+    inner = bank.adapters
+    flat, treedef = jax.tree_util.tree_flatten_with_path(inner, is_leaf=lambda x: x is not inner)
+    children = [(jax.tree_util.GetAttrKey(path_str(kp).replace("/", "_")), child) for kp, child in flat]
+    return children, (treedef, bank.names, bank.layout)
+
+
+def _unflatten(aux: tuple[Any, ...], children: Any) -> AdapterBank:
+    treedef, names, layout = aux
+    return AdapterBank(jax.tree_util.tree_unflatten(treedef, list(children)), names, layout)
+
+
+jax.tree_util.register_pytree_with_keys(AdapterBank, _flatten, _unflatten)
+
+
+def _is_bank(x: Any) -> bool:
+    return isinstance(x, AdapterBank)
+
+
+def _lora_common(nodes: Sequence[Any]) -> list[Any] | None:
+    """LoRA nodes of different ranks or scales made stackable exactly: rank padded with zeros, scale folded into B."""
+    if not all(type(n) is LoraWeights for n in nodes):
+        return None
+    if len({(n.dropout, n.layout) for n in nodes}) != 1:
+        return None
+    rank = max(n.rank for n in nodes)
+    s = nodes[0].layout.stack
+    out = []
+    for n in nodes:
+        pad = rank - n.rank
+        a = jnp.pad(n.a, [(0, 0)] * (n.a.ndim - 1) + [(0, pad)])
+        b = jnp.pad(n.b * jnp.asarray(n.scale, n.b.dtype), [(0, 0)] * s + [(0, pad)] + [(0, 0)] * (n.b.ndim - s - 1))
+        out.append(LoraWeights(a, b, 1.0, n.dropout, n.layout))
+    return out
+
+
+def _stack_path(path: str, names: Sequence[str], nodes: Sequence[Any]) -> AdapterBank:
+    keys = [(str(jax.tree.structure(n)), [leaf.shape for leaf in jax.tree.leaves(n)]) for n in nodes]
+    odd = next((i for i, k in enumerate(keys) if k != keys[0]), None)
+    if odd is not None:
+        normalised = _lora_common(nodes)
+        if normalised is None:
+            raise ValueError(
+                f"adapters {names[0]!r} and {names[odd]!r} differ at {path!r} ({_show(nodes[0])} vs "
+                f"{_show(nodes[odd])}); a bank stacks adapters of one method with equal hyper-parameters and shapes "
+                "(LoRA ranks and scales may differ). Make them with the same config."
+            )
+        nodes = normalised
+    axis = nodes[0].layout.stack
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves, axis=axis), *nodes)
+    return AdapterBank(stacked, tuple(names), nodes[0].layout)
+
+
+def _show(node: Any) -> str:
+    return f"{type(node).__name__} {node.describe()}".rstrip()
+
+
+def stack_adapters(named: Mapping[str, Any]) -> dict[str, Any]:
+    """One adapter tree holding every adapter of ``named`` (``{name: adapter tree}``), to pick from at call time.
+
+    The trees must adapt the same paths with the same method and shapes; LoRA adapters may differ in rank and
+    scale (ranks are zero-padded to the largest and each scale folded into its B, which is exact; the banked LoRA
+    nodes have scale 1). Run the result with ``adapter_ids`` (see the module docstring); it trains like any
+    adapter tree (each adapter gets the gradient of the examples that used it) and checkpoints as one.
+
+    Raises:
+      ValueError: fewer than one adapter, a name that is not a string, adapters over different paths (names the
+        paths), or stacked adapters that differ (names the path and both adapters).
+    """
+    if not isinstance(named, Mapping) or not named:
+        raise ValueError("`named` must be a non-empty mapping {name: adapter tree}, e.g. {'fr': fr, 'de': de}.")
+    names = list(named)
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"adapter names must be non-empty strings; got {names!r}.")
+    tables = {n: dict(adapter_items(named[n])) for n in names}
+    for name in names:
+        leaf = next((p for p, node in tables[name].items() if isinstance(node, LeafAdapter)), None)
+        if leaf is not None:
+            raise ValueError(
+                f"adapter {name!r} at {leaf!r} is a {type(tables[name][leaf]).__name__} (BitFit / LN tuning), which "
+                "replaces a parameter for the whole call; a bank switches adapters of layer calls (LoRA, DoRA, IA3, "
+                "LoHa, LoKr, VeRA). Keep such adapters in separate trees and switch trees instead."
+            )
+        if any(_is_bank(node) for node in tables[name].values()):
+            raise ValueError(f"adapter {name!r} is already a bank; unstack it first (jaxpeft.unstack_adapters).")
+        if set(tables[name]) != set(tables[names[0]]):
+            diff = sorted(set(tables[name]) ^ set(tables[names[0]]))
+            raise ValueError(
+                f"adapters {names[0]!r} and {name!r} adapt different paths (e.g. {diff[:3]}); a bank needs the same "
+                "targets in every adapter. Make them with the same config's `targets`."
+            )
+    out: dict[str, Any] = {}
+    for path in sorted(tables[names[0]]):
+        out = set_path(out, path, _stack_path(path, names, [tables[n][path] for n in names]))
+    return out
+
+
+def _banks(bank: Any) -> dict[str, AdapterBank]:
+    table = dict(adapter_items(bank))
+    if not table or not all(_is_bank(n) for n in table.values()):
+        raise ValueError("expected an adapter tree of banks (from jaxpeft.stack_adapters).")
+    return table  # type: ignore[return-value]
+
+
+def bank_names(bank: Any) -> tuple[str, ...]:
+    """The adapters' names in a bank tree, in stacking order (their ids are their positions)."""
+    return next(iter(_banks(bank).values())).names
+
+
+def adapter_ids(bank: Any, names: str | Sequence[str]) -> jax.Array:
+    """The ids of ``names`` in ``bank``: an int32 scalar for one name, shape ``(len(names),)`` for a mixed batch.
+
+    Raises:
+      ValueError: a name the bank does not hold (lists the names it holds).
+    """
+    known = bank_names(bank)
+    wanted = [names] if isinstance(names, str) else list(names)
+    unknown = sorted({n for n in wanted if n not in known})
+    if unknown:
+        raise ValueError(f"adapters {unknown} are not in the bank; it holds {list(known)}.")
+    ids = np.asarray([known.index(n) for n in wanted], np.int32)
+    return jnp.asarray(ids[0] if isinstance(names, str) else ids)
+
+
+def select_adapter(bank: Any, name: str) -> dict[str, Any]:
+    """The adapter tree of ``name`` from a bank tree (banked LoRA: scale 1, B carrying the scale, rank padded)."""
+    index = int(adapter_ids(bank, name))
+    out: dict[str, Any] = {}
+    for path, node in _banks(bank).items():
+        out = set_path(out, path, node.pick(index))
+    return out
+
+
+def unstack_adapters(bank: Any) -> dict[str, dict[str, Any]]:
+    """``{name: adapter tree}`` from a bank tree: the inverse of :func:`stack_adapters` (see ``select_adapter``)."""
+    return {name: select_adapter(bank, name) for name in bank_names(bank)}

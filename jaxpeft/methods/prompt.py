@@ -1,0 +1,452 @@
+"""Prompt tuning and prefix tuning: trained virtual tokens, prepended to the input or to every layer's keys/values.
+
+Unlike the other methods these adapt no layer call: they add inputs. The adapter tree holds one node, hung on the
+model's input embedding table (the config's ``targets``; the table fixes the prompt width and serves "text"
+initialisation), so ``jaxpeft.init``, ``plan``, ``jaxpeft.checkpoint`` and ``jaxpeft.hf`` handle them like any
+method. The model consumes the node through two pure helpers, a ~10-line hook in its own code:
+
+- **prompt tuning** (Lester et al. 2021, HF ``PromptTuningConfig``): ``embeds, mask = prepend_prompt(embeds, mask,
+  adapters)`` before the first layer. The virtual tokens take positions ``0..n-1`` and the real tokens follow
+  (HF PEFT ignores ``position_ids`` here); drop the first ``n`` output rows.
+- **prefix tuning** (Li & Liang 2021, HF ``PrefixTuningConfig``): ``keys, values = prefix_kv(adapters, batch)``,
+  each ``(num_layers, batch, n, num_kv_heads, head_dim)``; layer ``l`` attends to ``concat(keys[l], k)`` and
+  ``concat(values[l], v)`` (the prefix keys are used as given: no RoPE), every query sees all ``n`` prefix slots,
+  the attention mask is ``extend_attention_mask(mask, n)`` and the real tokens' positions are shifted by ``n``
+  (``n..n+T-1`` by default), as in HF transformers where the prefix is a KV cache of length ``n``.
+
+The hook, in a Linen model (NNX alike: the same lines in ``__call__``)::
+
+    def __call__(self, ids, mask=None, prompt=None, prefix=None):
+        x = self.embed(ids)
+        n = 0
+        if prompt is not None:                                     # prompt tuning
+            x, mask = jaxpeft.prepend_prompt(x, mask, prompt)
+            n = x.shape[1] - ids.shape[1]
+        offset = 0 if prefix is None else prefix[0].shape[2]       # prefix tuning
+        if prefix is not None and mask is not None:
+            mask = jaxpeft.extend_attention_mask(mask, offset)
+        positions = offset + jnp.arange(x.shape[1])
+        for i, layer in enumerate(self.layers):  # attention: k = concat(prefix[0][i], k), v likewise
+            x = layer(x, positions, mask, None if prefix is None else (prefix[0][i], prefix[1][i]))
+        return self.head(x)[:, n:]
+
+    logits = model.apply({"params": params}, ids, mask, prompt=adapters)                   # or:
+    logits = model.apply({"params": params}, ids, mask, prefix=jaxpeft.prefix_kv(adapters, ids.shape[0]))
+
+Neither method merges into the weights, and neither is the identity at init (zero keys and values still take
+attention weight); prefix tuning with the "zero" init of the projection's last layer is as close as PEFT gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxpeft._select import Layout, TargetSpec
+from jaxpeft.methods.base import STATIC, Adapter, LayerCall, MethodConfig, NotMergeableError, adapter_items
+from jaxpeft.methods.lora import check_dtype
+
+__all__ = [
+    "INPUT_EMBEDDINGS",
+    "PrefixTuningConfig",
+    "PrefixWeights",
+    "PromptTuningConfig",
+    "PromptWeights",
+    "extend_attention_mask",
+    "prefix_kv",
+    "prepend_prompt",
+]
+
+#: Default ``targets`` of both configs: the input embedding table under its usual module names (HF Llama's
+#: ``embed_tokens``, BERT's ``word_embeddings``, GPT-2's ``wte``, ...).
+INPUT_EMBEDDINGS = r"(^|/)(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|token_embedding)/embedding$"
+
+_PROMPT_INITS = ("random", "text", "sample_vocab")
+_PREFIX_INITS = ("random", "zero")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}`={value!r}; expected a positive integer.")
+    return value
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}`={value!r}; expected one of {choices}.")
+    return str(value)
+
+
+def _not_a_layer(node: Adapter, helper: str) -> ValueError:
+    return ValueError(
+        f"{type(node).__name__} adapt no layer call: they are virtual tokens the model takes as extra inputs. Do not "
+        f"run them through jaxpeft.linen/jaxpeft.nnx; pass them to your model's hook ({helper}, see "
+        "jaxpeft.methods.prompt)."
+    )
+
+
+def _merge_refused(node: Adapter) -> NotMergeableError:
+    return NotMergeableError(
+        f"{type(node).__name__} are virtual tokens, not a weight update, so they cannot be merged into the base "
+        "weights; keep them separate and pass them to the model."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ nodes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptWeights(Adapter):
+    """Prompt tuning's virtual token embeddings ``(num_virtual_tokens, token_dim)`` (HF ``prompt_embeddings``)."""
+
+    embeddings: Any
+    layout: Layout = dataclasses.field(default=Layout(kind="embed"), metadata=STATIC)
+
+    def describe(self) -> str:
+        return f"{self.embeddings.shape[0]} virtual tokens"
+
+    def check(self, weight_shape: tuple[int, ...]) -> str | None:
+        if len(weight_shape) != 2 or self.embeddings.shape[-1] != weight_shape[-1]:
+            return f"the prompt is {self.embeddings.shape[-1]} wide, the (vocab, width) embedding table {weight_shape}"
+        return None
+
+    def forward(self, call: LayerCall) -> jax.Array:
+        raise _not_a_layer(self, "jaxpeft.prepend_prompt")
+
+    def fold(self, weight: jax.Array, bias: jax.Array | None, sign: int) -> tuple[jax.Array, jax.Array | None]:
+        raise _merge_refused(self)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefixWeights(Adapter):
+    """Prefix tuning's trained prefix: ``embeddings`` is the flat per-token key/value prefix
+    ``(num_virtual_tokens, num_layers·2·num_kv_heads·head_dim)`` (HF ``prompt_embeddings``, laid out
+    ``(layer, key|value, head, head_dim)`` per token), or with the projection (``w1`` set) the token embeddings
+    ``(num_virtual_tokens, token_dim)`` that ``tanh(E·w1 + b1)·w2 + b2`` maps to that flat prefix."""
+
+    embeddings: Any
+    w1: Any = None
+    b1: Any = None
+    w2: Any = None
+    b2: Any = None
+    num_layers: int = dataclasses.field(default=1, metadata=STATIC)
+    num_kv_heads: int = dataclasses.field(default=1, metadata=STATIC)
+    head_dim: int = dataclasses.field(default=1, metadata=STATIC)
+    layout: Layout = dataclasses.field(default=Layout(kind="embed"), metadata=STATIC)
+
+    def describe(self) -> str:
+        n = self.embeddings.shape[0]
+        proj = f", projected through {self.w1.shape[1]} hidden" if self.w1 is not None else ""
+        return f"{n} virtual tokens x {self.num_layers} layers{proj}"
+
+    def flat(self) -> jax.Array:
+        """The prefix ``(num_virtual_tokens, num_layers·2·num_kv_heads·head_dim)``: HF's saved ``prompt_embeddings``."""
+        if self.w1 is None:
+            return self.embeddings
+        hidden = jnp.tanh(self.embeddings @ self.w1 + self.b1)
+        return hidden @ self.w2 + self.b2
+
+    def forward(self, call: LayerCall) -> jax.Array:
+        raise _not_a_layer(self, "jaxpeft.prefix_kv")
+
+    def fold(self, weight: jax.Array, bias: jax.Array | None, sign: int) -> tuple[jax.Array, jax.Array | None]:
+        raise _merge_refused(self)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def _check_table(rows: Sequence[tuple[str, Any, Layout]], targets: TargetSpec, what: str) -> None:
+    """Raise unless the selection is exactly one ``(vocab, width)`` embedding table."""
+    if len(rows) != 1:
+        paths = [p for p, _, _ in rows]
+        raise ValueError(
+            f"`targets`={targets!r} selected {len(rows)} weights {paths[:4]}; {what} hangs its virtual tokens on the "
+            "model's one input embedding table: give a pattern that selects only it, e.g. "
+            "targets=r'embed_tokens/embedding$'."
+        )
+    path, leaf, layout = rows[0]
+    if layout.kind != "embed" or len(leaf.shape) != 2:
+        raise ValueError(
+            f"`targets` selected {path!r} of shape {tuple(leaf.shape)} (a {layout.kind} weight); {what} expects the "
+            "input embedding table (vocab, width), e.g. targets=r'embed_tokens/embedding$'."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTuningConfig(MethodConfig):
+    """Prompt tuning: ``num_virtual_tokens`` trained input embeddings prepended to every sequence (HF
+    ``PromptTuningConfig``); frozen, hashable, JSON round-trippable.
+
+    Args:
+      num_virtual_tokens: how many virtual tokens.
+      init: ``"random"``: ``N(0, 1)`` (HF's ``RANDOM``, an ``nn.Embedding``'s default); ``"text"``: the embeddings
+        of ``init_token_ids`` (HF's ``TEXT`` with the text already tokenised), repeated or cut to
+        ``num_virtual_tokens`` as HF does; ``"sample_vocab"``: the embeddings of token ids drawn uniformly from the
+        vocabulary with the key (HF's ``SAMPLE_VOCAB``).
+      init_token_ids: the token ids for ``init="text"`` (e.g. ``tokenizer(text)["input_ids"]``); only with it.
+      targets: the input embedding table, whose width the prompt takes (one weight; the default knows the usual
+        names, see ``INPUT_EMBEDDINGS``).
+      exclude: removed from the selection.
+      dtype: dtype of the virtual tokens (cast to the activations' dtype when prepended, as HF does).
+
+    References:
+      Lester et al., "The Power of Scale for Parameter-Efficient Prompt Tuning", 2021.
+    """
+
+    method: ClassVar[str] = "prompt_tuning"
+
+    num_virtual_tokens: int
+    init: str = "random"
+    init_token_ids: tuple[int, ...] = ()
+    targets: TargetSpec = INPUT_EMBEDDINGS
+    exclude: TargetSpec = ()
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        _choice("init", self.init, _PROMPT_INITS)
+        ids = self.init_token_ids
+        if isinstance(ids, str) or not isinstance(ids, Sequence):
+            raise ValueError(f"`init_token_ids`={ids!r}; expected a sequence of token ids (integers).")
+        ids = tuple(ids)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"`init_token_ids`={ids!r:.80}; expected non-negative integer token ids.")
+        if (self.init == "text") != bool(ids):
+            raise ValueError(
+                f'`init_token_ids` (given {len(ids)}) go with init="text" only (init={self.init!r}); for init="text" '
+                "pass the tokenised text, e.g. init_token_ids=tokenizer(text)['input_ids']."
+            )
+        object.__setattr__(self, "init_token_ids", ids)
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
+
+    def check_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> None:
+        _check_table(rows, self.targets, "prompt tuning")
+
+    def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> PromptWeights:
+        n = self.num_virtual_tokens
+        vocab, width = weight.shape
+        if self.init == "random":
+            return PromptWeights(jax.random.normal(key, (n, width), self.dtype), layout)
+        if self.init == "text":
+            ids = self.init_token_ids * math.ceil(n / len(self.init_token_ids))
+            bad = sorted({i for i in self.init_token_ids if i >= vocab})
+            if bad:
+                raise ValueError(
+                    f"`init_token_ids` {bad[:4]} are outside the vocabulary of {path!r} ({vocab} tokens); tokenise "
+                    "with the base model's tokenizer."
+                )
+            index = jnp.asarray(ids[:n], jnp.int32)
+        else:
+            index = jax.random.randint(key, (n,), 0, vocab)
+        rows = jnp.take(jnp.asarray(weight), index, axis=0)
+        return PromptWeights(rows.astype(jnp.float32).astype(self.dtype), layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuningConfig(MethodConfig):
+    """Prefix tuning: trained keys and values for ``num_virtual_tokens`` extra slots in every attention layer (HF
+    ``PrefixTuningConfig``); frozen, hashable, JSON round-trippable.
+
+    The attention shape is the model's key/value shape: with grouped-query attention ``num_kv_heads`` is the number
+    of key/value heads (HF PEFT does the same: its ``token_dim`` is ``num_kv_heads·head_dim``).
+
+    Args:
+      num_virtual_tokens: prefix length.
+      num_layers: attention layers of the model.
+      num_kv_heads: key/value heads per layer.
+      head_dim: width of one head.
+      prefix_projection: train token embeddings ``(n, num_kv_heads·head_dim)`` and a 2-layer tanh MLP that maps
+        them to the prefix (HF's reparameterisation) instead of the prefix itself.
+      encoder_hidden_size: the MLP's hidden width (default ``num_kv_heads·head_dim``, as HF); only with the
+        projection.
+      init: ``"random"``: ``N(0, 1)`` prefix (or token embeddings) and PyTorch ``Linear`` default
+        ``U(±1/√fan_in)`` MLP layers, as HF; ``"zero"``: HF's ``init_weights="zero"`` (a zero prefix, or a zero
+        last MLP layer).
+      targets: the input embedding table (only its path anchors the adapter; its values are never read).
+      exclude: removed from the selection.
+      dtype: dtype of the trained arrays.
+
+    References:
+      Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", 2021.
+    """
+
+    method: ClassVar[str] = "prefix_tuning"
+    reads_weight_values: ClassVar[bool] = False
+
+    num_virtual_tokens: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    init: str = "random"
+    targets: TargetSpec = INPUT_EMBEDDINGS
+    exclude: TargetSpec = ()
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_virtual_tokens", "num_layers", "num_kv_heads", "head_dim"):
+            _positive_int(name, getattr(self, name))
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"`prefix_projection`={self.prefix_projection!r}; expected True or False.")
+        if self.encoder_hidden_size is not None:
+            _positive_int("encoder_hidden_size", self.encoder_hidden_size)
+            if not self.prefix_projection:
+                raise ValueError(
+                    f"`encoder_hidden_size`={self.encoder_hidden_size} is the projection MLP's width; set "
+                    "prefix_projection=True or leave it None."
+                )
+        _choice("init", self.init, _PREFIX_INITS)
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
+
+    @property
+    def token_dim(self) -> int:
+        """``num_kv_heads · head_dim``: one layer's key (or value) width per token (HF's ``token_dim``)."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def flat_dim(self) -> int:
+        """``num_layers · 2 · token_dim``: the width of the flat prefix."""
+        return self.num_layers * 2 * self.token_dim
+
+    def check_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> None:
+        _check_table(rows, self.targets, "prefix tuning")
+
+    def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> PrefixWeights:
+        n, dtype = self.num_virtual_tokens, self.dtype
+        static = {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
+        if not self.prefix_projection:
+            shape = (n, self.flat_dim)
+            flat = jnp.zeros(shape, dtype) if self.init == "zero" else jax.random.normal(key, shape, dtype)
+            return PrefixWeights(flat, layout=layout, **static)
+        hidden = self.encoder_hidden_size or self.token_dim
+        k_emb, k_w1, k_b1, k_w2, k_b2 = jax.random.split(key, 5)
+
+        def linear(k: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+            bound = 1.0 / math.sqrt(fan_in)
+            return jax.random.uniform(k, shape, dtype, -bound, bound)
+
+        w1, b1 = linear(k_w1, (self.token_dim, hidden), self.token_dim), linear(k_b1, (hidden,), self.token_dim)
+        if self.init == "zero":
+            w2, b2 = jnp.zeros((hidden, self.flat_dim), dtype), jnp.zeros((self.flat_dim,), dtype)
+        else:
+            w2, b2 = linear(k_w2, (hidden, self.flat_dim), hidden), linear(k_b2, (self.flat_dim,), hidden)
+        emb = jax.random.normal(k_emb, (n, self.token_dim), dtype)
+        return PrefixWeights(emb, w1, b1, w2, b2, layout=layout, **static)
+
+
+# ------------------------------------------------------------------------------------------------ the hook
+
+
+def _node(tree: Any, cls: type[Adapter], what: str) -> Any:
+    """``tree`` itself when it is a ``cls`` node, else the one ``cls`` node of an adapter tree."""
+    if isinstance(tree, cls):
+        return tree
+    try:
+        found = [node for _, node in adapter_items(tree) if isinstance(node, cls)]
+    except ValueError:
+        found = []
+    if len(found) != 1:
+        raise ValueError(
+            f"`{what}` is a {type(tree).__name__} holding {len(found)} {cls.__name__} nodes; expected a "
+            f"{cls.__name__} or the adapter tree jaxpeft.init made with a "
+            f"{'PromptTuningConfig' if cls is PromptWeights else 'PrefixTuningConfig'}."
+        )
+    return found[0]
+
+
+def extend_attention_mask(attention_mask: jax.Array, num_virtual_tokens: int) -> jax.Array:
+    """``attention_mask`` ``(batch, seq)`` with ``num_virtual_tokens`` ones (visible slots) put in front.
+
+    Raises:
+      ValueError: the mask is not 2-D.
+    """
+    if attention_mask.ndim != 2:
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch, seq): 1 for real tokens, "
+            "0 for padding."
+        )
+    ones = jnp.ones((attention_mask.shape[0], num_virtual_tokens), attention_mask.dtype)
+    return jnp.concatenate([ones, attention_mask], axis=1)
+
+
+def prepend_prompt(
+    embeds: jax.Array, attention_mask: jax.Array | None, prompt: Any
+) -> tuple[jax.Array, jax.Array | None]:
+    """Prompt tuning's hook: the virtual tokens put in front of the input embeddings (and the mask extended).
+
+    Guarantees: the result is ``concat([prompt] * batch, embeds)`` along the sequence axis with the prompt cast to
+    ``embeds.dtype``, and ``extend_attention_mask(attention_mask, n)`` (None stays None), as HF PEFT's
+    ``PeftModelForCausalLM`` does; the gradient reaches the prompt only through those ``n`` rows.
+
+    Args:
+      embeds: the input embeddings ``(batch, seq, width)``.
+      attention_mask: ``(batch, seq)`` (1 real, 0 padding) or None.
+      prompt: a :class:`PromptWeights`, the adapter tree holding one (``jaxpeft.init``), or an array
+        ``(n, width)``.
+
+    Returns:
+      ``(embeds (batch, n + seq, width), mask (batch, n + seq) or None)``.
+
+    Raises:
+      ValueError: a prompt of another width than ``embeds`` (made for another model), ``embeds`` not 3-D, a mask
+        that is not ``(batch, seq)``.
+    """
+    if isinstance(prompt, (Adapter, dict)):
+        table = _node(prompt, PromptWeights, "prompt").embeddings
+    else:
+        table = jnp.asarray(prompt)
+    if embeds.ndim != 3:
+        raise ValueError(f"`embeds` has shape {tuple(embeds.shape)}; expected (batch, seq, width).")
+    batch, seq, width = embeds.shape
+    if table.ndim != 2 or table.shape[1] != width:
+        raise ValueError(
+            f"the prompt has shape {tuple(table.shape)} but `embeds` are {width} wide; expected "
+            f"(num_virtual_tokens, {width}). Was the PromptTuningConfig initialised on this model's embedding table?"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch, seq) = {(batch, seq)}, the "
+            "mask of the real tokens (the virtual tokens' ones are added here)."
+        )
+    virtual = jnp.broadcast_to(table.astype(embeds.dtype)[None], (batch, *table.shape))
+    out = jnp.concatenate([virtual, embeds], axis=1)
+    mask = None if attention_mask is None else extend_attention_mask(attention_mask, table.shape[0])
+    return out, mask
+
+
+def prefix_kv(prefix: Any, batch_size: int, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Prefix tuning's hook: the per-layer key and value prefixes.
+
+    Guarantees: HF PEFT's layout: the flat prefix ``(n, num_layers·2·num_kv_heads·head_dim)`` is read as
+    ``(n, layer, key|value, head, head_dim)``, so ``keys[l]`` and ``values[l]`` are what PEFT puts in layer ``l``'s
+    cache (there ``(batch, heads, n, head_dim)``, here ``(batch, n, heads, head_dim)``); with the projection it is
+    computed from the token embeddings first. Pure and differentiable in the prefix's arrays.
+
+    Args:
+      prefix: a :class:`PrefixWeights`, or the adapter tree holding one (``jaxpeft.init``).
+      batch_size: the batch the prefix is broadcast to.
+      dtype: the result dtype (the model's compute dtype, as HF casts to the base model's); default the prefix's.
+
+    Returns:
+      ``(keys, values)``, each ``(num_layers, batch_size, n, num_kv_heads, head_dim)``.
+    """
+    node = _node(prefix, PrefixWeights, "prefix")
+    flat = node.flat()
+    n = flat.shape[0]
+    kv = flat.reshape(n, node.num_layers, 2, node.num_kv_heads, node.head_dim)
+    kv = jnp.transpose(kv, (2, 1, 0, 3, 4))  # (key|value, layer, n, head, head_dim)
+    kv = jnp.broadcast_to(kv[:, :, None], (2, node.num_layers, batch_size, *kv.shape[2:]))
+    if dtype is not None:
+        kv = kv.astype(dtype)
+    return kv[0], kv[1]

@@ -1,0 +1,405 @@
+"""jaxpeft.hf for LoHa, LoKr and VeRA: round trips of every layer kind, HF PEFT logits both ways, refusals.
+
+The PEFT tests need the ``interop`` extra (torch CPU, transformers, peft) and are skipped without it.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxpeft
+import jaxpeft.hf as hf
+import jaxpeft.linen
+from examples.models import llama
+from jaxpeft.hf._config import KNOWN_FIELDS
+from jaxpeft.methods.vera import shared_projections
+
+pytestmark = [
+    # Notices from transformers/peft themselves (PEFT's save_pretrained probes a deprecated transformers API; PEFT's
+    # VeRA warns when its random init is kept); nothing of jaxpeft's.
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
+TOL = 1e-4
+IDS = np.random.default_rng(0).integers(1, 60, (2, 9)).astype(np.int64)
+# LoHa, LoKr and VeRA over Llama's q/v (fan-out 32 and 16) and up/down (fan-in 32 and 48): mixed sizes, scanned.
+LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+CONFIGS = {
+    "loha": jaxpeft.LohaConfig(rank=4, alpha=6, targets=LLAMA_TARGETS, rank_pattern={"down_proj": 2}),
+    "lokr": jaxpeft.LokrConfig(rank=2, alpha=3, targets=LLAMA_TARGETS, decompose_both=True, alpha_pattern={"up": 5}),
+    "vera": jaxpeft.VeraConfig(rank=8, targets=LLAMA_TARGETS, projection_prng_key=5, d_initial=0.3),
+}
+
+
+def _randomise(adapters, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.3), adapters)
+
+
+def _random_adapters(cfg, params, layouts, seed=0):
+    shapes = jax.eval_shape(lambda p: jaxpeft.init(cfg, p, key=jax.random.key(0), layouts=layouts), params)
+    return _randomise(shapes, seed)
+
+
+def _static(node):
+    return {f.name: getattr(node, f.name) for f in dataclasses.fields(node) if f.metadata.get("static")}
+
+
+def _assert_adapters_equal(a, b):
+    """Same arrays bit for bit, same node types and the same static fields."""
+    na, nb = dict(jaxpeft.adapter_items(a)), dict(jaxpeft.adapter_items(b))
+    assert na.keys() == nb.keys()
+    for k in na:
+        assert type(na[k]) is type(nb[k]), k
+        sa, sb = _static(na[k]), _static(nb[k])
+        assert sa.pop("scale", 1.0) == pytest.approx(sb.pop("scale", 1.0), rel=1e-9), k
+        assert sa == sb, k
+        for field in dataclasses.fields(na[k]):
+            if not field.metadata.get("static") and getattr(na[k], field.name) is not None:
+                np.testing.assert_array_equal(getattr(na[k], field.name), getattr(nb[k], field.name), err_msg=k)
+
+
+# ----------------------------------------------------------------------------------------------- without torch
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return nn.Dense(8, name="up")(h), None
+
+
+class Zoo(nn.Module):
+    """DenseGeneral with two fan-out and two fan-in axes, a scanned Dense, an Einsum and a Conv."""
+
+    @nn.compact
+    def __call__(self, x, img):
+        h = nn.DenseGeneral((2, 4), name="split")(x)
+        h = nn.DenseGeneral(12, axis=(-2, -1), name="merge")(h)
+        h = nn.Dense(8, name="narrow")(h)
+        h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)(name="layers")(
+            h, None
+        )
+        h = nn.Einsum((8, 2, 4), "btd,dhk->bthk", name="heads")(h)
+        return h, nn.Conv(4, (3, 3), name="conv")(img)
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    model = Zoo()
+    x, img = jnp.ones((1, 3, 6)), jnp.ones((1, 5, 5, 2))
+    params = _randomise(jax.eval_shape(model.init, jax.random.key(0), x, img)["params"], seed=1)
+    layouts = jaxpeft.linen.infer_layouts(model, x, img)
+    return model, params, layouts, (x, img)
+
+
+ZOO_CONFIGS = {
+    "loha": jaxpeft.LohaConfig(rank=2, alpha=5, targets=["split", "merge", "up", "heads", "conv"]),
+    "lokr": jaxpeft.LokrConfig(rank=1, alpha=2, targets=["split", "merge", "narrow", "up", "heads"]),
+    "lokr_both": jaxpeft.LokrConfig(rank=1, targets=["merge", "up"], decompose_both=True, decompose_factor=2),
+    "vera": jaxpeft.VeraConfig(rank=4, targets=["split", "merge", "narrow", "up", "heads"], dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_CONFIGS))
+def test_every_layer_kind_round_trips_exactly(zoo, name, tmp_path):
+    model, params, layouts, args = zoo
+    cfg = ZOO_CONFIGS[name]
+    adapters = _random_adapters(cfg, params, layouts, seed=2)
+    hf.export_adapters(tmp_path, adapters, cfg, params, hf.module_name_map(stacked="layers"), layouts=layouts)
+    cfg2, back = hf.import_adapters(tmp_path, params, hf.module_name_map(stacked="layers"), layouts=layouts)
+    assert type(cfg2) is type(cfg)
+    _assert_adapters_equal(adapters, back)
+    y0 = jaxpeft.linen.apply(model, {"params": params}, adapters, *args)
+    y1 = jaxpeft.linen.apply(model, {"params": params}, back, *args)
+    jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), y0, y1)
+    # The imported config reproduces the adapters' shapes and static parts (checkpoints restore against it).
+    _assert_adapters_equal(jax.eval_shape(lambda: back), jax.eval_shape(lambda: _planned(cfg2, params, layouts, back)))
+
+
+def _planned(cfg, params, layouts, like):
+    nodes = {t.path: t.node for t in jaxpeft.plan(cfg, params, layouts=layouts).targets}
+    return jax.tree.map(
+        lambda n: nodes[next(p for p, m in jaxpeft.adapter_items(like) if m is n)],
+        like,
+        is_leaf=lambda n: isinstance(n, jaxpeft.Adapter),
+    )
+
+
+def test_file_layout_of_each_method(zoo):
+    _, params, layouts, _ = zoo
+    fn = hf.module_name_map(stacked="layers")
+    shapes = {}
+    for name in ("loha", "lokr_both", "vera"):
+        cfg = ZOO_CONFIGS[name]
+        config, tensors = hf.to_state_dict(_random_adapters(cfg, params, layouts), cfg, params, fn, layouts=layouts)
+        shapes[name] = {k.removeprefix("base_model.model."): v.shape for k, v in tensors.items()}
+        assert json.loads(json.dumps(config)) == config
+    loha = shapes["loha"]
+    assert loha["conv.hada_w1_a"] == (4, 2) and loha["conv.hada_w1_b"] == (2, 2 * 3 * 3)  # torch (in, kh, kw)
+    assert loha["merge.hada_w2_b"] == (2, 8) and loha["layers.1.up.hada_w2_a"] == (8, 2)
+    lokr = shapes["lokr_both"]  # merge: in 8 = 2·4, out 12 = 2·6; W1 (2, 2) full, W2 (4, 6) low-rank
+    assert (lokr["merge.lokr_w1"], lokr["merge.lokr_w2_a"], lokr["merge.lokr_w2_b"]) == ((2, 2), (6, 1), (1, 4))
+    vera = shapes["vera"]
+    assert vera["base_model.vera_A"] == (4, 12) and vera["base_model.vera_B"] == (12, 4)  # largest in / out
+    assert vera["heads.vera_lambda_b"] == (8,) and vera["layers.0.up.vera_lambda_d"] == (4,)
+
+
+def test_vera_bound_is_the_largest_fan_in_of_all_targets(zoo):
+    """PEFT's shared vera_A is scaled for the largest fan-in; each layer reads its top-left block."""
+    _, params, layouts, _ = zoo
+    adapters = jaxpeft.init(ZOO_CONFIGS["vera"], params, key=jax.random.key(0), layouts=layouts)
+    full_a, full_b = (np.asarray(m) for m in shared_projections(0, 4, 12, 12, 12))
+    for path, node in jaxpeft.adapter_items(adapters):
+        assert node.shared_fan_in == 12, path
+        a, b = node.projections()
+        n_in = math.prod(node.fan_in_shape)
+        np.testing.assert_array_equal(np.reshape(np.asarray(a), (n_in, 4)), full_a[:n_in])
+        np.testing.assert_array_equal(np.reshape(np.asarray(b), (4, -1)), full_b[:, : np.asarray(b)[0].size])
+    plan = jaxpeft.plan(ZOO_CONFIGS["vera"], params, layouts=layouts)
+    assert {t.node.shared_fan_in for t in plan.targets} == {12}
+    assert "largest_fan_in" not in ZOO_CONFIGS["vera"].to_dict()
+    # init_target on its own (no selection) treats the weight as the only target.
+    one = ZOO_CONFIGS["vera"].init_target(
+        "narrow/kernel", params["narrow"]["kernel"], jaxpeft.Layout(), jax.random.key(0)
+    )
+    assert one.shared_fan_in == 12 and one.bound_fan_in == 12
+
+
+def test_export_refusals(zoo):
+    _, params, layouts, _ = zoo
+    fn = hf.module_name_map(stacked="layers")
+    cfg = ZOO_CONFIGS["vera"]
+    adapters = _random_adapters(cfg, params, layouts)
+    part = {k: v for k, v in adapters.items() if k != "narrow"}  # narrow has the largest fan-in (12)
+    with pytest.raises(ValueError, match=r"scales its projection A for a largest fan-in of 12, but the largest"):
+        hf.to_state_dict(part, cfg, params, fn, layouts=layouts)
+    with pytest.raises(ValueError, match=r"has rank 4, projection_prng_key 0 and dropout 0.1, but `cfg` gives 4, 1"):
+        hf.to_state_dict(adapters, dataclasses.replace(cfg, projection_prng_key=1), params, fn, layouts=layouts)
+    loha = ZOO_CONFIGS["loha"]
+    with pytest.raises(ValueError, match=r"adapter 'conv/kernel' has rank 2 but `cfg` gives rank 3; pass its config"):
+        hf.to_state_dict(_random_adapters(loha, params, layouts), dataclasses.replace(loha, rank=3), params, fn)
+    lokr = ZOO_CONFIGS["lokr_both"]
+    with pytest.raises(ValueError, match=r"adapter 'merge/kernel' has LoKr factors .* but `cfg` \(rank 1, deco"):
+        other = dataclasses.replace(lokr, decompose_factor=-1)  # 12 = 3·4 instead of 2·6
+        hf.to_state_dict(_random_adapters(lokr, params, layouts), other, params, fn, layouts=layouts)
+    with pytest.raises(ValueError, match=r"`ensure_weight_tying` and `tied_head` are LoRA options; LohaConfig"):
+        hf.to_state_dict({}, loha, params, fn, tied_head="lm_head")
+
+
+def _files(zoo, name):
+    _, params, layouts, _ = zoo
+    cfg = ZOO_CONFIGS[name]
+    fn = hf.module_name_map(stacked="layers")
+    config, tensors = hf.to_state_dict(_random_adapters(cfg, params, layouts), cfg, params, fn, layouts=layouts)
+    return config, tensors, lambda c, t: hf.from_state_dict(c, t, params, fn, layouts=layouts)
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("loha", {"rank_dropout": 0.1}, r"`rank_dropout`=0.1: rank dropout .* set `rank_dropout` to 0 in the file"),
+        ("lokr", {"module_dropout": 0.2}, r"`module_dropout`=0.2: module dropout .* not implemented in jaxpeft"),
+        ("loha", {"rank_dropout": "0"}, r"`rank_dropout`='0'; expected a rate in \[0, 1\)"),
+        ("loha", {"use_effective_conv2d": True}, r"`use_effective_conv2d`=true and 'conv/kernel' is a convolution"),
+        ("lokr", {"decompose_factor": 0}, r"`decompose_factor`=0; expected -1 or a positive whole number"),
+        ("lokr", {"init_weights": "pissa"}, r"`init_weights`='pissa'; expected true or false or 'lycoris'"),
+        ("lokr", {"decompose_factor": -1}, r"HF module 'merge' has LoKr tensors .* gives .* \(PEFT's rule\)"),
+        ("loha", {"r": 3}, r"HF module 'conv' has rank 2 in the tensors but 3 in adapter_config.json"),
+        ("loha", {"fan_in_fan_out": True}, r"sets `fan_in_fan_out`=True, which PEFT 0.21.2's LoHaConfig does not"),
+        ("vera", {"save_projection": False}, r"`save_projection`=false: the file lacks VeRA's shared projections"),
+        ("vera", {"bias": "all"}, r"`bias`='all': trained biases are not VeRA vectors"),
+        ("vera", {"projection_prng_key": 9}, r"VeRA projections .* are not jaxpeft's for projection_prng_key=9"),
+        ("vera", {"exclude_modules": ["up"]}, r"sets `exclude_modules`=\['up'\], which PEFT 0.21.2's VeraConfig"),
+        ("vera", {"r": 2}, r"HF module 'heads' has vera_lambda_d \(4,\) .* with r=2 needs \(2,\)"),
+        ("lokr", {"modules_to_save": ["merge"]}, r"adapter tensor .*merge.lokr_w1' inside 'merge', a module to save"),
+    ],
+)
+def test_import_refusals(zoo, name, change, message):
+    config, tensors, read = _files(zoo, "lokr_both" if name == "lokr" else name)
+    with pytest.raises(ValueError, match=message):
+        read({**config, **change}, tensors)
+
+
+def test_import_refuses_incomplete_or_foreign_tensors(zoo):
+    config, tensors, read = _files(zoo, "vera")
+    for key in ("base_model.vera_A", "base_model.model.heads.vera_lambda_b"):
+        rest = {k: v for k, v in tensors.items() if k != key}
+        with pytest.raises(ValueError, match=r"has no 'base_model.vera_A'|has only one of vera_lambda_d"):
+            read(config, rest)
+    wrong = {**tensors, "base_model.vera_B": tensors["base_model.vera_B"][:8]}
+    with pytest.raises(ValueError, match=r"'base_model.vera_B' has shape \(8, 4\), but PEFT sizes it \(12, 4\)"):
+        read(config, wrong)
+    config, tensors, read = _files(zoo, "loha")
+    with pytest.raises(ValueError, match=r"HF module 'conv' lacks LoHa tensors \['hada_w2_b'\]"):
+        read(config, {k: v for k, v in tensors.items() if k != "base_model.model.conv.hada_w2_b"})
+    with pytest.raises(ValueError, match=r"CP-decomposed convolution factors \(`use_effective_conv2d`=true"):
+        read(config, {**tensors, "base_model.model.conv.hada_t1": np.ones((2, 2, 3, 3), np.float32)})
+    bad = {**tensors, "base_model.model.merge.hada_w1_a": np.ones((5, 2), np.float32)}
+    with pytest.raises(ValueError, match=r"HF module 'merge' has hada_w1_a \(5, 2\) and hada_w1_b \(2, 8\);"):
+        read(config, bad)
+    config, tensors, read = _files(zoo, "lokr")
+    conv = {"conv/kernel": jaxpeft.Layout(fan_in=3, kind="conv")}
+    _, params, layouts, _ = zoo
+    extra = {**tensors, "base_model.model.conv.lokr_w1": np.ones((2, 1), np.float32)}
+    extra |= {"base_model.model.conv.lokr_w2": np.ones((2, 18), np.float32)}
+    with pytest.raises(ValueError, match=r"HF module 'conv' is a LoKr convolution .* Dense, DenseGeneral and Einsum"):
+        hf.from_state_dict(
+            {**config, "target_modules": [*config["target_modules"], "conv"]},
+            extra,
+            params,
+            hf.module_name_map(stacked="layers"),
+            layouts={**layouts, **conv},
+        )
+
+
+# ----------------------------------------------------------------------------------------------- against HF PEFT
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    """A tiny torch Llama and our (scanned) Flax Llama holding the same weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    torch_model = transformers.LlamaForCausalLM(config).eval()
+    directory = tmp_path_factory.mktemp("llama")
+    torch_model.save_pretrained(directory)
+    flax_config, params = llama.load_hf_checkpoint(directory)
+    model = llama.LlamaForCausalLM(flax_config)
+    layouts = jaxpeft.linen.infer_layouts(model, jnp.asarray(IDS))
+    return torch_model, model, params, layouts
+
+
+def _logits(torch_model):
+    import torch
+
+    with torch.no_grad():
+        return torch_model(input_ids=torch.tensor(IDS)).logits.numpy()
+
+
+def _diff(ours, theirs):
+    return float(np.max(np.abs(np.asarray(ours, np.float32) - theirs)))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_jax_adapters_load_in_hf_peft(llama_pair, name, tmp_path):
+    import peft
+
+    torch_model, model, params, layouts = llama_pair
+    cfg = CONFIGS[name]
+    adapters = _random_adapters(cfg, params, layouts, seed=3)
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, jnp.asarray(IDS))
+    hf.export_adapters(tmp_path, adapters, cfg, params, llama.hf_module_name, layouts=layouts)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path).eval()
+    diff, moved = _diff(ours, _logits(loaded)), _diff(ours, _logits(torch_model))
+    print(f"JAX -> HF {name}: max |logit diff| {diff:.2e} (adapter moved outputs by {moved:.2f})")
+    assert moved > 1e-2 and diff < TOL
+    _, back = hf.import_adapters(tmp_path, params, llama.hf_module_name, layouts=layouts)
+    _assert_adapters_equal(adapters, back)
+
+
+def _peft_trained(torch_model, name, directory):
+    import peft
+    import torch
+
+    torch.manual_seed(7)
+    hf_cfg = {
+        "loha": peft.LoHaConfig(r=4, alpha=6, target_modules=LLAMA_TARGETS, rank_pattern={"down_proj": 2}),
+        "lokr": peft.LoKrConfig(r=2, alpha=3, target_modules=LLAMA_TARGETS, decompose_both=True, init_weights=False),
+        "vera": peft.VeraConfig(r=8, target_modules=LLAMA_TARGETS, init_weights=False),
+    }[name]
+    peft_model = peft.get_peft_model(copy.deepcopy(torch_model), hf_cfg)
+    with torch.no_grad():  # every adapter weight random and non-zero (LoHa's init has a zero factor)
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.3)
+    peft_model.eval().save_pretrained(directory)
+    return _logits(peft_model)
+
+
+@pytest.mark.parametrize("name", ["loha", "lokr"])
+def test_hf_peft_adapters_import_into_jax(llama_pair, name, tmp_path):
+    torch_model, model, params, layouts = llama_pair
+    theirs = _peft_trained(torch_model, name, tmp_path)
+    cfg, adapters = hf.import_adapters(tmp_path, params, llama.hf_module_name, layouts=layouts)
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, jnp.asarray(IDS))
+    diff, moved = _diff(ours, theirs), _diff(model.apply({"params": params}, jnp.asarray(IDS)), theirs)
+    print(f"HF -> JAX {name}: max |logit diff| {diff:.2e} (adapter moved outputs by {moved:.2f})")
+    assert moved > 1e-2 and diff < TOL
+    config, tensors = hf.to_state_dict(adapters, cfg, params, llama.hf_module_name, layouts=layouts)
+    cfg2, back = hf.from_state_dict(config, tensors, params, llama.hf_module_name, layouts=layouts)
+    assert cfg2 == cfg
+    _assert_adapters_equal(adapters, back)
+
+
+def test_hf_peft_vera_is_refused_with_the_fix(llama_pair, tmp_path):
+    torch_model, _, params, layouts = llama_pair
+    _peft_trained(torch_model, "vera", tmp_path)
+    with pytest.raises(ValueError, match=r"are not jaxpeft's for projection_prng_key=0: the adapter was trained by HF"):
+        hf.import_adapters(tmp_path, params, llama.hf_module_name, layouts=layouts)
+
+
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(4, (3, 3), padding=1, name="conv")(x)
+
+
+def test_loha_conv_matches_hf_peft(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(1)
+    torch_model = TorchNet().eval()
+    w = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    params = {
+        "conv": {"kernel": jnp.asarray(w["conv.weight"].transpose(2, 3, 1, 0)), "bias": jnp.asarray(w["conv.bias"])}
+    }
+    model = ConvNet()
+    x = np.random.default_rng(2).standard_normal((2, 5, 5, 2)).astype(np.float32)
+    layouts = jaxpeft.linen.infer_layouts(model, jnp.asarray(x))
+    cfg = jaxpeft.LohaConfig(rank=2, alpha=3, targets=["conv"])
+    adapters = _random_adapters(cfg, params, layouts, seed=4)
+    ours = jaxpeft.linen.apply(model, {"params": params}, adapters, jnp.asarray(x))
+    hf.export_adapters(tmp_path, adapters, cfg, params, {"conv": "conv"}, layouts=layouts)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path).eval()
+    with torch.no_grad():
+        theirs = loaded(torch.tensor(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+        base = torch_model(torch.tensor(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    assert _diff(ours, base) > 1e-2 and _diff(ours, theirs) < TOL
+
+
+def test_every_peft_config_field_is_classified():
+    peft = pytest.importorskip("peft")
+    for peft_type, cls in (("LOHA", peft.LoHaConfig), ("LOKR", peft.LoKrConfig), ("VERA", peft.VeraConfig)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        new = sorted(fields - KNOWN_FIELDS[peft_type])
+        if new and not peft.__version__.startswith("0.21."):
+            pytest.skip(f"PEFT {peft.__version__} has {peft_type} fields jaxpeft does not classify yet: {new}")
+        assert not new, f"classify PEFT's new {cls.__name__} fields in jaxpeft/hf/_config.py: {new}"
+        assert KNOWN_FIELDS[peft_type] <= fields, f"fields PEFT no longer has: {KNOWN_FIELDS[peft_type] - fields}"
