@@ -25,7 +25,7 @@ import jaxpeft
 if __package__ in (None, ""):  # run as `python examples/prompt_tuning.py`: put the clone root on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from examples.models import llama  # noqa: E402
+from examples.models import llama
 
 CONFIG = llama.LlamaConfig(
     vocab_size=32,

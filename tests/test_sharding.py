@@ -27,7 +27,9 @@ def results():
 
 
 MESHES = [f"{m}-{s}" for m in ("lora", "dora") for s in ("8x1x1", "2x2x2", "1x2x4")]
-MESHES += [f"{m}-2x2x2" for m in ("ia3", "loha", "lokr", "vera", "bitfit", "ln_tuning", "bank:lora")]  # every method; a mixed batch
+MESHES += [
+    f"{m}-2x2x2" for m in ("ia3", "loha", "lokr", "vera", "bitfit", "ln_tuning", "bank:lora")
+]  # every method; a mixed batch
 
 
 @pytest.mark.parametrize("case", MESHES)
