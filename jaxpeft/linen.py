@@ -410,6 +410,8 @@ def _interceptor(
 
 def _check_ids(ids: Any, adapters: Any) -> jax.Array:
     """``ids`` as an integer array, range-checked against the banks when its values are known (outside ``jit``)."""
+    if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and any(isinstance(i, str) for i in ids)):
+        raise ValueError(f"`adapter_ids`={ids!r} holds names; pass integer ids: jaxpeft.adapter_ids(bank, {ids!r}).")
     ids = jnp.asarray(ids)
     if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim > 1:
         raise ValueError(

@@ -746,6 +746,8 @@ def set_adapter_ids(model: Any, ids: Any) -> None:
         for _, layer in banks:
             layer.adapter_ids = None
         return
+    if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and any(isinstance(i, str) for i in ids)):
+        raise ValueError(f"`ids`={ids!r} holds names; pass integer ids: jaxpeft.adapter_ids(bank, {ids!r}).")
     value = jnp.asarray(ids)
     n = min(len(layer.adapter.names) for _, layer in banks)  # type: ignore[attr-defined]
     if not jnp.issubdtype(value.dtype, jnp.integer) or value.ndim > 1:

@@ -128,6 +128,15 @@ def test_bank_errors_name_the_fix(params):
         jaxpeft.linen.apply(LINEN, {"params": params}, bank, IDS, adapter_ids=jnp.asarray([0, 1, 2]))
     with pytest.raises(ValueError, match=r"adapters \['xx'\] are not in the bank; it holds \['fr', 'de', 'base'\]"):
         jaxpeft.adapter_ids(bank, ["fr", "xx"])
+    with pytest.raises(ValueError, match=r"holds names; pass integer ids: jaxpeft.adapter_ids\(bank, \['fr', 'de'\]\)"):
+        jaxpeft.linen.apply(LINEN, {"params": params}, bank, IDS, adapter_ids=["fr", "de"])
+    model = jnnx.attach(nnx_model(params), bank)
+    with pytest.raises(ValueError, match=r"`ids`='fr' holds names"):
+        jnnx.set_adapter_ids(model, "fr")
+    with pytest.raises(ValueError, match=r"`ids` ranges over \[0, 5\]; the bank holds 3 adapters"):
+        jnnx.set_adapter_ids(model, [0, 5])
+    with pytest.raises(ValueError, match="the model holds no adapter bank; attach one first"):
+        jnnx.set_adapter_ids(jnnx.attach(nnx_model(params), named["fr"]), 0)
     with pytest.raises(ValueError, match="holds no adapter bank"):
         run(params, named["fr"], IDS, jnp.asarray(0))
     with pytest.raises(jaxpeft.NotMergeableError, match="merge one of them"):
