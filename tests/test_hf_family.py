@@ -20,6 +20,7 @@ import jaxpeft.linen
 from examples.models import llama
 from jaxpeft.hf._config import KNOWN_FIELDS
 from jaxpeft.methods.vera import shared_projections
+from tests._tiny_llama import tiny_llama_pair
 
 pytestmark = [
     # Notices from transformers/peft themselves (PEFT's save_pretrained probes a deprecated transformers API; PEFT's
@@ -264,25 +265,8 @@ def test_import_refuses_incomplete_or_foreign_tensors(zoo):
 @pytest.fixture(scope="module")
 def llama_pair(tmp_path_factory):
     """A tiny torch Llama and our (scanned) Flax Llama holding the same weights."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    torch_model = transformers.LlamaForCausalLM(config).eval()
-    directory = tmp_path_factory.mktemp("llama")
-    torch_model.save_pretrained(directory)
-    flax_config, params = llama.load_hf_checkpoint(directory)
-    model = llama.LlamaForCausalLM(flax_config)
+    torch_model, model, params = tiny_llama_pair(tmp_path_factory.mktemp("llama"))
     layouts = jaxpeft.linen.infer_layouts(model, jnp.asarray(IDS))
     return torch_model, model, params, layouts
 

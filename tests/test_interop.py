@@ -24,6 +24,7 @@ import jaxpeft  # noqa: E402
 import jaxpeft.hf as hf  # noqa: E402
 import jaxpeft.linen  # noqa: E402
 from examples.models import bert, llama  # noqa: E402
+from tests._tiny_llama import tiny_llama_pair  # noqa: E402
 
 pytestmark = [
     # Notices from transformers/peft themselves (PEFT's save_pretrained probes a deprecated transformers API and
@@ -49,22 +50,7 @@ def _max_diff(ours, theirs):
 
 def _llama_pair(directory, tied):
     """A tiny torch Llama and our Flax Llama holding the same weights (through the safetensors loader)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        attn_implementation="eager",
-    )
-    torch_model = transformers.LlamaForCausalLM(config).eval()
-    torch_model.save_pretrained(directory)
-    flax_config, params = llama.load_hf_checkpoint(directory)
-    model = llama.LlamaForCausalLM(flax_config)
+    torch_model, model, params = tiny_llama_pair(directory, tied=tied)
     layouts = jaxpeft.linen.infer_layouts(model, jnp.asarray(IDS))
     with torch.no_grad():
         base = torch_model(torch.tensor(IDS)).logits

@@ -17,6 +17,7 @@ import jaxpeft.hf as hf
 import jaxpeft.linen
 from examples.models import llama
 from jaxpeft.methods.prompt import INPUT_EMBEDDINGS
+from tests._tiny_llama import tiny_llama_pair
 
 CFG = llama.LlamaConfig(
     vocab_size=64,
@@ -308,22 +309,7 @@ def test_hf_import_refusals(params):
 
 
 def _torch_pair(directory: Any) -> tuple[Any, Any]:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    torch_model = transformers.LlamaForCausalLM(config).eval()
-    torch_model.save_pretrained(directory)
-    _, params = llama.load_hf_checkpoint(directory)
+    torch_model, _, params = tiny_llama_pair(directory)
     return torch_model, params
 
 
