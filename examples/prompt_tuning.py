@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=3e-2)
     args = parser.parse_args(argv)
+    if args.projection and args.method != "prefix":
+        parser.error("`--projection` reparameterises prefix tuning only; use it with `--method prefix`.")
     t0 = time.perf_counter()
     model = llama.LlamaForCausalLM(CONFIG)
     params = model.init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"]

@@ -411,3 +411,11 @@ def test_default_targets_name_the_usual_tables():
     for path in ("model/embed_tokens/embedding", "embeddings/word_embeddings/embedding", "transformer/wte/embedding"):
         assert re.search(INPUT_EMBEDDINGS, path)
     assert not re.search(INPUT_EMBEDDINGS, "embeddings/position_embeddings/embedding")
+
+
+def test_example_refuses_projection_without_prefix(capsys):
+    from examples import prompt_tuning
+
+    with pytest.raises(SystemExit):
+        prompt_tuning.main(["--method", "prompt", "--projection"])
+    assert "`--projection` reparameterises prefix tuning only" in capsys.readouterr().err
