@@ -6,7 +6,7 @@ the adapters of one PEFT method (default LoRA, rank 4 on every linear layer of t
 stay frozen.
 
     python examples/quickstart.py                  # LoRA
-    python examples/quickstart.py --method dora    # or ia3, loha, lokr, vera, bitfit, ln_tuning
+    python examples/quickstart.py --method dora    # or lora_fa, ia3, loha, lokr, vera, bitfit, ln_tuning
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ VOCAB, WIDTH, HEADS, LAYERS, SEQ, BATCH = 64, 64, 4, 2, 16, 64
 METHODS: dict[str, tuple[jaxpeft.MethodConfig, float]] = {
     "lora": (jaxpeft.LoraConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),
     "dora": (jaxpeft.DoraConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),
+    "lora_fa": (jaxpeft.LoraFAConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),  # A frozen, B trained
     "ia3": (jaxpeft.IA3Config(targets=["key", "value", "down"], feedforward=["down"]), 5e-2),
     "loha": (jaxpeft.LohaConfig(rank=2, alpha=4, targets="all-linear"), 1e-2),
     "lokr": (jaxpeft.LokrConfig(rank=4, alpha=8, targets="all-linear"), 1e-2),
@@ -125,10 +126,13 @@ def main(argv: list[str] | None = None) -> float:
     print()
     print(jaxpeft.summary(frozen, adapters, tx=optax.adam(1e-3)))
 
-    def peft_loss(adapters, batch):  # differentiate only the adapters: no gradient of a frozen weight exists
+    trainable, fixed = jaxpeft.partition(adapters, True)  # frozen fields of a method (LoRA-FA's A) stay out
+
+    def peft_loss(trainable, batch):  # differentiate only the adapters: no gradient of a frozen weight exists
+        adapters = jaxpeft.combine(trainable, fixed)
         return xent(jaxpeft.linen.apply(model, {"params": frozen}, adapters, batch), batch)
 
-    adapters = train(peft_loss, adapters, task_b, 100, lr, method, jax.random.key(5))
+    adapters = jaxpeft.combine(train(peft_loss, trainable, task_b, 100, lr, method, jax.random.key(5)), fixed)
 
     print("\n   how low-rank is the update that full fine-tuning makes? Fully fine-tune a copy on task B and look")
     tuned = train(full_loss, params, task_b, 60, 3e-3, "full", jax.random.key(7))

@@ -8,10 +8,10 @@ from typing import Any
 
 import jax
 
-from jaxpeft._paths import path_str
+from jaxpeft._paths import leaves_with_paths, path_str
 from jaxpeft._select import compile_regex
 
-__all__ = ["PathFilter", "combine", "partition", "path_filter", "trainable_mask"]
+__all__ = ["PathFilter", "combine", "frozen_paths", "partition", "path_filter", "trainable_mask"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +47,25 @@ def _decide(spec: Any, path: str, leaf: Any) -> bool:
     return bool(spec(leaf))
 
 
+def frozen_paths(tree: Any) -> set[str]:
+    """The paths of every leaf that is a frozen field of an adapter node in ``tree`` (``jaxpeft.FROZEN``)."""
+    from jaxpeft.protocol import Adapter, frozen_fields
+
+    out: set[str] = set()
+    for path, node in leaves_with_paths(tree, is_leaf=lambda x: isinstance(x, Adapter)):
+        if not isinstance(node, Adapter):
+            continue
+        for field in frozen_fields(node):
+            base = f"{path}/{field}" if path else field
+            out.update(f"{base}/{p}" if p else base for p, _ in leaves_with_paths(getattr(node, field)))
+    return out
+
+
 def trainable_mask(tree: Any, filter_spec: Any, *, is_leaf: Callable[[Any], bool] | None = None) -> Any:
     """A tree of bools like ``tree``: True = train, False = frozen (one polarity everywhere).
+
+    The frozen array fields of adapter nodes (``jaxpeft.FROZEN``: LoRA-FA's A, stored VeRA projections) are always
+    False, whatever ``filter_spec`` says: they are carried, never trained.
 
     Do not hand it to ``optax.masked`` to freeze the base: ``optax.masked(tx, mask)`` passes the *unmasked*
     leaves' raw gradients through as updates, so a frozen weight moves by its gradient (one step of that turns a
@@ -73,6 +90,7 @@ def trainable_mask(tree: Any, filter_spec: Any, *, is_leaf: Callable[[Any], bool
             )
         specs[tuple(path_str([k]) for k in kp)] = spec
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    frozen = frozen_paths(tree)
     used: set[tuple[str, ...]] = set()
     mask = []
     for kp, leaf in flat:
@@ -84,7 +102,7 @@ def trainable_mask(tree: Any, filter_spec: Any, *, is_leaf: Callable[[Any], bool
                 "per top-level key, e.g. {'params': False, 'adapters': True}."
             )
         used.add(prefix)
-        mask.append(_decide(specs[prefix], "/".join(parts), leaf))
+        mask.append("/".join(parts) not in frozen and _decide(specs[prefix], "/".join(parts), leaf))
     unused = sorted("/".join(p) for p in set(specs) - used if p)
     if unused and flat:
         raise ValueError(f"`filter_spec` entries {unused[:4]} match nothing in the tree; check their keys.")
@@ -95,7 +113,9 @@ def partition(tree: Any, filter_spec: Any, *, is_leaf: Callable[[Any], bool] | N
     """``(trainable, frozen)``: two trees like ``tree`` with ``None`` where a leaf belongs to the other half.
 
     ``combine(trainable, frozen)`` gives ``tree`` back. Differentiate a loss with respect to ``trainable`` only
-    (``jax.grad(lambda t: loss(combine(t, frozen)))``) and no gradient of a frozen leaf is computed.
+    (``jax.grad(lambda t: loss(combine(t, frozen)))``) and no gradient of a frozen leaf is computed. Frozen fields
+    of adapter nodes always go to ``frozen``: ``partition(adapters, True)`` splits LoRA-FA's A (or a VeRA node's
+    stored projections) from what trains.
     """
     flat, treedef = jax.tree.flatten(tree, is_leaf=is_leaf)
     keep = jax.tree.leaves(trainable_mask(tree, filter_spec, is_leaf=is_leaf))

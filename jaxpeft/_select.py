@@ -18,6 +18,7 @@ __all__ = [
     "WEIGHT_NAMES",
     "Layout",
     "TargetSpec",
+    "Unsupported",
     "compile_regex",
     "default_layout",
     "match_pattern",
@@ -35,7 +36,9 @@ OUTPUT_HEAD_NAMES = ("lm_head", "head", "logits", "output_head")
 #: Kinds of a vector leaf trained in place (``jaxpeft.BitFitConfig``, ``jaxpeft.LNTuningConfig``): a layer's bias and
 #: a norm layer's scale or bias. Their layouts have no fan-in axes: ``(*stack, *features)`` with ``fan_out`` features.
 VECTOR_KINDS = ("bias", "norm")
-KINDS = ("dense", "dense_general", "einsum", "conv", "embed", *VECTOR_KINDS, "unsupported")
+#: The layer kinds a ``Layout`` describes.
+LAYER_KINDS = ("dense", "dense_general", "einsum", "conv", "embed")
+KINDS = (*LAYER_KINDS, *VECTOR_KINDS)
 
 TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
 
@@ -52,16 +55,16 @@ class Layout:
       stack: number of leading axes that index independent layers (scan/vmap stacks, einsum batch axes).
       fan_in: number of axes contracted with the input.
       fan_out: number of axes that appear in the output.
-      kind: the layer kind ("dense", "dense_general", "einsum", "conv", "embed" or "unsupported"), or for a vector
-        leaf (``VECTOR_KINDS``: "bias", "norm") what it is; a vector has ``fan_in=0`` and its feature axes as fan-out.
-      reason: for ``kind="unsupported"``, why the layer cannot be adapted.
+      kind: the layer kind ("dense", "dense_general", "einsum", "conv" or "embed"), or for a vector leaf
+        (``VECTOR_KINDS``: "bias", "norm") what it is; a vector has ``fan_in=0`` and its feature axes as fan-out.
+
+    A layer that cannot be adapted has no layout: the layout tables hold :class:`Unsupported` with the reason there.
     """
 
     stack: int = 0
     fan_in: int = 1
     fan_out: int = 1
     kind: str = "dense"
-    reason: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -92,6 +95,20 @@ class Layout:
         return math.prod(self.split(shape)[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class Unsupported:
+    """Why a weight cannot be adapted, where a layout table (``infer_layouts``) would hold its :class:`Layout`.
+
+    Selecting such a weight is a ``ValueError`` that gives ``reason`` and the fix (``exclude`` it).
+    """
+
+    reason: str
+
+
+#: What a layout table maps a weight path to.
+LayoutEntry = Layout | Unsupported
+
+
 def default_layout(path: str, shape: Sequence[int]) -> Layout | None:
     """The layout of a 2-D leaf when nothing else is known: ``(in, out)``; ``(vocab, features)`` for embeddings."""
     if len(shape) != 2:
@@ -115,7 +132,7 @@ def match_pattern(pattern: str, path: str) -> bool:
     return re.search(pattern, path) is not None
 
 
-def matcher(spec: TargetSpec, what: str) -> Callable[[str, Any, Layout | None], bool]:
+def matcher(spec: TargetSpec, what: str) -> Callable[[str, Any, LayoutEntry | None], bool]:
     """A predicate over ``(path, leaf, layout)`` for one target or exclude spec."""
     if callable(spec):
         return lambda path, leaf, layout: bool(spec(path, leaf))
@@ -124,12 +141,12 @@ def matcher(spec: TargetSpec, what: str) -> Callable[[str, Any, Layout | None], 
             if what == "exclude":
                 raise ValueError('`exclude`="all-linear" is not allowed; list module names or give a regex.')
 
-            def all_linear(path: str, leaf: Any, layout: Layout | None) -> bool:
+            def all_linear(path: str, leaf: Any, layout: LayoutEntry | None) -> bool:
                 module = _module_path(path)
                 if module.rsplit("/", 1)[-1] in OUTPUT_HEAD_NAMES:
                     return False
                 if layout is not None:
-                    return layout.kind in LINEAR_KINDS
+                    return isinstance(layout, Layout) and layout.kind in LINEAR_KINDS
                 return path.rsplit("/", 1)[-1] == "kernel" and len(getattr(leaf, "shape", ())) == 2
 
             return all_linear
@@ -140,7 +157,7 @@ def matcher(spec: TargetSpec, what: str) -> Callable[[str, Any, Layout | None], 
         if not isinstance(name, str) or not name:
             raise ValueError(f"`{what}` entries must be non-empty module names, got {name!r}.")
 
-    def suffix(path: str, leaf: Any, layout: Layout | None) -> bool:
+    def suffix(path: str, leaf: Any, layout: LayoutEntry | None) -> bool:
         if path.rsplit("/", 1)[-1] not in WEIGHT_NAMES:
             return False
         module = _module_path(path)
@@ -158,7 +175,7 @@ def select_targets(
     params: Any,
     targets: TargetSpec,
     exclude: TargetSpec = (),
-    layouts: Mapping[str, Layout] | None = None,
+    layouts: Mapping[str, LayoutEntry] | None = None,
 ) -> list[tuple[str, Any, Layout]]:
     """The leaves of ``params`` that ``targets`` selects and ``exclude`` does not, sorted by path.
 
@@ -174,7 +191,7 @@ def select_targets(
 
     Raises:
       ValueError: nothing matched; a selected leaf has fewer than 2 dims; a kernel's layout is unknown or its
-        layer kind is unsupported.
+        layer cannot be adapted (``Unsupported``).
     """
     layouts = dict(layouts or {})
     candidates = leaves_with_paths(params)
@@ -183,12 +200,15 @@ def select_targets(
     chosen: list[tuple[str, Any, Layout]] = []
     excluded: list[str] = []
     for path, leaf in sorted(candidates, key=lambda item: item[0]):
-        layout = layouts.get(path)
-        if not take(path, leaf, layout):
+        entry = layouts.get(path)
+        if not take(path, leaf, entry):
             continue
-        if drop is not None and drop(path, leaf, layout):
+        if drop is not None and drop(path, leaf, entry):
             excluded.append(path)
             continue
+        if isinstance(entry, Unsupported):
+            raise ValueError(f"{path!r} cannot be adapted: {entry.reason} Add it to `exclude`.")
+        layout = entry
         if layout is not None and layout.kind in VECTOR_KINDS:
             raise ValueError(
                 f"{path!r} is a {layout.kind} vector; this method adapts kernels. Add it to `exclude`, or train it "
@@ -209,8 +229,6 @@ def select_targets(
                 f"(or jaxpeft.nnx.infer_layouts(model)), or layouts={{{path!r}: jaxpeft.Layout(stack=..., "
                 "fan_in=..., fan_out=...)}."
             )
-        if layout.kind == "unsupported":
-            raise ValueError(f"{path!r} cannot be adapted: {layout.reason} Add it to `exclude`.")
         if layout.ndim != len(shape):
             raise ValueError(
                 f"{path!r} has shape {shape} but its layout {layout} describes {layout.ndim} axes; "

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from jaxpeft.methods.base import MethodConfig
+from jaxpeft.protocol import MethodConfig
 
 __all__ = ["INDEX_NAME", "export_adapter_set", "import_adapter_set", "restore_adapter_set", "save_adapter_set"]
 

@@ -77,16 +77,22 @@ def summary(params: Any, adapters: Any, tx: Any = None) -> Summary:
 
     Args:
       params: the base parameters (arrays or ``jax.ShapeDtypeStruct``).
-      adapters: the trainable tree (adapters, or any trainable half from ``partition``).
+      adapters: the trainable tree (adapters, or any trainable half from ``partition``); frozen fields of adapter
+        nodes (``jaxpeft.FROZEN``) count with the base: stored, neither trained nor in the optimizer state.
       tx: the optax optimizer to account for (default ``optax.adam``: two float32-or-param-dtype moments).
     """
     if tx is None:
         import optax
 
         tx = optax.adam(1e-3)
+    from jaxpeft._partition import partition
+
+    trainable, frozen = partition(adapters, True)  # frozen fields of nodes (LoRA-FA's A) are carried, not trained
     base_n, base_b = _count(params)
-    train_n, train_b = _count(adapters)
-    opt_peft = _count(jax.eval_shape(tx.init, adapters))[1]
+    train_n, train_b = _count(trainable)
+    base_n += _count(frozen)[0]
+    base_b += _count(frozen)[1]
+    opt_peft = _count(jax.eval_shape(tx.init, trainable))[1]
     full = jax.eval_shape(quant.dequantize, params)  # full fine-tuning trains float weights, not codes
     opt_full = _count(jax.eval_shape(tx.init, full))[1]
     return Summary(base_n, base_b, train_n, train_b, opt_peft, opt_full)

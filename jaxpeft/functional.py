@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from jaxpeft.methods.base import merge
+from jaxpeft.api import merge
 
 __all__ = ["merged"]
 

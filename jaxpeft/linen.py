@@ -14,17 +14,16 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from jaxpeft import ops, quant
-from jaxpeft._paths import leaves_with_paths, path_str, set_path
-from jaxpeft._select import Layout
-from jaxpeft.methods.bank import AdapterBank
-from jaxpeft.methods.base import Adapter, LayerCall, MethodConfig, Plan, adapter_items, check_fits
-from jaxpeft.methods.base import init as method_init
-from jaxpeft.methods.base import init_adjusted as method_init_adjusted
-from jaxpeft.methods.base import plan as method_plan
-from jaxpeft.methods.leaf import LeafAdapter, substitute
+from jaxpeft import _framework as core
+from jaxpeft import quant
+from jaxpeft._paths import leaves_with_paths, set_path
+from jaxpeft._select import LayoutEntry, Unsupported
+from jaxpeft.api import Plan
+from jaxpeft.api import init as method_init
+from jaxpeft.api import init_adjusted as method_init_adjusted
+from jaxpeft.api import plan as method_plan
+from jaxpeft.protocol import Adapter, MethodConfig, adapter_items, check_fits
 
 __all__ = ["apply", "infer_layouts", "init", "init_adjusted", "plan", "quantize"]
 
@@ -40,26 +39,30 @@ def _as_tuple(v: Any) -> tuple[Any, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
-def _call_layout(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Layout:
-    """The layout of ``module``'s kernel as the call sees it (scan stacks already sliced away)."""
+def _overrides(module: nn.Module) -> str | None:
+    """``"nn.Dense.__call__"`` when ``module``'s class overrides that method of its Flax layer class, else None."""
+    cls = next(c for c in _SUPPORTED if isinstance(module, c))
+    for method in ("__call__", "attend"):
+        if hasattr(cls, method) and getattr(type(module), method) is not getattr(cls, method):
+            return f"nn.{cls.__name__}.{method}"
+    return None
+
+
+def _info(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> core.LayerInfo:
+    """The neutral description of a supported Linen layer as the call sees it (scan stacks already sliced)."""
+    common: dict[str, Any] = {"overrides": _overrides(module), "class_name": type(module).__name__}
     if isinstance(module, nn.Embed):
-        return Layout(kind="embed")
+        return core.LayerInfo("embed", **common)
     if isinstance(module, nn.Dense):
-        return Layout(kind="dense")
+        return core.LayerInfo("dense", **common)
     if isinstance(module, nn.DenseGeneral):
-        if _as_tuple(module.batch_dims):
-            return Layout(kind="unsupported", reason="nn.DenseGeneral with `batch_dims` is not supported.")
-        return Layout(fan_in=len(_as_tuple(module.axis)), fan_out=len(_as_tuple(module.features)), kind="dense_general")
+        fan_in, fan_out = len(_as_tuple(module.axis)), len(_as_tuple(module.features))
+        return core.LayerInfo("dense_general", fan_in, fan_out, batch_axes=bool(_as_tuple(module.batch_dims)), **common)
     if isinstance(module, nn.Einsum):
-        return ops.einsum_plan(_einsum_str(module, args, kwargs)).layout
-    if isinstance(module, nn.Conv):
-        if module.feature_group_count != 1:
-            return Layout(
-                kind="unsupported", reason="grouped convolutions (feature_group_count > 1) are not supported."
-            )
-        kernel: Any = module.get_variable("params", "kernel")
-        return Layout(fan_in=kernel.ndim - 1, fan_out=1, kind="conv")
-    raise TypeError(type(module))  # pragma: no cover - guarded by _SUPPORTED
+        return core.LayerInfo("einsum", subscripts=_einsum_str(module, args, kwargs), **common)
+    kernel: Any = module.get_variable("params", "kernel")
+    masked = module.mask is not None
+    return core.LayerInfo("conv", kernel.ndim - 1, groups=module.feature_group_count, masked=masked, **common)
 
 
 def _einsum_str(module: nn.Einsum, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
@@ -70,7 +73,7 @@ def _einsum_str(module: nn.Einsum, args: tuple[Any, ...], kwargs: Mapping[str, A
     return subscripts
 
 
-def infer_layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Layout]:
+def infer_layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, LayoutEntry]:
     """Learn the layout of every Dense/DenseGeneral/Einsum/Conv/Embed kernel by tracing ``model.init``.
 
     The trace is abstract (``jax.eval_shape``): no FLOPs, no memory. Kernels stacked by ``nn.scan``/``nn.vmap``
@@ -83,47 +86,55 @@ def infer_layouts(model: nn.Module, *args: Any, method: Any = None, **kwargs: An
       **kwargs: keyword arguments for the call.
 
     Returns:
-      ``{"path/to/kernel": Layout}`` for every supported layer (unsupported ones have ``kind="unsupported"``).
+      ``{"path/to/leaf": Layout}`` for every supported layer's weight, and ``jaxpeft.Unsupported(reason)`` for each
+      other parameter (a layer that cannot be adapted, a bias, a parameter of another module), so a target that
+      selects one fails with the reason, as in ``jaxpeft.nnx.infer_layouts``.
     """
-    seen: dict[str, Layout] = {}
+    seen: dict[str, LayoutEntry] = {}
+    owners: dict[tuple[str, ...], tuple[str, bool, str]] = {}
 
     def record(next_fun: Any, a: tuple[Any, ...], kw: dict[str, Any], context: Any) -> Any:
         out = next_fun(*a, **kw)
         module = context.module
-        if isinstance(module, _SUPPORTED) and context.method_name == "__call__" and module.scope is not None:
-            path = "/".join((*module.path, _weight_name(module)))
-            seen[path] = _call_layout(module, a, kw)
+        if module.scope is None:
+            return out
+        supported = isinstance(module, _SUPPORTED)
+        owners.setdefault(tuple(module.path), (type(module).__name__, supported, _weight_name(module)))
+        if supported and context.method_name == "__call__":
+            seen["/".join((*module.path, _weight_name(module)))] = core.layer_layout(_info(module, a, kw))
         return out
 
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     with nn.intercept_methods(record):
         variables = jax.eval_shape(lambda: model.init(rngs, *args, method=method, **kwargs))
-    shapes = dict(leaves_with_paths(variables.get("params", {})))
-    layouts: dict[str, Layout] = {}
-    for path, call in seen.items():
-        if path not in shapes:
+    layouts: dict[str, LayoutEntry] = {}
+    for path, leaf in leaves_with_paths(variables.get("params", {})):
+        if path in seen:
+            layouts[path] = core.stacked_layout(seen[path], len(leaf.shape))
             continue
-        extra = len(shapes[path].shape) - call.ndim
-        if call.kind == "unsupported" or extra < 0:
-            layouts[path] = call
-        else:
-            layouts[path] = Layout(call.stack + extra, call.fan_in, call.fan_out, call.kind)
+        module, _, name = path.rpartition("/")
+        owner = owners.get(tuple(module.split("/")) if module else ())
+        cls, supported, weight = owner if owner is not None else (None, False, "kernel")
+        layouts[path] = core.unsupported_leaf(cls, supported, weight, name)
     return layouts
 
 
-def _check_params(params: Any, layouts: Mapping[str, Layout]) -> None:
+def _layouts(
+    model: nn.Module, params: Any, args: tuple[Any, ...], method: Any, kwargs: Mapping[str, Any]
+) -> dict[str, LayoutEntry]:
+    """``infer_layouts`` on the sample inputs, after refusing a whole variables dict passed as ``params``."""
+    layouts = infer_layouts(model, *args, method=method, **kwargs)
     if isinstance(params, Mapping) and "params" in params and not any(p.startswith("params/") for p in layouts):
         raise ValueError(
             f"`params` has the top-level keys {sorted(params)[:4]}: it looks like the whole variables dict. Pass "
             "its 'params' collection, e.g. jaxpeft.linen.init(cfg, model, variables['params'], x, key=key)."
         )
+    return layouts
 
 
 def plan(cfg: MethodConfig, model: nn.Module, params: Any, *args: Any, method: Any = None, **kwargs: Any) -> Plan:
     """``jaxpeft.plan`` with layouts inferred from ``model`` on the sample inputs ``args`` (a dry run)."""
-    layouts = infer_layouts(model, *args, method=method, **kwargs)
-    _check_params(params, layouts)
-    return method_plan(cfg, params, layouts=layouts)
+    return method_plan(cfg, params, layouts=_layouts(model, params, args, method, kwargs))
 
 
 def init(
@@ -133,6 +144,7 @@ def init(
     *args: Any,
     key: jax.Array,
     method: Any = None,
+    check_identity: bool = True,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """``jaxpeft.init`` with layouts inferred from ``model`` on the sample inputs ``args``.
@@ -140,9 +152,8 @@ def init(
     Raises:
       ValueError: ``params`` is the whole ``{"params": ...}`` variables dict; and as ``jaxpeft.init``.
     """
-    layouts = infer_layouts(model, *args, method=method, **kwargs)
-    _check_params(params, layouts)
-    return method_init(cfg, params, key=key, layouts=layouts)
+    layouts = _layouts(model, params, args, method, kwargs)
+    return method_init(cfg, params, key=key, layouts=layouts, check_identity=check_identity)
 
 
 def init_adjusted(
@@ -152,20 +163,21 @@ def init_adjusted(
     *args: Any,
     key: jax.Array,
     method: Any = None,
+    check_identity: bool = True,
     **kwargs: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """``jaxpeft.init_adjusted`` with layouts inferred from ``model``: ``(new_params, adapters)``.
 
-    For PiSSA/OLoRA (``LoraConfig(init="pissa" | "pissa_niter_<n>" | "olora")``) run the model as
+    For a base-adjusting config (PiSSA/OLoRA: ``cfg.adjusts_base``) run the model as
     ``apply(model, {"params": new_params}, adapters, ...)``: at init it computes the original model's outputs up
     to float rounding, and ``jaxpeft.merge(new_params, trained)`` is the original weights plus the trained update.
 
     Raises:
       ValueError: ``params`` is the whole ``{"params": ...}`` variables dict; and as ``jaxpeft.init_adjusted``.
     """
-    layouts = infer_layouts(model, *args, method=method, **kwargs)
-    _check_params(params, layouts)
-    return method_init_adjusted(cfg, params, key=key, layouts=layouts)
+    return method_init_adjusted(
+        cfg, params, key=key, layouts=_layouts(model, params, args, method, kwargs), check_identity=check_identity
+    )
 
 
 def quantize(
@@ -179,38 +191,18 @@ def quantize(
     Raises:
       ValueError: ``params`` is the whole ``{"params": ...}`` variables dict; and as ``jaxpeft.quantize``.
     """
-    layouts = infer_layouts(model, *args, method=method, **kwargs)
-    _check_params(params, layouts)
-    return quant.quantize(params, targets, kind=kind, layouts=layouts)
+    return quant.quantize(params, targets, kind=kind, layouts=_layouts(model, params, args, method, kwargs))
 
 
-class _Stored:
-    """How one adapter node travels through ``params``: its treedef, leaf names and stored rank."""
-
-    def __init__(self, node: Adapter) -> None:
-        flat, self.treedef = jax.tree_util.tree_flatten_with_path(node)
-        self.names = tuple(path_str(kp) for kp, _ in flat)
-        self.ndim = flat[0][1].ndim if flat else 0
-        self.node = node
-
-    def rebuild(self, module: nn.Module, leaf: str) -> Adapter:
-        """The call-level node from the (possibly scan-sliced) arrays stored beside the kernel."""
-        leaves: list[Any] = [module.get_variable("params", f"{_PREFIX}{leaf}::{name}") for name in self.names]
-        node: Adapter = jax.tree_util.tree_unflatten(self.treedef, leaves)
-        return node.at_call(self.ndim - leaves[0].ndim) if leaves else node
-
-
-def _augment(params: Any, adapters: Any) -> tuple[Any, dict[tuple[str, ...], dict[str, _Stored]]]:
-    """Params with each adapter's arrays stored beside its kernel, and the static per-module table."""
-    table: dict[tuple[str, ...], dict[str, _Stored]] = {}
+def _augment(params: Any, nodes: Mapping[str, Adapter]) -> tuple[Any, dict[tuple[str, ...], dict[str, core.Stored]]]:
+    """Params with each layer node's arrays stored beside its kernel, and the static per-module table."""
+    table: dict[tuple[str, ...], dict[str, core.Stored]] = {}
     shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(params, is_leaf=quant.is_quantized)}
-    for path, node in adapter_items(adapters):
-        if isinstance(node, LeafAdapter):  # substituted into the params instead (see `substitute`)
-            continue
+    for path, node in nodes.items():
         if path in shapes:
             check_fits(path, node, shapes[path])
         module_path, _, leaf = path.rpartition("/")
-        stored = _Stored(node)
+        stored = core.Stored.of(node)
         for name, value in zip(stored.names, jax.tree.leaves(node), strict=True):
             key = f"{_PREFIX}{leaf}::{name}"
             params = set_path(params, f"{module_path}/{key}" if module_path else key, value)
@@ -218,21 +210,8 @@ def _augment(params: Any, adapters: Any) -> tuple[Any, dict[tuple[str, ...], dic
     return params, table
 
 
-def _bias(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], y_ndim: int) -> Any:
-    """The layer's bias shaped to broadcast against its output (None without one)."""
-    if not module.has_variable("params", "bias"):
-        return None
-    bias: Any = module.get_variable("params", "bias")
-    if isinstance(module, nn.Einsum):
-        p = ops.einsum_plan(_einsum_str(module, args, kwargs))
-        return ops.broadcast_to_spec(
-            bias, "".join(c for c in p.out_spec if c in p.stack + p.fan_out), p.out_spec, y_ndim
-        )
-    return bias
-
-
 class _Guard:
-    """Marks the dynamic extent of a dequantised base call, whose own layer call must not be intercepted again."""
+    """Marks the dynamic extent of a detached base call, whose own layer call must not be intercepted again."""
 
     def __init__(self) -> None:
         self.depth = 0
@@ -244,58 +223,25 @@ class _Guard:
         self.depth -= 1
 
 
-def _dequantized_base(
-    module: nn.Module,
-    method: str,
-    q: quant.QuantizedArray,
-    bind: Callable[[jax.Array], tuple[tuple[Any, ...], dict[str, Any]]],
-    guard: _Guard,
-) -> Callable[[jax.Array], jax.Array]:
-    """``base(x)``: the layer's own code (a detached clone) run on its dequantised weight, under ``jax.checkpoint``.
-
-    Only the codes and the input are saved for the backward pass; the full-precision weight is recomputed there,
-    so it never lives across the step.
-    """
-    weight = _weight_name(module)
+def _runner(
+    module: nn.Module, method: str, bind: Callable[[jax.Array], tuple[tuple[Any, ...], dict[str, Any]]], guard: _Guard
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``run_with(weight, x)``: the layer's own code on another weight, in a detached clone (inside JAX transforms
+    and ``jax.checkpoint``, where the bound module cannot run)."""
     others: dict[str, Any] = {}
     if module.has_variable("params", "bias"):
         others["bias"] = module.get_variable("params", "bias")
     clone = module.clone(parent=None, name=None)
     name = None if method == "__call__" else method
+    weight_name = _weight_name(module)
 
-    @jax.checkpoint
-    def run(inp: jax.Array, q: quant.QuantizedArray, others: dict[str, Any]) -> jax.Array:
-        args, kwargs = bind(inp)
-        with guard:
-            out: jax.Array = clone.apply(  # type: ignore[assignment]
-                {"params": {weight: quant.dequantize(q), **others}}, *args, method=name, **kwargs
-            )
-        return out
-
-    return lambda inp: run(inp, q, others)
-
-
-def _detached_base(
-    module: nn.Module,
-    method: str,
-    kernel: jax.Array,
-    bind: Callable[[jax.Array], tuple[tuple[Any, ...], dict[str, Any]]],
-    guard: _Guard,
-) -> Callable[[jax.Array], jax.Array]:
-    """``base(x)``: a detached clone of the layer applied to its current (call-level) weights."""
-    variables = {_weight_name(module): kernel}
-    if module.has_variable("params", "bias"):
-        variables["bias"] = module.get_variable("params", "bias")
-    clone = module.clone(parent=None, name=None)
-    name = None if method == "__call__" else method
-
-    def run(inp: jax.Array) -> jax.Array:
+    def run_with(weight: jax.Array, inp: jax.Array) -> jax.Array:
         a, kw = bind(inp)
         with guard:
-            out: jax.Array = clone.apply({"params": variables}, *a, method=name, **kw)  # type: ignore[assignment]
+            out: jax.Array = clone.apply({"params": {weight_name: weight, **others}}, *a, method=name, **kw)  # type: ignore[assignment]
         return out
 
-    return run
+    return run_with
 
 
 def _layer_call(
@@ -308,14 +254,8 @@ def _layer_call(
     *,
     detached: bool = False,
     adapter_ids: Any = None,
-) -> LayerCall:
-    """The one place that translates a Linen layer call into the neutral ``LayerCall``.
-
-    Over a quantised weight, ``base`` runs the layer on its dequantised weight (see ``_dequantized_base``) and
-    ``kernel`` is the dequantised weight (read only by methods that need it, e.g. DoRA's norm; unused, it is
-    never computed). With ``detached`` (an adapter whose forward runs ``base`` under ``jax.vmap``), ``base`` runs
-    a detached copy of the layer on its current weights, which Flax allows inside JAX transforms.
-    """
+) -> Any:
+    """A Linen layer call, translated by the framework core (``jaxpeft._framework.layer_call``)."""
     bind: Callable[[jax.Array], tuple[tuple[Any, ...], dict[str, Any]]]
     if args:
         x, rest = args[0], args[1:]
@@ -329,44 +269,14 @@ def _layer_call(
         def bind(inp: jax.Array) -> tuple[tuple[Any, ...], dict[str, Any]]:
             return (), {**kwargs, name: inp}
 
+    def run(inp: jax.Array) -> jax.Array:
+        a, kw = bind(inp)
+        out: jax.Array = next_fun(*a, **kw)
+        return out
+
     def dropout_key() -> jax.Array | None:
         scope = module.scope
         return module.make_rng("dropout") if scope is not None and scope.has_rng("dropout") else None
-
-    kernel: Any = module.get_variable("params", _weight_name(module))
-    base: Callable[[jax.Array], jax.Array]
-    if quant.is_quantized(kernel):
-        base = _dequantized_base(module, method, kernel, bind, guard)
-        kernel = quant.dequantize(kernel)
-    elif detached:
-        base = _detached_base(module, method, kernel, bind, guard)
-    else:
-
-        def base(inp: jax.Array) -> jax.Array:
-            a, kw = bind(inp)
-            out: jax.Array = next_fun(*a, **kw)
-            return out
-
-    precision = getattr(module, "precision", None)
-    common = {
-        "x": x,
-        "base": base,
-        "kernel": kernel,
-        "precision": precision,
-        "dropout_key": dropout_key,
-        "adapter_ids": adapter_ids,
-    }
-    if isinstance(module, nn.Embed):
-        return LayerCall(kind="attend" if method == "attend" else "embed", **common)
-    bias = _bias(module, args, kwargs, jnp.ndim(x)) if not isinstance(module, nn.Einsum) else None
-    if isinstance(module, nn.Dense):
-        return LayerCall(kind="dense", bias=bias, **common)
-    if isinstance(module, nn.DenseGeneral):
-        return LayerCall(kind="dense_general", bias=bias, axes=_as_tuple(module.axis), **common)
-    if isinstance(module, nn.Einsum):
-        subscripts = _einsum_str(module, args, kwargs)
-        out_ndim = len(subscripts.replace(" ", "").split("->")[1])
-        return LayerCall(kind="einsum", bias=_bias(module, args, kwargs, out_ndim), subscripts=subscripts, **common)
 
     def conv(inp: jax.Array, k: jax.Array) -> jax.Array:
         branch = module.clone(parent=None, name=None, features=k.shape[-1], use_bias=False, dtype=inp.dtype)
@@ -374,7 +284,27 @@ def _layer_call(
             out: jax.Array = branch.apply({"params": {"kernel": k}}, inp)  # type: ignore[assignment]
         return out
 
-    return LayerCall(kind="conv", bias=bias, conv=conv, **common)
+    info = _info(module, args, kwargs)
+    layout = core.layer_layout(info)
+    if isinstance(layout, Unsupported):
+        path = "/".join((*module.path, _weight_name(module)))
+        raise ValueError(f"{path!r} cannot be adapted: {layout.reason} Add it to `exclude`.")
+    kind = "attend" if method == "attend" else info.kind
+    return core.layer_call(
+        kind,
+        x,
+        run,
+        module.get_variable("params", _weight_name(module)),
+        run_with=_runner(module, method, bind, guard),
+        detached=detached,
+        bias=module.get_variable("params", "bias") if module.has_variable("params", "bias") else None,
+        axes=_as_tuple(module.axis) if kind == "dense_general" else None,
+        subscripts=info.subscripts,
+        conv=conv if kind == "conv" else None,
+        precision=getattr(module, "precision", None),
+        dropout_key=dropout_key,
+        adapter_ids=adapter_ids,
+    )
 
 
 def _holds_quantized(module: nn.Module, leaf: str) -> bool:
@@ -382,7 +312,7 @@ def _holds_quantized(module: nn.Module, leaf: str) -> bool:
 
 
 def _interceptor(
-    table: Mapping[tuple[str, ...], Mapping[str, _Stored]], used: set[str], quantized: bool, adapter_ids: Any
+    table: Mapping[tuple[str, ...], Mapping[str, core.Stored]], used: set[str], quantized: bool, adapter_ids: Any
 ) -> Any:
     guard = _Guard()
 
@@ -398,37 +328,15 @@ def _interceptor(
         stored = entry.get(leaf) if entry is not None else None
         if stored is None and not (quantized and _holds_quantized(module, leaf)):
             return next_fun(*args, **kwargs)
-        detached = stored is not None and type(stored.node).transforms_base
+        detached = stored is not None and stored.cls.transforms_base
         call = _layer_call(module, method, next_fun, args, kwargs, guard, detached=detached, adapter_ids=adapter_ids)
         if stored is None:  # a quantised weight without an adapter: the layer on its dequantised weight
             return call.base(call.x)
         used.add("/".join((*module.path, leaf)))
-        return stored.rebuild(module, leaf).forward(call)
+        arrays = [module.get_variable("params", f"{_PREFIX}{leaf}::{name}") for name in stored.names]
+        return stored.node(arrays, call=True).forward(call)  # type: ignore[attr-defined]
 
     return intercept
-
-
-def _check_ids(ids: Any, adapters: Any) -> jax.Array:
-    """``ids`` as an integer array, range-checked against the banks when its values are known (outside ``jit``)."""
-    if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and any(isinstance(i, str) for i in ids)):
-        raise ValueError(f"`adapter_ids`={ids!r} holds names; pass integer ids: jaxpeft.adapter_ids(bank, {ids!r}).")
-    ids = jnp.asarray(ids)
-    if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim > 1:
-        raise ValueError(
-            f"`adapter_ids` has dtype {ids.dtype} and shape {ids.shape}; expected integers of shape () or (batch,), "
-            "e.g. jaxpeft.adapter_ids(bank, ['fr', 'de'])."
-        )
-    sizes = {len(n.names) for _, n in adapter_items(adapters) if isinstance(n, AdapterBank)}
-    if not sizes:
-        raise ValueError("`adapter_ids` was given but `adapters` holds no adapter bank (see jaxpeft.stack_adapters).")
-    try:
-        low, high = int(jnp.min(ids)), int(jnp.max(ids))
-    except jax.errors.ConcretizationTypeError:
-        return ids
-    n = min(sizes)
-    if low < 0 or high >= n:
-        raise ValueError(f"`adapter_ids` ranges over [{low}, {high}]; the bank holds {n} adapters (ids 0..{n - 1}).")
-    return ids
 
 
 def apply(
@@ -485,12 +393,14 @@ def apply(
             f"`variables` has collections {sorted(variables)}; expected a 'params' collection, "
             "e.g. jaxpeft.linen.apply(model, {'params': params}, adapters, x)."
         )
-    params, substituted = substitute(variables["params"], adapters)  # leaf methods: the model sees leaf + delta
-    params, table = _augment(params, adapters)
+    layers, leaves = core.layer_nodes(adapters, "jaxpeft.linen.apply")
+    params, substituted = core.substitute(variables["params"], leaves)  # leaf methods: the model sees leaf + delta
+    params, table = _augment(params, layers)
     quantized = any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
     used: set[str] = set(substituted)
     if adapter_ids is not None:
-        adapter_ids = _check_ids(adapter_ids, adapters)
+        sizes = [n.bank_size for n in layers.values() if n.bank_size is not None]
+        adapter_ids = core.check_ids(adapter_ids, sizes)
     with nn.intercept_methods(_interceptor(table, used, quantized, adapter_ids)):
         out = model.apply({**variables, "params": params}, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
     unused = sorted({p for p, _ in adapter_items(adapters)} - used)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import jax
@@ -10,17 +10,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxpeft import ops, quant
+from jaxpeft import _framework as core
+from jaxpeft import quant
 from jaxpeft._paths import leaves_with_paths, path_str, set_path
-from jaxpeft._select import Layout
-from jaxpeft.methods.bank import AdapterBank
-from jaxpeft.methods.base import Adapter, LayerCall, MethodConfig, Plan, adapter_items, check_fits, fold_target
-from jaxpeft.methods.base import init as method_init
-from jaxpeft.methods.base import init_adjusted as method_init_adjusted
-from jaxpeft.methods.base import plan as method_plan
-from jaxpeft.methods.leaf import LeafAdapter
+from jaxpeft._select import LayoutEntry, Unsupported
+from jaxpeft.api import Plan, fold_target
+from jaxpeft.api import init as method_init
+from jaxpeft.api import init_adjusted as method_init_adjusted
+from jaxpeft.api import plan as method_plan
+from jaxpeft.protocol import Adapter, LayerCall, LeafAdapter, MethodConfig, adapter_items, check_fits
 
 __all__ = [
+    "AdapterFrozen",
     "AdapterIds",
     "AdapterLayer",
     "AdapterParam",
@@ -47,7 +48,7 @@ PathParts = tuple[Hashable, ...]
 # Layer types jaxpeft.nnx can adapt (exact flax behaviour; subclasses that override ``__call__`` are refused).
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 _BASE = "base"
-_RESERVED = ("base", "treedef", "names", "stored_ndim", "deterministic", "rngs", "n_transform", "adapter_ids")
+_RESERVED = ("base", "stored", "deterministic", "rngs", "n_transform", "adapter_ids", "leaves")
 
 
 class AdapterIds(nnx.Variable):
@@ -65,57 +66,47 @@ class AdapterParam(nnx.Variable):
     """
 
 
+class AdapterFrozen(nnx.Variable):
+    """The variable type of an adapter's frozen arrays (``jaxpeft.FROZEN`` fields: LoRA-FA's A, stored VeRA
+    projections): part of the adapter (``adapters_of``, checkpoints, export) but neither ``nnx.Param`` (the base)
+    nor ``AdapterParam`` (what trains), so ``jaxpeft.nnx.optimizer`` and ``nnx.DiffState(0, AdapterParam)`` leave
+    them alone."""
+
+
 def _weight_name(module: Any) -> str:
     return "embedding" if isinstance(module, nnx.Embed) else "kernel"
 
 
-def _own_layout(module: Any) -> Layout:
-    """The layout of ``module``'s kernel without stack axes, from the module's own configuration."""
+def _info(module: Any) -> core.LayerInfo:
+    """The neutral description of a supported NNX layer, from its own configuration (no stack axes)."""
     cls = next(c for c in _SUPPORTED if isinstance(module, c))
     overridden = [
         m for m in ("__call__", "attend") if hasattr(cls, m) and getattr(type(module), m) is not getattr(cls, m)
     ]
-    if overridden:
-        return Layout(
-            kind="unsupported",
-            reason=f"its class {type(module).__name__} overrides nnx.{cls.__name__}.{overridden[0]}, so the adapted "
-            "forward would not match it.",
-        )
+    common: dict[str, Any] = {
+        "overrides": f"nnx.{cls.__name__}.{overridden[0]}" if overridden else None,
+        "class_name": type(module).__name__,
+    }
     if isinstance(module, nnx.Embed):
-        return Layout(kind="embed")
+        return core.LayerInfo("embed", **common)
     if isinstance(module, nnx.Linear):
-        return Layout(kind="dense")
+        return core.LayerInfo("dense", **common)
     if isinstance(module, nnx.LinearGeneral):
-        if module.batch_axis:
-            return Layout(kind="unsupported", reason="nnx.LinearGeneral with `batch_axis` is not supported.")
-        return Layout(fan_in=len(module.in_features), fan_out=len(module.out_features), kind="dense_general")
+        fan_in, fan_out = len(module.in_features), len(module.out_features)
+        return core.LayerInfo("dense_general", fan_in, fan_out, batch_axes=bool(module.batch_axis), **common)
     if isinstance(module, nnx.Einsum):
-        if module.einsum_str is None:
-            return Layout(
-                kind="unsupported",
-                reason="its `einsum_str` is given at call time; pass it to the nnx.Einsum constructor instead.",
-            )
-        try:
-            return ops.einsum_plan(module.einsum_str).layout
-        except ValueError as err:
-            return Layout(kind="unsupported", reason=str(err))
-    if module.feature_group_count != 1:
-        return Layout(kind="unsupported", reason="grouped convolutions (feature_group_count > 1) are not supported.")
-    if module.mask is not None:
-        return Layout(kind="unsupported", reason="masked convolution kernels (`mask`) are not supported.")
-    return Layout(fan_in=len(module.kernel_size) + 1, fan_out=1, kind="conv")
+        return core.LayerInfo("einsum", subscripts=module.einsum_str, **common)
+    groups, masked = module.feature_group_count, module.mask is not None
+    return core.LayerInfo("conv", len(module.kernel_size) + 1, groups=groups, masked=masked, **common)
 
 
-def _kernel_layout(module: Any) -> Layout:
-    """``_own_layout`` with the kernel's extra leading axes (``nnx.vmap``/``nnx.scan`` stacks) counted as stack."""
-    own = _own_layout(module)
-    if own.kind == "unsupported":
-        return own
-    ndim = len(getattr(module, _weight_name(module)).shape)
-    extra = ndim - own.ndim
-    if extra < 0:
-        return Layout(kind="unsupported", reason=f"its weight has {ndim} axes but the layer expects {own.ndim}.")
-    return Layout(own.stack + extra, own.fan_in, own.fan_out, own.kind)
+def _kernel_layout(module: Any) -> LayoutEntry:
+    """The layout of ``module``'s weight, its extra leading axes (``nnx.vmap``/``nnx.scan`` stacks) as stack."""
+    try:
+        own = core.layer_layout(_info(module))
+    except ValueError as err:  # an einsum string that cannot even be parsed
+        own = Unsupported(str(err))
+    return core.stacked_layout(own, len(getattr(module, _weight_name(module)).shape))
 
 
 def _path_text(parts: Sequence[Hashable]) -> str:
@@ -183,69 +174,88 @@ def _conv_fn(base: nnx.Conv) -> Any:
     return conv
 
 
-def _dequantized_run(base: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``base(x)`` over a quantised weight: a copy of the layer holding the dequantised weight, under
-    ``jax.checkpoint`` (only the codes and the input are saved for the backward pass, the full-precision weight is
-    recomputed there)."""
-    graphdef, state = nnx.split(base)
-    weight = _weight_name(base)
+def _runner(base: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., jax.Array]:
+    """``run_with(weight, x)``: a copy of the layer holding ``weight`` (the layer's own code on another weight)."""
 
-    @jax.checkpoint
-    def run(inp: jax.Array, state: Any) -> jax.Array:
-        layer = nnx.merge(graphdef, state)
-        var = getattr(layer, weight)
-        var.set_value(quant.dequantize(var.get_value()))
+    def run_with(weight: jax.Array, inp: jax.Array) -> jax.Array:
+        graphdef, state = nnx.split(base)
+        layer = nnx.merge(graphdef, state, copy=True)
+        getattr(layer, _weight_name(layer)).set_value(weight)
         fn = layer.attend if method == "attend" else layer
         out: jax.Array = fn(inp, *args, **kwargs)
         return out
 
-    return lambda inp: run(inp, state)
+    return run_with
 
 
 def _layer_call(
     base: Any, method: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any, ids: Any = None
 ) -> LayerCall:
-    """The one place that translates an NNX layer call into the neutral ``LayerCall``.
-
-    Over a quantised weight, ``base`` runs the layer on its dequantised weight (see ``_dequantized_run``) and
-    ``kernel`` is the dequantised weight (computed only when a method reads it, e.g. DoRA's norm).
-    """
+    """An NNX layer call, translated by the framework core (``jaxpeft._framework.layer_call``)."""
     fn = base.attend if method == "attend" else base
 
     def run(inp: jax.Array) -> jax.Array:
-        return fn(inp, *args, **kwargs)
+        out: jax.Array = fn(inp, *args, **kwargs)
+        return out
 
-    kernel = getattr(base, _weight_name(base)).get_value()
-    if quant.is_quantized(kernel):
-        run = _dequantized_run(base, method, args, kwargs)
-        kernel = quant.dequantize(kernel)
-    common = {
-        "x": x,
-        "base": run,
-        "kernel": kernel,
-        "precision": getattr(base, "precision", None),
-        "dropout_key": key,
-        "adapter_ids": ids,
-    }
-    if isinstance(base, nnx.Embed):
-        return LayerCall(kind="attend" if method == "attend" else "embed", **common)
-    bias_var = getattr(base, "bias", None)
-    bias = bias_var.get_value() if bias_var is not None else None
-    if isinstance(base, nnx.Linear):
-        return LayerCall(kind="dense", bias=bias, **common)
-    if isinstance(base, nnx.LinearGeneral):
-        return LayerCall(kind="dense_general", bias=bias, axes=tuple(base.axis), **common)
-    if isinstance(base, nnx.Einsum):
+    info = _info(base)
+    kind = "attend" if method == "attend" else info.kind
+    subscripts = None
+    if kind == "einsum":
         subscripts = kwargs.get("einsum_str", args[0] if args else None) or base.einsum_str
-        if bias is not None:
-            p = ops.einsum_plan(subscripts)
-            letters = "".join(c for c in p.out_spec if c in p.stack + p.fan_out)
-            bias = ops.broadcast_to_spec(bias, letters, p.out_spec, len(p.out_spec))
-        return LayerCall(kind="einsum", bias=bias, subscripts=subscripts, **common)
-    return LayerCall(kind="conv", bias=bias, conv=_conv_fn(base), **common)
+    bias_var = getattr(base, "bias", None)
+    return core.layer_call(
+        kind,
+        x,
+        run,
+        getattr(base, _weight_name(base)).get_value(),
+        run_with=_runner(base, method, args, kwargs),
+        bias=bias_var.get_value() if bias_var is not None else None,
+        axes=tuple(base.axis) if kind == "dense_general" else None,
+        subscripts=subscripts,
+        conv=_conv_fn(base) if kind == "conv" else None,
+        precision=getattr(base, "precision", None),
+        dropout_key=key,
+        adapter_ids=ids,
+    )
 
 
-class AdapterLayer(nnx.Module):
+def _missing(wrapper: Any, name: str, what: str, adapter: str) -> AttributeError:
+    """The error for an attribute a wrapper does not have: it names the wrapped layer and why not to reach into it."""
+    base = wrapper.__dict__.get("base")
+    if name.startswith("_") or base is None:
+        return AttributeError(f"{type(wrapper).__name__!r} object has no attribute {name!r}")
+    return AttributeError(
+        f"{type(wrapper).__name__} (wrapping {type(base).__name__}) has no attribute {name!r}. The wrapped layer is "
+        f"`.base`, but reading its {what} directly skips the {adapter}: call the layer, or "
+        "jaxpeft.nnx.merge(model) first."
+    )
+
+
+class _NodeSlot(nnx.Module):
+    """Holds one adapter node as variables named after its fields: ``AdapterParam`` for the trainable arrays,
+    ``AdapterFrozen`` for the frozen ones, and its static part (``jaxpeft._framework.Stored``)."""
+
+    def _store(self, adapter: Adapter) -> None:
+        self.stored = core.Stored.of(adapter, reserved=_RESERVED)
+        for name, value in zip(self.stored.names, jax.tree.leaves(adapter), strict=True):
+            kind = AdapterFrozen if name in self.stored.frozen else AdapterParam
+            setattr(self, name, kind(jnp.asarray(value)))
+
+    def _leaves(self) -> list[Any]:
+        return [getattr(self, n).get_value() for n in self.stored.names]
+
+    @property
+    def adapter(self) -> Adapter:
+        """The current adapter node (the pure-pytree form; sliced inside ``nnx.scan``/``nnx.vmap``)."""
+        return self.stored.node(self._leaves())
+
+    def call_node(self) -> Adapter:
+        """The node as the hooks receive it: sliced, with gradients stopped on its frozen fields."""
+        return self.stored.node(self._leaves(), call=True)
+
+
+class AdapterLayer(_NodeSlot):
     """A supported layer and its adapter; calling it runs the adapter's forward rule (``LoRA: base(x) + s·(x·A)·B``).
 
     The adapter's arrays are ``AdapterParam`` attributes named after its fields (``a``, ``b``, ``magnitude``,
@@ -269,37 +279,8 @@ class AdapterLayer(nnx.Module):
         self.adapter_ids: AdapterIds | None = nnx.data(None)
         self._store(adapter)
 
-    def _store(self, adapter: Adapter) -> None:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(adapter)
-        names = tuple(path_str(kp) for kp, _ in flat)
-        clash = [n for n in names if n in _RESERVED or not n.isidentifier()]
-        if clash:
-            raise ValueError(
-                f"{type(adapter).__name__} has array fields {clash} that jaxpeft.nnx cannot store as attributes; "
-                f"rename them (reserved: {_RESERVED})."
-            )
-        self.treedef = treedef
-        self.names = names
-        self.stored_ndim = flat[0][1].ndim if flat else 0
-        for name, (_, value) in zip(names, flat, strict=True):
-            setattr(self, name, AdapterParam(jnp.asarray(value)))
-
     def __getattr__(self, name: str) -> Any:
-        base = self.__dict__.get("base")
-        if name.startswith("_") or base is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        raise AttributeError(
-            f"AdapterLayer (wrapping nnx.{type(base).__name__}) has no attribute {name!r}. The wrapped layer is "
-            "`.base`, but reading its weights directly skips the adapter: call the layer, or "
-            "jaxpeft.nnx.merge(model) first."
-        )
-
-    @property
-    def adapter(self) -> Adapter:
-        """The current adapter node (the pure-pytree form; sliced inside ``nnx.scan``/``nnx.vmap``)."""
-        leaves = [getattr(self, n).get_value() for n in self.names]
-        node: Adapter = jax.tree_util.tree_unflatten(self.treedef, leaves)
-        return node.at_call(self.stored_ndim - leaves[0].ndim) if leaves else node
+        raise _missing(self, name, "weights", "adapter")
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view``: ``deterministic=True`` disables dropout."""
@@ -311,7 +292,7 @@ class AdapterLayer(nnx.Module):
         if self.adapter_ids is None:
             return None
         ids: jax.Array = self.adapter_ids.get_value()
-        return ids[(0,) * node.layout.stack] if isinstance(node, AdapterBank) else ids
+        return ids[(0,) * node.layout.stack] if node.bank_size is not None else ids
 
     def _dropout_key(self) -> jax.Array | None:
         if self.deterministic or self.rngs is None:
@@ -320,9 +301,9 @@ class AdapterLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The adapted layer; at init every built-in method returns exactly ``base(x, *args, **kwargs)``."""
-        node = self.adapter
+        node = self.call_node()
         call = _layer_call(self.base, "__call__", x, args, kwargs, self._dropout_key, self._ids(node))
-        return node.forward(call)
+        return node.forward(call)  # type: ignore[attr-defined]
 
     def attend(self, query: jax.Array, **kwargs: Any) -> jax.Array:
         """``nnx.Embed.attend`` with the adapter applied (a tied output head); embeddings only."""
@@ -330,8 +311,9 @@ class AdapterLayer(nnx.Module):
             raise AttributeError(
                 f"`attend` exists on wrapped nnx.Embed layers only; this wraps nnx.{type(self.base).__name__}."
             )
-        node = self.adapter
-        return node.forward(_layer_call(self.base, "attend", query, (), kwargs, self._dropout_key, self._ids(node)))
+        node = self.call_node()
+        call = _layer_call(self.base, "attend", query, (), kwargs, self._dropout_key, self._ids(node))
+        return node.forward(call)  # type: ignore[attr-defined]
 
 
 class QuantizedLayer(nnx.Module):
@@ -355,33 +337,14 @@ class QuantizedLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The layer's own forward on its dequantised weight."""
-        return _dequantized_run(self.base, "__call__", args, kwargs)(x)
+        return _layer_call(self.base, "__call__", x, args, kwargs, None).base(x)
 
 
-class _LeafSlot(nnx.Module):
-    """The ``AdapterParam`` arrays and static parts of one leaf adapter (a slot of a ``LeafAdapterLayer``)."""
+class _LeafSlot(_NodeSlot):
+    """The variables and static part of one leaf adapter (a slot of a ``LeafAdapterLayer``)."""
 
     def __init__(self, adapter: Adapter) -> None:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(adapter)
-        names = tuple(path_str(kp) for kp, _ in flat)
-        clash = [n for n in names if n in _RESERVED or not n.isidentifier()]
-        if clash:
-            raise ValueError(
-                f"{type(adapter).__name__} has array fields {clash} that jaxpeft.nnx cannot store as attributes; "
-                f"rename them (reserved: {_RESERVED})."
-            )
-        self.treedef = treedef
-        self.names = names
-        self.stored_ndim = flat[0][1].ndim if flat else 0
-        for name, (_, value) in zip(names, flat, strict=True):
-            setattr(self, name, AdapterParam(jnp.asarray(value)))
-
-    @property
-    def adapter(self) -> Adapter:
-        """The current adapter node (sliced inside ``nnx.scan``/``nnx.vmap``)."""
-        leaves = [getattr(self, n).get_value() for n in self.names]
-        node: Adapter = jax.tree_util.tree_unflatten(self.treedef, leaves)
-        return node.at_call(self.stored_ndim - leaves[0].ndim) if leaves else node
+        self._store(adapter)
 
 
 class LeafAdapterLayer(nnx.Module):
@@ -403,13 +366,7 @@ class LeafAdapterLayer(nnx.Module):
         self.leaves = nnx.Dict({name: _LeafSlot(node) for name, node in sorted(adapters.items())})
 
     def __getattr__(self, name: str) -> Any:
-        base = self.__dict__.get("base")
-        if name.startswith("_") or base is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        raise AttributeError(
-            f"LeafAdapterLayer (wrapping {type(base).__name__}) has no attribute {name!r}. The wrapped module is "
-            "`.base`, but reading its leaves directly skips the adapters: call the layer, or jaxpeft.nnx.merge(model)."
-        )
+        raise _missing(self, name, "leaves", "adapters")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's output with its adapted leaves substituted; at init exactly ``base(*args)``."""
@@ -417,7 +374,7 @@ class LeafAdapterLayer(nnx.Module):
         layer = nnx.merge(graphdef, state, copy=True)  # own variables: `base` is not touched
         for name, slot in self.leaves.items():
             var = getattr(layer, name)
-            var.set_value(cast(LeafAdapter, slot.adapter).value(var.get_value()))
+            var.set_value(cast(LeafAdapter, slot.call_node()).value(var.get_value()))
         return layer(*args, **kwargs)
 
 
@@ -470,8 +427,8 @@ def _quantized(module: Any) -> bool:
 def quantize(model: M, targets: Any, *, kind: str = "nf4") -> M:
     """A copy of ``model`` whose selected weights are stored quantised (QLoRA's frozen base).
 
-    The selection is that of ``jaxpeft.quant.quantize(base_params(model), targets, ...)`` (a method config, e.g.
-    the ``LoraConfig`` you will train with, or a target spec); each quantised layer is wrapped in a
+    The selection is that of ``jaxpeft.quant.quantize(base_params(model), targets, ...)`` (the method config you
+    will train with, or a target spec); each quantised layer is wrapped in a
     ``QuantizedLayer`` that runs it on its dequantised weight. Then ``adapt``/``attach`` as usual: the
     adapted layers dequantise inside their forward, and ``merge`` requantises (see ``jaxpeft.merge`` for the
     bound). ``model`` is left untouched; the copy shares its other arrays.
@@ -506,22 +463,23 @@ def quantize(model: M, targets: Any, *, kind: str = "nf4") -> M:
     return nnx.recursive_map(wrap, copy)
 
 
-def infer_layouts(model: Any) -> dict[str, Layout]:
+def infer_layouts(model: Any) -> dict[str, LayoutEntry]:
     """The layout of every ``nnx.Param`` leaf, read from the modules' own configuration (no tracing).
 
     Weights of ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` get their kind, fan-in and
     fan-out; extra leading axes (stacks built with ``nnx.vmap``/``nnx.scan``) count as ``stack``. Every other
-    parameter gets ``kind="unsupported"`` with the reason, so a target that selects it fails loudly.
+    parameter gets ``jaxpeft.Unsupported(reason)``, so a target that selects it fails loudly (the same reasons as
+    ``jaxpeft.linen.infer_layouts``).
     Paths are canonical: ``"layers/0/attn/q_proj/kernel"`` (an ``AdapterLayer`` adds no path level).
 
     Args:
       model: an NNX module (real or abstract, e.g. from ``nnx.eval_shape``), adapted or not.
 
     Returns:
-      ``{"path/to/kernel": Layout}`` for every ``nnx.Param`` of the model, sorted by path.
+      ``{"path/to/kernel": Layout | Unsupported}`` for every ``nnx.Param`` of the model, sorted by path.
     """
     canon = _Canon(model)
-    layouts: dict[str, Layout] = {}
+    layouts: dict[str, LayoutEntry] = {}
     for parts, module in canon.layers():
         layouts[_path_text(parts)] = _kernel_layout(module)
     owners = dict(canon.nodes)
@@ -530,14 +488,9 @@ def infer_layouts(model: Any) -> dict[str, Layout]:
         if not isinstance(node, nnx.Param) or path in layouts:
             continue
         owner = owners.get(parts[:-1])
-        if isinstance(owner, _SUPPORTED):
-            reason = f"only the layer's `{_weight_name(owner)}` is adapted, not its `{parts[-1]}`."
-        else:
-            reason = (
-                f"it belongs to a {type(owner).__name__}, which jaxpeft.nnx cannot adapt (it adapts the weights of "
-                f"{', '.join('nnx.' + c.__name__ for c in _SUPPORTED)})."
-            )
-        layouts[path] = Layout(kind="unsupported", reason=reason)
+        supported = isinstance(owner, _SUPPORTED)
+        weight = _weight_name(owner) if supported else "kernel"
+        layouts[path] = core.unsupported_leaf(type(owner).__name__, supported, weight, str(parts[-1]))
     return dict(sorted(layouts.items()))
 
 
@@ -597,30 +550,29 @@ def _check_unadapted(model: Any, what: str) -> None:
         )
 
 
-def _validated(model: Any, adapters: Any) -> tuple[dict[str, Adapter], dict[str, tuple[tuple[int, ...], Layout]]]:
-    """The adapter table and each supported layer's ``(weight shape, layout)``, after checking that they fit."""
-    table = dict(adapter_items(adapters))
-    shapes: dict[str, tuple[tuple[int, ...], Layout]] = {}
+def _validated(model: Any, adapters: Any, where: str) -> dict[str, Adapter]:
+    """The adapter table, after checking that every node fits a weight of ``model`` it can run on."""
+    layers, leaves = core.layer_nodes(adapters, where)
+    shapes: dict[str, tuple[tuple[int, ...], LayoutEntry]] = {}
     for parts, module in _Canon(model).layers():
         shapes[_path_text(parts)] = (tuple(getattr(module, _weight_name(module)).shape), _kernel_layout(module))
     layouts = infer_layouts(model)
-    _leaf_params(model, table)  # leaf adapters (BitFit, LN tuning) sit on a module's own leaves
-    for path, node in sorted(table.items()):
-        if isinstance(node, LeafAdapter):
-            continue
+    _leaf_params(model, {**layers, **leaves})  # leaf adapters (BitFit, LN tuning) sit on a module's own leaves
+    for path, node in sorted(layers.items()):
         if path not in shapes:
-            known = [p for p, (_, lay) in shapes.items() if lay.kind != "unsupported"][:4]
-            why = f" {layouts[path].reason}" if path in layouts else ""
+            known = [p for p, (_, lay) in shapes.items() if not isinstance(lay, Unsupported)][:4]
+            entry = layouts.get(path)
+            why = f" {entry.reason}" if isinstance(entry, Unsupported) else ""
             raise ValueError(
                 f"adapter {path!r} names no nnx.Linear/LinearGeneral/Einsum/Conv/Embed weight of `model`.{why} "
                 f"Adaptable weights look like {', '.join(map(repr, known)) or 'none'}; were the adapters made for "
                 "this model?"
             )
         shape, layout = shapes[path]
-        if layout.kind == "unsupported":
-            raise ValueError(f"adapter {path!r}: the layer cannot be adapted: {layout.reason}")
+        if isinstance(layout, Unsupported):
+            raise ValueError(f"{path!r} cannot be adapted: {layout.reason} Add it to `exclude`.")
         check_fits(path, node, shape)
-    return table, shapes
+    return {**layers, **leaves}
 
 
 def _dropout_streams(table: Mapping[str, Adapter], model: Any, rngs: nnx.Rngs | None) -> dict[str, nnx.RngStream]:
@@ -634,7 +586,8 @@ def _dropout_streams(table: Mapping[str, Adapter], model: Any, rngs: nnx.Rngs | 
             continue
         module = modules[path]
         weight_shape = tuple(getattr(module, _weight_name(module)).shape)
-        transformed = weight_shape[: len(weight_shape) - _own_layout(module).ndim]
+        own = core.layer_layout(_info(module))
+        transformed = weight_shape[: len(weight_shape) - (own.ndim if not isinstance(own, Unsupported) else 0)]
         try:
             source = rngs["dropout"]
         except (AttributeError, KeyError) as err:
@@ -666,7 +619,7 @@ def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
       ValueError: the model is already adapted; an adapter path names no supported layer; shapes do not fit.
     """
     _check_unadapted(model, "jaxpeft.nnx.attach")
-    table, _ = _validated(model, adapters)
+    table = _validated(model, adapters, "jaxpeft.nnx.attach")
     streams = _dropout_streams(table, model, rngs)
     owners = _leaf_owners(model, table)
 
@@ -684,7 +637,9 @@ def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
     return nnx.recursive_map(wrap, nnx.clone(model))
 
 
-def adapt(model: M, cfg: MethodConfig, *, key: jax.Array, rngs: nnx.Rngs | None = None) -> M:
+def adapt(
+    model: M, cfg: MethodConfig, *, key: jax.Array, rngs: nnx.Rngs | None = None, check_identity: bool = True
+) -> M:
     """A copy of ``model`` with the method of ``cfg`` on the layers it selects; its output equals the base at init.
 
     Selection and initial values are exactly those of ``jaxpeft.init(cfg, base_params(model), key=key,
@@ -703,6 +658,7 @@ def adapt(model: M, cfg: MethodConfig, *, key: jax.Array, rngs: nnx.Rngs | None 
       cfg: the method config; ``"all-linear"`` adapts Linear/LinearGeneral/Einsum layers except output heads.
       key: ``jax.random`` key for the adapter init.
       rngs: optional ``nnx.Rngs`` with a ``"dropout"`` stream; dropout runs only when given.
+      check_identity: as in ``jaxpeft.init``: refuse a method whose fresh adapters change the outputs.
 
     Returns:
       The adapted model.
@@ -719,8 +675,9 @@ def adapt(model: M, cfg: MethodConfig, *, key: jax.Array, rngs: nnx.Rngs | None 
     _check_unadapted(model, "jaxpeft.nnx.adapt")
     params, layouts = base_params(model), infer_layouts(model)
     if not (isinstance(cfg, MethodConfig) and cfg.adjusts_base):  # (method_init reports a wrong `cfg`)
-        return attach(model, method_init(cfg, params, key=key, layouts=layouts), rngs=rngs)
-    residual, adapters = method_init_adjusted(cfg, params, key=key, layouts=layouts)
+        adapters = method_init(cfg, params, key=key, layouts=layouts, check_identity=check_identity)
+        return attach(model, adapters, rngs=rngs)
+    residual, adapters = method_init_adjusted(cfg, params, key=key, layouts=layouts, check_identity=check_identity)
     adapted = attach(model, adapters, rngs=rngs)
     weights = dict(leaves_with_paths(residual, is_leaf=quant.is_quantized))
     for path, wrapper in _Canon(adapted).adapted():  # the copy's own variables: `model` is not touched
@@ -739,25 +696,14 @@ def set_adapter_ids(model: Any, ids: Any) -> None:
     Raises:
       ValueError: ``ids`` not integers of shape ``()``/``(batch,)``, out of range, or no bank in ``model``.
     """
-    banks = [(p, layer) for p, layer in _Canon(model).adapted() if isinstance(layer.adapter, AdapterBank)]
+    banks = [(p, layer) for p, layer in _Canon(model).adapted() if layer.adapter.bank_size is not None]
     if not banks:
         raise ValueError("the model holds no adapter bank; attach one first: jaxpeft.nnx.attach(model, bank).")
     if ids is None:
         for _, layer in banks:
             layer.adapter_ids = None
         return
-    if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and any(isinstance(i, str) for i in ids)):
-        raise ValueError(f"`ids`={ids!r} holds names; pass integer ids: jaxpeft.adapter_ids(bank, {ids!r}).")
-    value = jnp.asarray(ids)
-    n = min(len(layer.adapter.names) for _, layer in banks)  # type: ignore[attr-defined]
-    if not jnp.issubdtype(value.dtype, jnp.integer) or value.ndim > 1:
-        raise ValueError(
-            f"`ids` has dtype {value.dtype} and shape {value.shape}; expected integers of shape () or (batch,)."
-        )
-    if int(jnp.min(value)) < 0 or int(jnp.max(value)) >= n:
-        raise ValueError(
-            f"`ids` ranges over [{int(jnp.min(value))}, {int(jnp.max(value))}]; the bank holds {n} adapters."
-        )
+    value = core.check_ids(ids, [int(cast(int, layer.adapter.bank_size)) for _, layer in banks], "`ids`")
     for _, layer in banks:
         node = layer.adapter
         stack = tuple(jax.tree.leaves(node)[0].shape[: node.layout.stack])
@@ -797,7 +743,7 @@ def load_adapters(model: Any, adapters: Any) -> None:
         )
     for path, wrapper in rows.items():
         old, new = wrapper.adapter, table[path]
-        old_shapes = {n: tuple(x.shape) for n, x in zip(wrapper.names, jax.tree.leaves(old), strict=True)}
+        old_shapes = {n: tuple(x.shape) for n, x in zip(wrapper.stored.names, jax.tree.leaves(old), strict=True)}
         flat, _ = jax.tree_util.tree_flatten_with_path(new)
         new_shapes = {path_str(kp): tuple(x.shape) for kp, x in flat}
         if type(old) is not type(new) or old_shapes != new_shapes:
@@ -807,9 +753,8 @@ def load_adapters(model: Any, adapters: Any) -> None:
             )
     for path, wrapper in rows.items():
         node = table[path]
-        flat, treedef = jax.tree_util.tree_flatten_with_path(node)
-        wrapper.treedef = treedef
-        for name, (_, value) in zip(wrapper.names, flat, strict=True):
+        wrapper.stored = core.Stored.of(node, reserved=_RESERVED)
+        for name, value in zip(wrapper.stored.names, jax.tree.leaves(node), strict=True):
             getattr(wrapper, name).set_value(jnp.asarray(value))
 
 
@@ -829,18 +774,10 @@ def remove(model: M) -> M:
     return nnx.recursive_map(unwrap, nnx.clone(model))
 
 
-def _fold_fn(weight: Any, bias: jax.Array | None, node: Adapter, sign: int) -> Any:
-    new_weight, new_bias, _, _ = fold_target(node, weight, bias, sign)
-    return new_weight, new_bias
-
-
-# One compilation per weight shape and node type; `sign` is static.
-_fold_jit = jax.jit(_fold_fn, static_argnums=3)
-
-
-def _fold_into(plain: M, adapters: Any, sign: int) -> M:
-    """Fold each adapter into (or out of) the weights of a plain model, in place (its variables are not shared)."""
-    table, _ = _validated(plain, adapters)
+def _fold_into(plain: M, adapters: Any, sign: int, where: str) -> M:
+    """Fold each adapter into (or out of) the weights of a plain model, in place (its variables are not shared),
+    through the one fold of ``jaxpeft.api.fold_target``."""
+    table = _validated(plain, adapters, where)
     for parts, module in _Canon(plain).layers():
         path = _path_text(parts)
         node = table.get(path)
@@ -849,12 +786,13 @@ def _fold_into(plain: M, adapters: Any, sign: int) -> M:
         weight = getattr(module, _weight_name(module))
         bias_var = getattr(module, "bias", None)
         bias = bias_var.get_value() if bias_var is not None else None
-        new_w, new_b = _fold_jit(weight.get_value(), bias, node, sign)
+        bias_path = f"{path.rpartition('/')[0]}/bias"
+        new_w, new_b = fold_target(path, node, weight.get_value(), bias, sign, bias_path)
         weight.set_value(new_w)
         if new_b is not None and bias_var is not None:
             bias_var.set_value(new_b)
     for path, var in _leaf_params(plain, table).items():  # leaf adapters: the leaf itself, e.g. bias + delta
-        var.set_value(_fold_jit(var.get_value(), None, table[path], sign)[0])
+        var.set_value(fold_target(path, table[path], var.get_value(), None, sign)[0])
     return plain
 
 
@@ -870,7 +808,7 @@ def merge(model: M) -> M:
       NotMergeableError: a method that cannot be merged.
     """
     adapters = adapters_of(model)
-    return _fold_into(remove(model), adapters, 1)
+    return _fold_into(remove(model), adapters, 1, "jaxpeft.nnx.merge")
 
 
 def unmerge(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
@@ -882,5 +820,5 @@ def unmerge(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
       NotMergeableError: a method whose merge cannot be undone (DoRA: keep the model you merged instead).
     """
     _check_unadapted(model, "jaxpeft.nnx.unmerge")
-    plain = _fold_into(nnx.clone(model), adapters, -1)
+    plain = _fold_into(nnx.clone(model), adapters, -1, "jaxpeft.nnx.unmerge")
     return attach(plain, adapters, rngs=rngs)

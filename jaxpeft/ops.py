@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from jaxpeft._select import Layout
+from jaxpeft._select import Layout, Unsupported
 
 __all__ = [
     "EinsumPlan",
@@ -33,6 +33,7 @@ __all__ = [
     "dense_lowrank",
     "dropout",
     "einsum_delta",
+    "einsum_layout",
     "einsum_lowrank",
     "einsum_plan",
     "embed_delta",
@@ -284,21 +285,15 @@ class EinsumPlan:
     fan_out: str = ""
 
 
-def einsum_plan(subscripts: str) -> EinsumPlan:
-    """Split an ``nn.Einsum``-style ``"input,kernel->output"`` string into low-rank contractions.
-
-    Kernel letters shared by input and output are stack (batch) axes and must lead; letters only in the input
-    are fan-in; letters only in the output are fan-out. A kernel ordered otherwise has layout ``unsupported``.
-    """
+def _einsum_split(subscripts: str) -> tuple[str, str, str, str, str, str, str]:
+    """``(x_spec, kernel_spec, out_spec, stack, fan_in, fan_out, reason)``; ``reason`` is "" when adaptable."""
     clean = subscripts.replace(" ", "")
     if "->" not in clean or clean.count(",") != 1:
         raise ValueError(f"einsum {subscripts!r}: expected two operands and an explicit output, 'btd,dnh->btnh'.")
     lhs, out = clean.split("->")
     x_spec, k_spec = lhs.split(",")
     if "." in k_spec:
-        return EinsumPlan(
-            Layout(kind="unsupported", reason="its kernel subscripts use an ellipsis."), "", "", "", "", ""
-        )
+        return x_spec, k_spec, out, "", "", "", "its kernel subscripts use an ellipsis."
     x_letters = set(x_spec.replace(".", ""))
     stack = "".join(c for c in k_spec if c in x_letters and c in out)
     fan_in = "".join(c for c in k_spec if c in x_letters and c not in out)
@@ -313,20 +308,35 @@ def einsum_plan(subscripts: str) -> EinsumPlan:
         )
     elif not fan_in or not fan_out:
         reason = f"kernel subscripts {k_spec!r} need at least one contracted and one output axis."
+    return x_spec, k_spec, out, stack, fan_in, fan_out, reason
+
+
+def einsum_layout(subscripts: str) -> Layout | Unsupported:
+    """The kernel layout of an ``nn.Einsum``-style ``"input,kernel->output"``, or why it cannot be adapted.
+
+    Kernel letters shared by input and output are stack (batch) axes and must lead; letters only in the input
+    are fan-in; letters only in the output are fan-out. A kernel ordered otherwise is :class:`Unsupported`.
+    """
+    _, _, _, stack, fan_in, fan_out, reason = _einsum_split(subscripts)
     if reason:
-        return EinsumPlan(Layout(kind="unsupported", reason=reason), "", "", "", "", "")
-    used = set(clean)
+        return Unsupported(reason)
+    return Layout(stack=len(stack), fan_in=len(fan_in), fan_out=len(fan_out), kind="einsum")
+
+
+def einsum_plan(subscripts: str) -> EinsumPlan:
+    """Split an adaptable ``"input,kernel->output"`` string into low-rank contractions (see :func:`einsum_layout`).
+
+    Raises:
+      ValueError: the einsum cannot be adapted (the message gives the reason).
+    """
+    x_spec, _, out, stack, fan_in, fan_out, reason = _einsum_split(subscripts)
+    if reason:
+        raise ValueError(f"einsum {subscripts!r} cannot be adapted: {reason}")
+    used = set(subscripts.replace(" ", ""))
     r = next(c for c in "rzyxwvutsqponmlkjihgfedcbaRZYXWVUTSQPONMLKJIHGFEDCBA" if c not in used)
     h_spec = "".join(c for c in x_spec if c not in fan_in) + r
     layout = Layout(stack=len(stack), fan_in=len(fan_in), fan_out=len(fan_out), kind="einsum")
     return EinsumPlan(layout, stack + fan_in + r, h_spec, stack + r + fan_out, x_spec, out, stack, fan_in, fan_out)
-
-
-def _supported_plan(subscripts: str) -> EinsumPlan:
-    p = einsum_plan(subscripts)
-    if p.layout.kind == "unsupported":
-        raise ValueError(f"einsum {subscripts!r} cannot be adapted: {p.layout.reason}")
-    return p
 
 
 def broadcast_to_spec(v: jax.Array, v_letters: str, spec: str, ndim: int) -> jax.Array:
@@ -350,7 +360,7 @@ def einsum_lowrank(
     subscripts: str, x: jax.Array, a: jax.Array, b: jax.Array, scale: float, *, precision: Any = None
 ) -> jax.Array:
     """``scale · (x·A)·B`` for ``jnp.einsum(subscripts, x, kernel)``, as two einsums, in ``x.dtype``."""
-    p = _supported_plan(subscripts)
+    p = einsum_plan(subscripts)
     return lowrank_chain(p.x_spec, p.a_spec, p.h_spec, p.b_spec, p.out_spec, x, a, b, scale, precision=precision)
 
 
@@ -363,7 +373,7 @@ def einsum_delta(
     precision: Any = None,
 ) -> jax.Array:
     """The LoRA branch of ``jnp.einsum(subscripts, x, kernel)``: ``scale · (dropout(x)·A)·B``."""
-    _supported_plan(subscripts)
+    einsum_plan(subscripts)
     x = dropout(x, lora.dropout, dropout_key)
     return einsum_lowrank(subscripts, x, lora.a, lora.b, lora.scale, precision=precision)
 

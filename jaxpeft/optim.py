@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -11,9 +10,8 @@ import jax
 import optax
 
 from jaxpeft._partition import trainable_mask
-from jaxpeft.methods.base import Adapter
-from jaxpeft.methods.dora import DoraWeights
-from jaxpeft.methods.lora import LoraWeights, is_number
+from jaxpeft._paths import path_str
+from jaxpeft.protocol import Adapter
 
 __all__ = ["freeze", "loraplus"]
 
@@ -44,14 +42,17 @@ def _is_adapter(x: Any) -> bool:
     return isinstance(x, Adapter)
 
 
-def _node_labels(x: Any) -> Any:
-    if isinstance(x, (LoraWeights, DoraWeights)):
-        return dataclasses.replace(jax.tree.map(lambda _: "rest", x), b=jax.tree.map(lambda _: "b", x.b))
-    return jax.tree.map(lambda _: "rest", x)
+def _node_labels(x: Adapter) -> Any:
+    """``"b"`` on the node's B factors (the fields ``x.b_factors`` names), ``"rest"`` on its other leaves."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(x)
+    b_factors = set(x.b_factors)
+    labels = ["b" if path_str(kp[:1]) in b_factors else "rest" for kp, _ in flat]
+    return jax.tree.unflatten(treedef, labels)
 
 
 def loraplus_labels(tree: Any, b_filter: Any = None) -> Any:
-    """``"b"`` for each B factor of LoRA and DoRA nodes in ``tree``, ``"rest"`` for every other leaf.
+    """``"b"`` for each B factor of the adapter nodes in ``tree`` (``Adapter.b_factors``: LoRA's, DoRA's and LoRA-FA's
+    ``b``; a bank's inner B), ``"rest"`` for every other leaf.
 
     With ``b_filter`` (a filter spec as in ``jaxpeft.partition``, True = B) the leaves it selects are the B factors
     instead, for trees that hold no adapter nodes (an ``nnx.State`` of ``jaxpeft.nnx.AdapterParam``).
@@ -70,8 +71,9 @@ def loraplus(
 ) -> optax.GradientTransformation:
     """LoRA+: ``optimizer(learning_rate)`` for every leaf, but ``optimizer(ratio · learning_rate)`` for LoRA's B.
 
-    The B factors are the ``b`` leaves of ``jaxpeft.LoraWeights`` and ``jaxpeft.DoraWeights`` nodes (DoRA's
-    magnitude and A, and every other method's arrays, keep ``learning_rate``). Each half is a separate
+    The B factors are the fields each node names in ``Adapter.b_factors`` (the ``b`` of LoRA's, DoRA's and
+    LoRA-FA's nodes, also inside a bank; a method of your own says which of its fields are B).
+    DoRA's magnitude and A, and every other method's arrays, keep ``learning_rate``. Each half is a separate
     ``optimizer`` (``optax.partition``), so with Adam or SGD a B factor's update is exactly ``ratio`` times what
     ``optimizer(learning_rate)`` alone would give it, and A's is unchanged. Compose with ``freeze`` when the tree
     also holds frozen weights: ``jaxpeft.freeze(jaxpeft.loraplus(optax.adamw, 1e-4), spec)``.
@@ -90,7 +92,7 @@ def loraplus(
     References:
       Hayou, Ghosh and Yu, "LoRA+: Efficient Low Rank Adaptation of Large Models", 2024.
     """
-    if not is_number(ratio) or not math.isfinite(ratio) or ratio <= 0:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
         raise ValueError(f"`ratio`={ratio!r}; expected a positive finite number, e.g. 16 (the paper's default).")
     if callable(learning_rate):
         schedule = learning_rate

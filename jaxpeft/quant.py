@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft._paths import leaves_with_paths, map_with_paths
-from jaxpeft._select import Layout, TargetSpec, select_targets
+from jaxpeft._select import Layout, LayoutEntry, TargetSpec, select_targets
 
 __all__ = [
     "INT8_ERROR",
@@ -303,7 +303,7 @@ def selection_view(params: Any) -> tuple[Any, dict[str, QuantizedArray]]:
     return view, quantized
 
 
-def _select(params: Any, targets: Any, layouts: Mapping[str, Layout] | None) -> list[tuple[str, Any, Layout]]:
+def _select(params: Any, targets: Any, layouts: Mapping[str, LayoutEntry] | None) -> list[tuple[str, Any, Layout]]:
     select = getattr(targets, "select", None)
     if callable(select) and not callable(targets):  # a method config (jaxpeft.MethodConfig)
         rows: list[tuple[str, Any, Layout]] = select(params, layouts)
@@ -318,7 +318,7 @@ def quantize(
     targets: Any,
     *,
     kind: str = "nf4",
-    layouts: Mapping[str, Layout] | None = None,
+    layouts: Mapping[str, LayoutEntry] | None = None,
 ) -> Any:
     """``params`` with each weight that ``targets`` selects stored as a :class:`QuantizedArray` (QLoRA's base).
 

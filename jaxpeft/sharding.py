@@ -23,8 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxpeft import quant
 from jaxpeft._paths import leaves_with_paths, map_with_paths, path_str
 from jaxpeft._select import Layout
-from jaxpeft.methods.base import Adapter, MethodConfig, adapter_items
-from jaxpeft.methods.base import init as method_init
+from jaxpeft.api import init as method_init
+from jaxpeft.protocol import Adapter, MethodConfig, adapter_items
 
 __all__ = ["adapter_shardings", "adapter_specs", "describe", "init", "init_optimizer", "optimizer_shardings"]
 

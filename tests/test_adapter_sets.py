@@ -145,7 +145,7 @@ def test_bank_errors_name_the_fix(params):
     with pytest.raises(ValueError, match="adapt different paths"):
         jaxpeft.stack_adapters({"lora": named["fr"], "ia3": other})
     bitfit = jaxpeft.linen.init(METHODS["bitfit"], LINEN, params, IDS, key=jax.random.key(1))
-    with pytest.raises(ValueError, match=r"is a LeafDelta \(BitFit / LN tuning\).*switch trees instead"):
+    with pytest.raises(ValueError, match=r"is a LeafDelta \(a leaf or model-input adapter: .*switch trees instead"):
         jaxpeft.stack_adapters({"a": bitfit, "b": bitfit})
     loha = jaxpeft.linen.init(
         jaxpeft.LohaConfig(rank=2, alpha=4, targets=r"kernel$"), LINEN, params, IDS, key=jax.random.key(1)
@@ -163,7 +163,7 @@ def test_bank_errors_name_the_fix(params):
 def _lora(rng, d_in, d_out, rank, scale):
     a = jnp.asarray(rng.standard_normal((d_in, rank)), jnp.float32)
     b = jnp.asarray(rng.standard_normal((rank, d_out)), jnp.float32)
-    return {"lin": {"kernel": jaxpeft.LoraWeights(a, b, scale)}}
+    return {"lin": {"kernel": jaxpeft.LoraWeights(a, b, scale, layout=jaxpeft.Layout())}}
 
 
 def _delta(tree):
@@ -198,7 +198,7 @@ def test_weighted_combinations_follow_their_formulas():
         jaxpeft.add_weighted_adapter({"x": x}, [1.0], combination="ties")
     with pytest.raises(ValueError, match="expected one weight per adapter"):
         jaxpeft.add_weighted_adapter({"x": x, "y": y}, {"x": 1.0})
-    ia3 = {"lin": {"kernel": jaxpeft.IA3Weights(jnp.ones(5), False, jaxpeft.Layout())}}
+    ia3 = {"lin": {"kernel": jaxpeft.IA3Weights(jnp.ones(5), False, layout=jaxpeft.Layout())}}
     with pytest.raises(ValueError, match="'i' at 'lin/kernel' is IA3Weights; add_weighted_adapter combines LoRA"):
         jaxpeft.add_weighted_adapter({"x": x, "i": ia3}, [1.0, 1.0])
 

@@ -240,13 +240,13 @@ def test_errors_by_message():
         ValueError, match=r"selected 'blk/bias', but the stack axes of 'blk/bias' \(3, 4\) are those of"
     ):
         jaxpeft.init(jaxpeft.BitFitConfig(), stacked, key=jax.random.key(0))
-    bad = {"lin": {"bias": jaxpeft.LeafDelta(jnp.zeros(3))}}
+    bad = {"lin": {"bias": jaxpeft.LeafDelta(jnp.zeros(3), jaxpeft.Layout(fan_in=0, kind="bias"))}}
     with pytest.raises(
         ValueError, match=r"adapter 'lin/bias' \(LeafDelta: delta \(3,\)\) does not fit .*leaf's shape \(4,\)"
     ):
         jaxpeft.linen.apply(model, {"params": params}, bad, X)
-    with pytest.raises(TypeError, match=r"LeafDelta trains a leaf in place and has no layer forward"):
-        jaxpeft.LeafDelta(jnp.zeros(3)).forward(None)
+    node = jaxpeft.LeafDelta(jnp.zeros(3), jaxpeft.Layout(fan_in=0, kind="bias"))
+    assert isinstance(node, jaxpeft.LeafAdapter) and not hasattr(node, "forward")  # a leaf hook, no layer stub
     with pytest.raises(ValueError, match=r"'lin/bias' is a bias vector; this method adapts kernels"):
         jaxpeft.init(
             jaxpeft.LoraConfig(targets=r"bias$"),
@@ -257,6 +257,6 @@ def test_errors_by_message():
     with pytest.raises(ValueError, match=r"fan_in and fan_out >= 1 \(fan_in >= 0 for the vector kinds"):
         jaxpeft.Layout(fan_in=0, kind="dense")
     with pytest.raises(
-        TypeError, match=r"`cfg` is a BitFitConfig: jaxpeft.hf does not write bitfit adapters .*modules_to_save"
+        TypeError, match=r"`cfg` is a BitFitConfig: jaxpeft.hf does not write bitfit adapters.*modules_to_save"
     ):
         jaxpeft.hf.to_state_dict({}, jaxpeft.BitFitConfig(), params, {})

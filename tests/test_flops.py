@@ -14,7 +14,7 @@ SMALL = BenchConfig(width=256, ffn=1024, layers=2, heads=4, tokens=512, seq=64, 
 
 @pytest.fixture(scope="module")
 def flops():
-    return {mode: step_flops(mode, SMALL) for mode in ("full", "floor", "lora", "dora", "ia3", "merged")}
+    return {mode: step_flops(mode, SMALL) for mode in ("full", "floor", "lora", "lora-fa", "dora", "ia3", "merged")}
 
 
 def test_lora_step_costs_at_most_72_percent_of_full(flops):
@@ -36,3 +36,9 @@ def test_dora_step_costs_at_most_10_percent_more_than_lora(flops):
 
 def test_ia3_step_costs_at_most_the_floor(flops):
     assert flops["ia3"] / flops["floor"] <= 1.05
+
+
+def test_lora_fa_step_computes_no_gradient_for_the_frozen_a(flops):
+    """LoRA-FA's A is a frozen field: the step has no ``xᵀ·(g·Bᵀ)`` for it, so it costs less than LoRA's."""
+    assert flops["lora-fa"] < flops["lora"]
+    assert flops["lora-fa"] / flops["floor"] <= 1.05

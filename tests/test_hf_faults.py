@@ -23,7 +23,7 @@ from safetensors.numpy import save, save_file
 
 import jaxpeft
 import jaxpeft.hf as hf
-from jaxpeft.hf import _config, _files
+from jaxpeft.hf import _files
 
 # Two unstacked decoder layers named as PEFT names a Llama's: model.layers.{0,1}.{q,v}_proj.
 PARAMS = {"model": {f"layers_{i}": {m: {"kernel": jnp.ones((8, 6))} for m in ("q_proj", "v_proj")} for i in range(2)}}
@@ -418,7 +418,7 @@ def test_unknown_and_harmless_fields(lora_files, ia3_files):
         ({"layers_to_transform": [0], "layers_pattern": "("}, r"`layers_pattern`='\('; expected a valid regular"),
         ({"layers_pattern": "layers"}, r"`layers_pattern` without `layers_to_transform`, which PEFT refuses"),
         ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, r"a regex `target_modules`=.* which PEFT"),
-        ({"peft_type": None}, r"`peft_type`=None; jaxpeft.hf imports 'LORA'"),
+        ({"peft_type": None}, r"`peft_type`=None; jaxpeft.hf imports 'IA3', .*'LORA'"),
     ],
 )
 def test_bad_lora_config_values(lora_files, change, message):
@@ -577,7 +577,7 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["q_proj", "(", "x", ""]), inner),
     max_leaves=5,
 )
-FIELDS = sorted(_config.KNOWN_FIELDS["LORA"] | _config.KNOWN_FIELDS["IA3"] | {"unknown_field"})
+FIELDS = sorted(jaxpeft.LoraConfig.codec.fields.known | jaxpeft.IA3Config.codec.fields.known | {"unknown_field"})
 
 
 def _check_documented(call):

@@ -1,15 +1,17 @@
-"""The method-invariant suite: every method (LoRA, DoRA, IA3 and one defined in this file) through Linen and NNX.
+"""The method-invariant suite: every method through Linen and NNX, and the parity of the two frameworks.
 
 The same twin models (Linen and NNX, equal parameter paths) cover Embed, a scanned/vmapped stack of LayerNorm and
 Dense layers, DenseGeneral, an Einsum with a per-head batch axis and bias, Conv and a Dense head. Each invariant is
-written once and parametrised over methods and frameworks. ``ScaleShift`` below is a complete method written only
-against the public protocol (``jaxpeft.MethodConfig`` + ``jaxpeft.Adapter``), touching no library file: the proof of
-the seam.
+written once and parametrised over methods and frameworks. ``ScaleShift`` below and HRA (``tests/_hra.py``) are
+complete methods written only against the public protocol, touching no library file: the proof of the seam. The
+parity section feeds both frameworks the same faulty inputs (a float16 overflow on merge, a masked convolution, an
+int8 kernel, adapters of another model, a model input) and requires the same refusal, word for word.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, ClassVar
 
 import chex
@@ -25,18 +27,23 @@ import jaxpeft
 import jaxpeft.checkpoint
 import jaxpeft.linen
 import jaxpeft.nnx as jnnx
+from tests._hra import HRAConfig
 
 # ----------------------------------------------------------------------------------------------- a user's method
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ScaleShift(jaxpeft.Adapter):
+class ScaleShift(jaxpeft.LayerAdapter):
     """A learned per-output scale and shift: ``y = base(x) ⊙ (1 + scale) + shift``."""
 
     scale: jax.Array  # (*stack, *fan_out)
     shift: jax.Array
-    layout: jaxpeft.Layout = dataclasses.field(default=jaxpeft.Layout(), metadata={"static": True})
+    layout: jaxpeft.Layout = dataclasses.field(metadata=jaxpeft.STATIC)
+
+    def weight_axes(self):  # both vectors run along the stack and fan-out axes: sharding and fit checks follow
+        stack, _, fan_out = self.layout.axes()
+        return {"scale": (*stack, *fan_out), "shift": (*stack, *fan_out)}
 
     def forward(self, call: jaxpeft.LayerCall) -> jax.Array:
         y = call.base(call.x)
@@ -163,6 +170,11 @@ METHODS = {
     # rank 1 < max/2 everywhere: W1 and W2 both low-rank; the full factors are covered in test_peft_family.py
     "lokr": jaxpeft.LokrConfig(rank=1, alpha=2, targets=["up", "down", "heads", "mix", "out"], decompose_both=True),
     "vera": jaxpeft.VeraConfig(rank=4, targets=["up", "down", "heads", "mix", "out"], d_initial=0.5),
+    # VeRA with its projections stored as frozen arrays (as imported from PEFT)
+    "vera_stored": jaxpeft.VeraConfig(rank=4, targets=["up", "heads", "out"], store_projections=True),
+    # LoRA-FA: A frozen, B trained
+    "lora_fa": jaxpeft.LoraFAConfig(rank=2, alpha=4, targets=r"(kernel|embedding)$"),
+    "hra": HRAConfig(rank=2, targets=["up", "down", "out"]),  # a method of a test file, Dense kernels
     # base-adjusting LoRA inits (linear maps only): scanned Dense, DenseGeneral, Einsum with a batch axis, head
     "pissa": jaxpeft.LoraConfig(rank=2, alpha=4, targets=["up", "down", "heads", "mix", "out"], init="pissa"),
     "bitfit": jaxpeft.BitFitConfig(),  # every layer bias: scanned Dense, DenseGeneral, Einsum, Conv, head
@@ -170,7 +182,7 @@ METHODS = {
 }
 UNMERGEABLE = {"dora"}  # merge is one-way: the column norm it divides by is lost
 # the base holds the residual W - s·A·B: identity with the original model up to float rounding, not bit-exact
-APPROX_IDENTITY = {"pissa", "olora"}
+APPROX_IDENTITY = {"pissa", "olora", "hra"}  # HRA: H·H = I up to float rounding
 
 
 def perturb(adapters, seed=3, size=0.2):
@@ -307,10 +319,10 @@ def _nbytes(tree):
 def test_gradients_only_for_adapters_and_all_nonzero(case):
     _, fw = case
     adapters = perturb(fw.get())
-    if isinstance(fw, Linen):
-        grads = jax.grad(lambda a: _loss(linen_forward(fw.params, a, IDS)))(adapters)
-        chex.assert_trees_all_equal_structs(grads, adapters)
-        trainable = adapters
+    if isinstance(fw, Linen):  # frozen fields (LoRA-FA's A, stored VeRA projections) go to the frozen half
+        trainable, frozen = jaxpeft.partition(adapters, True)
+        grads = jax.grad(lambda t: _loss(linen_forward(fw.params, jaxpeft.combine(t, frozen), IDS)))(trainable)
+        chex.assert_trees_all_equal_structs(grads, trainable)
     else:
         fw.set(adapters)
         grads = nnx.grad(lambda m: _loss(m(IDS)), argnums=nnx.DiffState(0, jnnx.AdapterParam))(fw.model)
@@ -343,6 +355,7 @@ def test_training_moves_only_adapters_without_retracing(case):
             tree, opt = step(tree, opt)
         chex.assert_trees_all_equal(tree["params"], before["params"])
         moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), tree["adapters"], before["adapters"])
+        should = jaxpeft.trainable_mask(before["adapters"], True)
     else:
         fw.set(perturb(fw.get()))
         optimizer = jnnx.optimizer(fw.model, tx)
@@ -359,7 +372,8 @@ def test_training_moves_only_adapters_without_retracing(case):
             step(fw.model, optimizer)
         chex.assert_trees_all_equal(nnx.state(fw.model, nnx.Param), base_before)
         moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), jnnx.adapters_of(fw.model), adapters_before)
-    assert all(jax.tree.leaves(moved)), f"{method}: some adapter leaves did not train"
+        should = jaxpeft.trainable_mask(adapters_before, True)
+    assert jax.tree.leaves(moved) == jax.tree.leaves(should), f"{method}: trainable leaves moved, frozen ones stayed"
 
 
 def test_checkpoint_round_trip(case, params, tmp_path):
@@ -373,7 +387,7 @@ def test_checkpoint_round_trip(case, params, tmp_path):
     chex.assert_trees_all_equal(restored.adapters, saved)
     assert jax.tree.structure(restored.adapters) == jax.tree.structure(saved)  # static parts too
     assert restored.config == cfg and type(restored.config) is type(cfg)
-    configs = (ScaleShiftConfig,) if method == "scale_shift" else ()
+    configs = (ScaleShiftConfig, HRAConfig)
     assert jaxpeft.checkpoint.read_config(tmp_path / "ckpt", configs=configs) == cfg
     fw.set(jax.tree.map(jnp.zeros_like, saved))
     fw.set(restored.adapters)
@@ -465,3 +479,241 @@ def test_ia3_formula(feedforward):
     w, v = np.asarray(p["kernel"], np.float64), np.asarray(ad.vector, np.float64)
     expected = (X * v) @ w + p["bias"] if feedforward else (X @ w + p["bias"]) * v
     np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- framework parity
+#
+# One framework core, so one refusal: each faulty input below goes to Linen and to NNX and must raise the same
+# exception with the same message (the entry point's own name aside).
+
+LAYER_METHODS = [m for m in METHODS if m not in ("bitfit", "ln_tuning")]
+
+
+def _refusal(fn):
+    try:
+        fn()
+    except Exception as err:
+        return type(err), str(err).replace("jaxpeft.linen.apply", "<framework>").replace(
+            "jaxpeft.nnx.attach", "<framework>"
+        )
+    return None, ""
+
+
+def _same_refusal(linen_fn, nnx_fn, expected_type, match):
+    linen, nnx_side = _refusal(linen_fn), _refusal(nnx_fn)
+    assert linen == nnx_side, f"Linen refuses with {linen}, NNX with {nnx_side}"
+    assert linen[0] is not None and issubclass(linen[0], expected_type), linen
+    assert re.search(match, linen[1]), linen[1]
+
+
+def _first(adapters):
+    return min(p for p, _ in jaxpeft.adapter_items(adapters))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_parity_float16_overflow_is_refused_by_every_merge(method, params):
+    """``jaxpeft.merge`` and ``jaxpeft.nnx.merge`` go through one fold: a float16 overflow is refused by name."""
+    if method == "hra":
+        pytest.skip("HRA's fold is an orthogonal map: it cannot overflow")
+    cfg = METHODS[method]
+    half = jax.tree.map(lambda x: x.astype(jnp.float16), params)
+    side = Linen(cfg, half)
+    path = _first(side.get())
+    big = {p: jax.tree.map(lambda x: x + 3e5, n) if p == path else n for p, n in jaxpeft.adapter_items(side.get())}
+    adapters = {}
+    for p, n in big.items():
+        adapters = jaxpeft._paths.set_path(adapters, p, n)
+    model = Nnx(cfg, half)
+    model.set(adapters)
+    _same_refusal(
+        lambda: jaxpeft.merge(side.params, adapters),
+        lambda: jnnx.merge(model.model),
+        ValueError,
+        rf"folding the adapter into '{path}' overflows float16 \(largest finite 65504\)",
+    )
+
+
+class LinenMasked(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(4, (3,), mask=jnp.ones((3, 4, 4)), name="conv")(x)
+
+
+class NnxMasked(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(4, 4, (3,), mask=jnp.ones((3, 4, 4)), rngs=rngs)
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
+def test_parity_masked_convolution_is_refused_by_name(method):
+    cfg = METHODS[method]
+    cfg = dataclasses.replace(cfg, targets=["conv"], **({"feedforward": ()} if method == "ia3" else {}))
+    x = jnp.ones((1, 5, 4))
+    params = LinenMasked().init(jax.random.key(0), x)["params"]
+    key = jax.random.key(0)
+    if cfg.adjusts_base:
+        linen_fn = lambda: jaxpeft.linen.init_adjusted(cfg, LinenMasked(), params, x, key=key)  # noqa: E731
+    else:
+        linen_fn = lambda: jaxpeft.linen.init(cfg, LinenMasked(), params, x, key=key)  # noqa: E731
+    _same_refusal(
+        linen_fn,
+        lambda: jnnx.adapt(NnxMasked(nnx.Rngs(0)), cfg, key=key),
+        ValueError,
+        r"'conv/kernel' cannot be adapted: masked convolution kernels \(`mask`\) are not supported\. Add it to",
+    )
+    # adapters made without the model's layouts are refused when they run, with the same reason
+    lora = jaxpeft.init(
+        jaxpeft.LoraConfig(rank=1, targets=["conv"]),
+        params,
+        key=key,
+        layouts={"conv/kernel": jaxpeft.Layout(fan_in=2, fan_out=1, kind="conv")},
+    )
+    with pytest.raises(ValueError, match=r"'conv/kernel' cannot be adapted: masked convolution kernels"):
+        jaxpeft.linen.apply(LinenMasked(), {"params": params}, lora, x)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_parity_int8_weights_are_not_folded(method, params):
+    cfg = METHODS[method]
+    side = Linen(cfg, params)
+    adapters = perturb(side.get())
+    path = _first(adapters)
+    as_int8 = jaxpeft._paths.map_with_paths(lambda p, x: x.astype(jnp.int8) if p == path else x, side.params)
+    int8_model = nnx_model(as_int8)
+    _same_refusal(
+        lambda: jaxpeft.merge(as_int8, adapters),
+        lambda: jnnx.merge(jnnx.attach(int8_model, adapters)),
+        jaxpeft.NotMergeableError,
+        rf"adapter '{path}': the weight is int8, not floating; folding into it would truncate",
+    )
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_parity_adapters_of_another_model_are_refused_with_both_shapes(method, params):
+    cfg = METHODS[method]
+    adapters = Linen(cfg, params).get()
+    path = _first(adapters)
+    node = dict(jaxpeft.adapter_items(adapters))[path]
+    wrong = jax.tree.map(lambda x: jnp.concatenate([x, x], axis=0), node)  # every array twice as long
+    bad = jaxpeft._paths.map_with_paths(
+        lambda p, n: wrong if p == path else n, adapters, is_leaf=lambda x: isinstance(x, jaxpeft.Adapter)
+    )
+    _same_refusal(
+        lambda: jaxpeft.linen.apply(LINEN, {"params": params}, bad, IDS),
+        lambda: jnnx.attach(nnx_model(params), bad),
+        ValueError,
+        rf"adapter '{path}' \({type(node).__name__}: .*\) does not fit the weight of shape",
+    )
+
+
+def test_parity_model_inputs_are_refused_by_both(params):
+    prompt = jaxpeft.init(jaxpeft.PromptTuningConfig(2, targets=r"embed/embedding$"), params, key=jax.random.key(0))
+    _same_refusal(
+        lambda: jaxpeft.linen.apply(LINEN, {"params": params}, prompt, IDS),
+        lambda: jnnx.attach(nnx_model(params), prompt),
+        ValueError,
+        r"'embed/embedding' is a PromptWeights, a model input .* so <framework> does not run it",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the protocol
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Shift(jaxpeft.LayerAdapter):
+    """A broken method: it adds a constant at init (as the issue's user method moved the outputs by 9.6)."""
+
+    shift: jax.Array
+    layout: jaxpeft.Layout = dataclasses.field(metadata=jaxpeft.STATIC, kw_only=True)
+
+    def forward(self, call):
+        return call.base(call.x) + self.shift
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftConfig(jaxpeft.MethodConfig):
+    method: ClassVar[str] = "shift"
+    value: float = 9.6
+    targets: Any = ("out",)
+    exclude: Any = ()
+
+    def init_target(self, path, weight, layout, key):
+        return Shift(jnp.full(weight.shape[-1:], self.value), layout=layout)
+
+
+def test_init_refuses_a_method_that_is_not_the_identity(params):
+    with pytest.raises(ValueError, match=r"ShiftConfig is not the identity at init: its Shift at 'out/kernel' changes"):
+        jaxpeft.init(ShiftConfig(), params, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"is not the identity at init.*pass check_identity=False"):
+        jnnx.adapt(nnx_model(params), ShiftConfig(), key=jax.random.key(0))
+    assert jaxpeft.init(ShiftConfig(), params, key=jax.random.key(0), check_identity=False)
+    assert jaxpeft.init(ShiftConfig(value=0.0), params, key=jax.random.key(0))  # the identity: accepted
+    # a config that says it is not the identity is not checked (IA3's random draw, for tests)
+    assert jaxpeft.init(
+        jaxpeft.IA3Config(targets=["out"], feedforward=(), init_ones=False), params, key=jax.random.key(0)
+    )
+
+
+def test_three_hook_kinds_and_no_stubs(params):
+    from jaxpeft.protocol import hook_kind
+
+    lora = jaxpeft.init(jaxpeft.LoraConfig(rank=1, targets=["out"]), params, key=jax.random.key(0))
+    leaf = jaxpeft.init(jaxpeft.BitFitConfig(targets=["out"]), params, key=jax.random.key(0))
+    prompt = jaxpeft.init(jaxpeft.PromptTuningConfig(2, targets=r"embed/embedding$"), params, key=jax.random.key(0))
+    kinds = [hook_kind(n) for tree in (lora, leaf, prompt) for _, n in jaxpeft.adapter_items(tree)]
+    assert kinds == ["layer", "leaf", "input"]
+    node = next(n for _, n in jaxpeft.adapter_items(prompt))
+    assert not hasattr(node, "forward") and not hasattr(node, "value")  # a model input has neither hook
+    with pytest.raises(TypeError, match=r"adapter node with no hook: subclass jaxpeft.LayerAdapter"):
+        hook_kind(jaxpeft.Adapter())
+    with pytest.raises(TypeError, match=r"missing 1 required keyword-only argument: 'layout'"):
+        jaxpeft.LoraWeights(jnp.zeros((4, 1)), jnp.zeros((1, 4)), 1.0)  # no default layout
+
+
+def test_unsupported_is_not_a_layout():
+    assert (
+        jaxpeft.linen.infer_layouts(LINEN, IDS)["layers/norm/scale"]
+        == jnnx.infer_layouts(nnx_model_shapes())["layers/norm/scale"]
+    )
+    with pytest.raises(ValueError, match=r"`kind`='unsupported' is not one of"):
+        jaxpeft.Layout(kind="unsupported")
+
+
+def nnx_model_shapes():
+    return nnx.eval_shape(lambda: NnxNet(rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense_general", "einsum", "conv", "embed"])
+def test_layer_call_contract_applies_a_weight_sized_update_for_every_kind(kind):
+    """``LayerCall.contract(w)`` is the layer's own contraction with another kernel: equal to ``base`` on the
+    kernel itself minus nothing (the probe's base has no bias), and linear in ``w``."""
+    from jaxpeft.protocol import probe_call
+
+    layouts = {
+        "dense": jaxpeft.Layout(kind="dense"),
+        "dense_general": jaxpeft.Layout(fan_in=2, fan_out=2, kind="dense_general"),
+        "einsum": jaxpeft.Layout(stack=1, kind="einsum"),
+        "conv": jaxpeft.Layout(fan_in=2, kind="conv"),
+        "embed": jaxpeft.Layout(kind="embed"),
+    }
+    shapes = {"dense": (4, 3), "dense_general": (2, 3, 4, 2), "einsum": (2, 3, 4), "conv": (3, 4, 5), "embed": (9, 4)}
+    kernel = jax.random.normal(jax.random.key(0), shapes[kind])
+    call = probe_call(layouts[kind], kernel, jax.random.key(1))
+    np.testing.assert_allclose(call.contract(kernel), call.base(call.x), rtol=1e-6, atol=1e-6)
+    twice = call.contract(2 * kernel) if kind != "embed" else 2 * call.contract(kernel)
+    np.testing.assert_allclose(twice, 2 * call.base(call.x), rtol=1e-6, atol=1e-6)
+    if kind in ("dense", "dense_general"):
+        assert all(ax >= 0 for ax in call.axes)  # normalised, never Flax's raw negative axis or None
+    tied = jaxpeft.protocol.LayerCall("attend", jnp.ones((2, 4)), lambda q: q @ kernel.T, kernel)
+    if kind == "embed":
+        np.testing.assert_allclose(tied.contract(kernel), tied.base(tied.x), rtol=1e-6)
+
+
+def test_layer_call_axes_are_normalised():
+    call = jaxpeft.LayerCall("dense_general", jnp.ones((2, 3, 4)), lambda x: x, jnp.ones((4, 5)), axes=(-1,))
+    assert call.axes == (2,)
+    assert jaxpeft.LayerCall("dense", jnp.ones((2, 7, 4)), lambda x: x, jnp.ones((4, 5))).axes == (2,)

@@ -47,5 +47,5 @@ def test_method_table_counts_match_the_quickstart_model():
     assert set(rows) == set(METHODS)
     for name, (cfg, _) in METHODS.items():
         assert f"`{type(cfg).__name__}(" in README
-        n = jaxpeft.linen.plan(cfg, model, params, ids).n_params
+        n = jaxpeft.linen.plan(cfg, model, params, ids).n_trainable  # frozen fields (LoRA-FA's A) do not train
         assert rows[name] == f"{n:,}", name

@@ -71,7 +71,7 @@ def test_layout_of_wrong_rank_and_unsupported_kind():
     params = {"dg": {"kernel": jnp.zeros((3, 4, 5))}}
     with pytest.raises(ValueError, match="describes 2 axes"):
         paths(["dg"], params=params, layouts={"dg/kernel": jaxpeft.Layout()})
-    bad = jaxpeft.Layout(stack=1, kind="unsupported", reason="grouped convolutions are not supported.")
+    bad = jaxpeft.Unsupported("grouped convolutions are not supported.")
     with pytest.raises(ValueError, match=r"'dg/kernel' cannot be adapted: grouped convolutions.*Add it to `exclude`"):
         paths(["dg"], params=params, layouts={"dg/kernel": bad})
 

@@ -28,7 +28,7 @@ def results():
 
 MESHES = [f"{m}-{s}" for m in ("lora", "dora") for s in ("8x1x1", "2x2x2", "1x2x4")]
 MESHES += [
-    f"{m}-2x2x2" for m in ("ia3", "loha", "lokr", "vera", "bitfit", "ln_tuning", "bank:lora")
+    f"{m}-2x2x2" for m in ("ia3", "loha", "lokr", "vera", "bitfit", "ln_tuning", "lora_fa", "vera_stored", "bank:lora")
 ]  # every method; a mixed batch
 
 
@@ -122,9 +122,23 @@ def test_flax_logical_axes_through_the_users_rules():
 
 
 def test_a_method_without_weight_axes_is_replicated_and_errors_name_the_path():
-    from tests.test_methods import ScaleShiftConfig
+    import dataclasses
 
-    adapters = jaxpeft.init(ScaleShiftConfig(targets=["dense"]), PARAMS, key=jax.random.key(0))
+    from tests.test_methods import ScaleShift, ScaleShiftConfig
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass(frozen=True)
+    class Unsaid(ScaleShift):  # a method that does not say which weight axes its arrays run along
+        def weight_axes(self):
+            return None
+
+    @dataclasses.dataclass(frozen=True)
+    class UnsaidConfig(ScaleShiftConfig):
+        def init_target(self, path, weight, layout, key):
+            node = super().init_target(path, weight, layout, key)
+            return Unsaid(node.scale, node.shift, node.layout)
+
+    adapters = jaxpeft.init(UnsaidConfig(targets=["dense"]), PARAMS, key=jax.random.key(0))
     node = jaxpeft.sharding.adapter_specs(adapters, SPECS)["dense"]["kernel"]
     assert (node.scale, node.shift) == (P(None), P(None))
     with pytest.raises(ValueError, match=r"adapter 'dense/kernel' has no base weight in `params`"):

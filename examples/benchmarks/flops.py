@@ -153,7 +153,19 @@ def _nnx_step_flops(model: nnx.Module, wrt: Any, ids: jax.ShapeDtypeStruct, tx: 
     return _flops(step, trainable, frozen, jax.eval_shape(tx.init, trainable), ids)
 
 
-MODES = ("full", "floor", "lora", "dora", "ia3", "merged", "nnx-full", "nnx-lora", "qlora-nf4", "qlora-int8")
+MODES = (
+    "full",
+    "floor",
+    "lora",
+    "lora-fa",
+    "dora",
+    "ia3",
+    "merged",
+    "nnx-full",
+    "nnx-lora",
+    "qlora-nf4",
+    "qlora-int8",
+)
 
 
 def step_flops(mode: str, cfg: BenchConfig) -> float:
@@ -190,6 +202,8 @@ def step_flops(mode: str, cfg: BenchConfig) -> float:
     method_cfg: jaxpeft.MethodConfig = lora_cfg
     if mode == "dora":
         method_cfg = jaxpeft.DoraConfig(rank=cfg.rank, alpha=2 * cfg.rank, targets="all-linear")
+    elif mode == "lora-fa":  # A frozen: no gradient of A, no optimizer state for it
+        method_cfg = jaxpeft.LoraFAConfig(rank=cfg.rank, alpha=2 * cfg.rank, targets="all-linear")
     elif mode == "ia3":  # HF's defaults for this naming: keys, values and the FFN down projection (its input)
         method_cfg = jaxpeft.IA3Config(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"])
     if mode.startswith("nnx-"):
@@ -205,18 +219,20 @@ def step_flops(mode: str, cfg: BenchConfig) -> float:
         kind = mode.removeprefix("qlora-")
         params = jax.eval_shape(lambda p: jaxpeft.quantize(p, lora_cfg, kind=kind), params)
     adapters = jax.eval_shape(lambda p: jaxpeft.linen.init(method_cfg, model, p, ids, key=jax.random.key(1)), params)
-    if mode in ("lora", "dora", "ia3", "qlora-nf4", "qlora-int8"):
+    if mode in ("lora", "lora-fa", "dora", "ia3", "qlora-nf4", "qlora-int8"):
         forward = lambda p, a, x: jaxpeft.linen.apply(model, {"params": p}, a, x)  # noqa: E731
     elif mode == "merged":
         forward = jaxpeft.merged(lambda p, x: model.apply({"params": p}, x))
     else:
         raise ValueError(f"`mode`={mode!r}; expected one of {MODES}.")
 
-    def step(adapters: Any, params: Any, opt: Any, ids: jax.Array) -> Any:
-        grads = jax.grad(lambda a: _xent(forward(params, a, ids), ids))(adapters)
-        return update(adapters, grads, opt)
+    trainable, frozen = jaxpeft.partition(adapters, True)  # frozen fields of the nodes (LoRA-FA's A), if any
 
-    return _flops(step, adapters, params, jax.eval_shape(tx.init, adapters), ids)
+    def step(trainable: Any, frozen: Any, params: Any, opt: Any, ids: jax.Array) -> Any:
+        loss = lambda t: _xent(forward(params, jaxpeft.combine(t, frozen), ids), ids)  # noqa: E731
+        return update(trainable, jax.grad(loss)(trainable), opt)
+
+    return _flops(step, trainable, frozen, params, jax.eval_shape(tx.init, trainable), ids)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -16,6 +16,8 @@ import orbax.checkpoint as ocp
 from jaxpeft import quant
 from jaxpeft._paths import leaves_with_paths
 from jaxpeft._select import Layout
+from jaxpeft.api import config_from_dict
+from jaxpeft.api import init_adjusted as method_init_adjusted
 from jaxpeft.checkpoint._lock import Lock
 from jaxpeft.checkpoint._meta import ADAPTERS, EXTRA, META, OPT, clip, is_int, new_meta, read_meta
 from jaxpeft.checkpoint._steps import (
@@ -52,8 +54,7 @@ from jaxpeft.checkpoint._targets import (
     derive,
     placed_params,
 )
-from jaxpeft.methods.base import MethodConfig, config_from_dict, layouts_of
-from jaxpeft.methods.base import init_adjusted as method_init_adjusted
+from jaxpeft.protocol import MethodConfig, layouts_of
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft._paths import leaves_with_paths, set_path
-from jaxpeft.methods.base import MethodConfig, adapter_items
+from jaxpeft.protocol import MethodConfig, adapter_items
 
 #: How many entries an error lists before "and N more".
 MAX_LISTED = 8

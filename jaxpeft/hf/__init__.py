@@ -1,17 +1,11 @@
-"""Hugging Face PEFT interop: LoRA, DoRA, IA3, LoHa, LoKr and VeRA adapters (and prompt learning) as
-``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Hugging Face PEFT interop: a method's adapters as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 The files are the ones ``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` reads (safetensors
-metadata ``{"format": "pt"}``): ``jaxpeft.LoraConfig`` is PEFT's ``LoraConfig``, ``jaxpeft.DoraConfig`` its
-``LoraConfig(use_dora=True)``, ``jaxpeft.IA3Config`` its ``IA3Config``, ``jaxpeft.LohaConfig``/``LokrConfig`` its
-``LoHaConfig``/``LoKrConfig`` and ``jaxpeft.VeraConfig`` its ``VeraConfig(save_projection=True)`` (VeRA files made by
-PEFT itself hold torch-generated projections and are refused: ``jaxpeft.hf.vera``), ``jaxpeft.LNTuningConfig`` its
-``LNTuningConfig`` (``LN_TUNING``: the files hold the tuned norms themselves, so both directions need the concrete
-base params; ``jaxpeft.hf.ln_tuning``). Each method's tensor naming lives in its own module (``jaxpeft.hf.lora`` for
-LoRA and DoRA, ``jaxpeft.hf.ia3``, ``loha``, ``lokr``, ``vera``, ``ln_tuning``); this module dispatches on the
-config. ``jaxpeft.PromptTuningConfig``/``PrefixTuningConfig`` are PEFT's
-``PROMPT_TUNING``/``PREFIX_TUNING`` (``jaxpeft.hf.prompt``): one ``prompt_embeddings`` tensor and no modules, so
-``module_name`` is not used (pass None).
+metadata ``{"format": "pt"}``). Each method says how it reads and writes them in its codec (``cfg.codec``, a
+:class:`PeftCodec` of pure functions beside the method; ``codecs()`` lists them: LoRA, DoRA and LoRA-FA share PEFT's
+``LORA``, then ``IA3``, ``LOHA``, ``LOKR``, ``VERA``, ``LN_TUNING``, ``PROMPT_TUNING``, ``PREFIX_TUNING``). This
+module only dispatches through the codecs (the registry's, and those of the config classes you pass), after the
+checks every method shares; a method of your own with a codec exports and imports with no library edit.
 
 Which HF module a parameter belongs to is decided by a ``module_name`` function from our module path (the
 parameter path without its leaf, e.g. ``"model/layers/self_attn/q_proj"``) to the HF module name. A template
@@ -40,23 +34,22 @@ from typing import Any, overload
 import numpy as np
 
 from jaxpeft._select import Layout
-from jaxpeft.hf import _saved, ia3, ln_tuning, loha, lokr, lora, prompt, vera
-from jaxpeft.hf._common import LAYER, ModuleName, as_fn, check_hf_name, check_tensors, module_name_map
-from jaxpeft.hf._config import CONFIG_NAME
+from jaxpeft.hf import _saved
+from jaxpeft.hf._codec import Export, FieldTable, Import, PeftCodec
+from jaxpeft.hf._common import LAYER, ModuleName, as_fn, check_tensors, module_name_map
+from jaxpeft.hf._config import CONFIG_NAME, check_fields
 from jaxpeft.hf._files import WEIGHTS_NAME, read_directory, write_directory
-from jaxpeft.methods.base import MethodConfig
-from jaxpeft.methods.bitfit import BitFitConfig, LNTuningConfig
-from jaxpeft.methods.dora import DoraConfig
-from jaxpeft.methods.ia3 import IA3Config
-from jaxpeft.methods.loha import LohaConfig
-from jaxpeft.methods.lokr import LokrConfig
-from jaxpeft.methods.lora import LoraConfig
-from jaxpeft.methods.vera import VeraConfig
+from jaxpeft.protocol import MethodConfig
 
 __all__ = [
     "CONFIG_NAME",
     "LAYER",
     "WEIGHTS_NAME",
+    "Export",
+    "FieldTable",
+    "Import",
+    "PeftCodec",
+    "codecs",
     "export_adapters",
     "from_state_dict",
     "import_adapters",
@@ -64,29 +57,52 @@ __all__ = [
     "to_state_dict",
 ]
 
-_SUPPORTED = (
-    "jaxpeft.LoraConfig (PEFT LoraConfig), jaxpeft.DoraConfig (PEFT LoraConfig(use_dora=True)) and "
-    "jaxpeft.IA3Config (PEFT IA3Config), jaxpeft.LohaConfig (PEFT LoHaConfig), jaxpeft.LokrConfig (PEFT "
-    "LoKrConfig), jaxpeft.VeraConfig (PEFT VeraConfig with save_projection=True), jaxpeft.LNTuningConfig (PEFT "
-    "LNTuningConfig), jaxpeft.PromptTuningConfig and jaxpeft.PrefixTuningConfig"
-)
-#: The writer of each module-adapting method without LoRA's embedding options (config type -> its ``to_hf``).
-_EXPORTERS = {
-    IA3Config: ia3.to_hf,
-    LohaConfig: loha.to_hf,
-    LokrConfig: lokr.to_hf,
-    VeraConfig: vera.to_hf,
-    LNTuningConfig: ln_tuning.to_hf,
-}
-#: The reader of each ``peft_type`` that adapts modules.
-_IMPORTERS = {
-    "LORA": lora.from_hf,
-    "IA3": ia3.from_hf,
-    "LOHA": loha.from_hf,
-    "LOKR": lokr.from_hf,
-    "VERA": vera.from_hf,
-    "LN_TUNING": ln_tuning.from_hf,
-}
+
+def codecs(configs: Sequence[type[MethodConfig]] = ()) -> list[PeftCodec]:
+    """The codecs an import tries, in order: those of ``configs``, then the built-in methods' (the registry's)."""
+    from jaxpeft.methods.registry import BUILTIN
+
+    for cls in configs:
+        if not (isinstance(cls, type) and issubclass(cls, MethodConfig)):
+            raise TypeError(f"`configs` entry {cls!r} is not a method config class (a jaxpeft.MethodConfig subclass).")
+    found: list[PeftCodec] = []
+    for cls in (*configs, *BUILTIN):
+        if cls.codec is not None and not any(cls.codec is c for c in found):  # a shared codec is tried once
+            found.append(cls.codec)
+    return found
+
+
+def _codec_of(cfg: Any) -> PeftCodec:
+    """``cfg``'s codec, or a ``TypeError`` naming what PEFT formats exist and, where there is one, the fix."""
+    if not isinstance(cfg, MethodConfig):
+        raise TypeError(
+            f"`cfg` is a {type(cfg).__name__}; expected the method config the adapters were made with (a "
+            "jaxpeft.MethodConfig subclass)."
+        )
+    codec = type(cfg).codec
+    if codec is None:
+        known = sorted({c.peft_type for c in codecs()})
+        fix = type(cfg).hf_advice
+        message = (
+            f"`cfg` is a {type(cfg).__name__}: jaxpeft.hf does not write {cfg.method or 'its'} adapters: the method "
+            f"has no PEFT codec (jaxpeft.hf writes {', '.join(known)}; a method of your own sets `codec`). {fix}"
+        )
+        raise TypeError(message.rstrip())
+    return codec
+
+
+def _import_codec(config: Mapping[str, Any], configs: Sequence[type[MethodConfig]]) -> PeftCodec:
+    """The first codec that reads ``config``'s ``peft_type`` and accepts it."""
+    candidates = codecs(configs)
+    peft_type = config.get("peft_type")
+    for codec in candidates:
+        if codec.peft_type == peft_type and (codec.accepts is None or codec.accepts(config)):
+            return codec
+    known = sorted({c.peft_type for c in candidates})
+    raise ValueError(
+        f"{CONFIG_NAME} has `peft_type`={peft_type!r:.80}; jaxpeft.hf imports {', '.join(map(repr, known))}. For a "
+        "method of your own, pass its config class (with a `codec`): configs=(MyConfig,)."
+    )
 
 
 def to_state_dict(
@@ -112,12 +128,11 @@ def to_state_dict(
 
     Args:
       adapters: the adapter tree (``jaxpeft.init``, trained or restored).
-      cfg: the config the adapters were made with: a ``LoraConfig``, ``DoraConfig``, ``IA3Config``, ``LohaConfig``,
-        ``LokrConfig``, ``VeraConfig`` (VeRA: the whole adapter tree ``jaxpeft.init`` made, whose projections it
-        writes as PEFT's shared ``vera_A``/``vera_B``) or ``LNTuningConfig`` (each tuned norm's whole parameters,
-        ``base + delta``, as PEFT saves them).
-      params: the base params (arrays or ``jax.ShapeDtypeStruct``), read for shapes and module names;
-        ``LNTuningConfig``: concrete arrays (the written norms are base + delta).
+      cfg: the config the adapters were made with; its class's ``codec`` writes the files (VeRA: pass the whole
+        adapter tree ``jaxpeft.init`` made, whose projections it writes as PEFT's shared ``vera_A``/``vera_B``; LN
+        tuning writes each tuned norm's whole parameters, ``base + delta``, as PEFT saves them).
+      params: the base params (arrays or ``jax.ShapeDtypeStruct``), read for shapes and module names; concrete
+        arrays for LN tuning (the written norms are base + delta).
       module_name: our module path -> HF module name (``{layer}`` for a scan axis); a callable or a dict.
       layouts: optional; checked against the layout each adapter node carries.
       task_type: HF ``task_type`` (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"FEATURE_EXTRACTION"``).
@@ -157,7 +172,8 @@ def to_state_dict(
         module of ``params`` that PEFT's suffix rule (or ``task_type`` ``SEQ_CLS``/``TOKEN_CLS``/``QUESTION_ANS``)
         would also wrap, which would make its loader fail. A base-adjusting init (PiSSA/OLoRA): convert first.
     """
-    if isinstance(cfg, MethodConfig) and cfg.adjusts_base:
+    codec = _codec_of(cfg)
+    if cfg.adjusts_base:
         raise ValueError(
             f"`cfg` has {cfg.base_adjustment}: its adapters are the identity only over the residual base weights, "
             "which an HF adapter file cannot carry. Convert them first: `plain_cfg, plain = "
@@ -165,52 +181,43 @@ def to_state_dict(
             "(PEFT's path_initial_model_for_weight_conversion); export `plain` with `plain_cfg` and the original "
             "params."
         )
-    if type(cfg) in prompt.PEFT_TYPES:  # one `prompt_embeddings` tensor, no modules: `module_name` is not used
-        unused = {"layouts": layouts, "target_modules": target_modules, "ensure_weight_tying": ensure_weight_tying}
-        unused.update(tied_head=tied_head, modules_to_save=modules_to_save)
-        return prompt.to_hf(adapters, cfg, params, task_type, base_model_name_or_path, **unused)  # type: ignore[arg-type]
-    if isinstance(cfg, BitFitConfig):
-        raise TypeError(
-            f"`cfg` is a {type(cfg).__name__}: jaxpeft.hf does not write {cfg.method} adapters (PEFT has no BitFit). "
-            "Share the trained leaves as PEFT `modules_to_save` instead: merged = jaxpeft.merge(params, adapters), "
-            "then modules_to_save={'<HF module>': <its subtree of merged>} (the layers whose biases you trained)."
-        )
-    fn = as_fn(module_name)
     for name, value in (("task_type", task_type), ("base_model_name_or_path", base_model_name_or_path)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"`{name}`={value!r}; expected a string or None.")
-    if ensure_weight_tying is not None and not isinstance(ensure_weight_tying, bool):
-        raise TypeError(f"`ensure_weight_tying`={ensure_weight_tying!r}; expected True, False or None.")
-    if tied_head is not None:
-        check_hf_name(tied_head, "`tied_head`")
-        if LAYER in tied_head:
-            raise ValueError(f"`tied_head`={tied_head!r}; a tied output head is one module, without {LAYER}.")
-    if type(cfg) in (LoraConfig, DoraConfig):
-        config, tensors = lora.to_hf(
-            adapters,
-            cfg,  # type: ignore[arg-type]
-            params,
-            fn,
-            layouts=layouts,
-            target_modules=target_modules,
-            ensure_weight_tying=ensure_weight_tying,
-            tied_head=tied_head,
+    given = {"ensure_weight_tying": ensure_weight_tying, "tied_head": tied_head}
+    options = {k: v for k, v in given.items() if v is not None}
+    foreign = sorted(set(options) - set(codec.options))
+    if not codec.modules:
+        unused = {"module_name": None, "layouts": layouts, "target_modules": target_modules}
+        foreign += sorted(k for k, v in {**unused, "modules_to_save": modules_to_save}.items() if v is not None)
+    if foreign:
+        raise ValueError(
+            f"{foreign} do not apply to {type(cfg).__name__} adapters (PEFT's {codec.peft_type}"
+            + (f", whose options are {list(codec.options)}" if codec.options else "")
+            + "); leave them None."
         )
-    elif type(cfg) in _EXPORTERS:
-        if ensure_weight_tying is not None or tied_head is not None:
-            raise ValueError(
-                f"`ensure_weight_tying` and `tied_head` are LoRA options; {type(cfg).__name__} adapts no embeddings."
-            )
-        write = _EXPORTERS[type(cfg)]
-        config, tensors = write(  # type: ignore[operator]
-            adapters, cfg, params, fn, layouts=layouts, target_modules=target_modules
-        )
-    else:
-        raise TypeError(f"`cfg` is a {type(cfg).__name__}; jaxpeft.hf exports {_SUPPORTED} adapters.")
-    universe = _saved.module_universe(params, fn)
-    names, saved = _saved.to_hf(modules_to_save or {}, tensors, universe, task_type)
+    fn = as_fn(module_name) if codec.modules else None
+    request = Export(adapters, cfg, params, fn, layouts, target_modules, options)
+    config, tensors = codec.to_hf(request)
+    saved: dict[str, np.ndarray] = {}
+    names: list[str] = []
+    if codec.modules:
+        assert fn is not None
+        universe = _saved.module_universe(params, fn)
+        names, saved = _saved.to_hf(modules_to_save or {}, tensors, universe, task_type, _parts())
     config.update(base_model_name_or_path=base_model_name_or_path, task_type=task_type, modules_to_save=names or None)
-    return dict(sorted(config.items())), {**tensors, **saved}
+    # C-contiguous host arrays: safetensors writes an array's buffer as it lies in memory, so a codec's transposed
+    # view would otherwise be written in the wrong order
+    out = {k: np.ascontiguousarray(np.asarray(v)) for k, v in {**tensors, **saved}.items()}
+    return dict(sorted(config.items())), out
+
+
+def _parts() -> frozenset[str]:
+    """The key components of every known method's tensors (no saved module may hold one)."""
+    parts: set[str] = {"base_layer"}
+    for codec in codecs():
+        parts |= codec.tensor_parts
+    return frozenset(parts)
 
 
 def export_adapters(
@@ -257,6 +264,7 @@ def from_state_dict(
     layouts: Mapping[str, Layout] | None = None,
     dtype: Any = None,
     base_weights: str = "check",
+    configs: Sequence[type[MethodConfig]] = (),
 ) -> tuple[MethodConfig, dict[str, Any]]: ...
 
 
@@ -271,6 +279,7 @@ def from_state_dict(
     layouts: Mapping[str, Layout] | None = None,
     dtype: Any = None,
     base_weights: str = "check",
+    configs: Sequence[type[MethodConfig]] = (),
 ) -> tuple[MethodConfig, dict[str, Any], dict[str, Any]]: ...
 
 
@@ -284,14 +293,15 @@ def from_state_dict(
     layouts: Mapping[str, Layout] | None = None,
     dtype: Any = None,
     base_weights: str = "check",
+    configs: Sequence[type[MethodConfig]] = (),
 ) -> tuple[MethodConfig, dict[str, Any]] | tuple[MethodConfig, dict[str, Any], dict[str, Any]]:
     """A config and adapter tree from HF PEFT adapter config contents and tensors.
 
-    ``peft_type`` ``"LORA"`` gives a ``LoraConfig`` (a ``DoraConfig`` with ``use_dora``), ``"IA3"`` an
-    ``IA3Config``, ``"LOHA"``/``"LOKR"``/``"VERA"`` a ``LohaConfig``/``LokrConfig``/``VeraConfig`` (VeRA: only files
-    whose shared projections are jaxpeft's, i.e. that jaxpeft exported; LoHa/LoKr: ``rank_dropout``,
-    ``module_dropout`` and CP convolutions are refused), ``"LN_TUNING"`` an ``LNTuningConfig`` (the file holds the
-    tuned norms; the deltas are ``saved - params``, so concrete params are needed, and every parameter of each
+    The file goes to the first codec that reads its ``peft_type`` and accepts it: the codecs of ``configs`` (a
+    method of your own; LoRA-FA's config to read a plain LoRA file as LoRA-FA), then the registry's
+    (``"LORA"`` gives LoRA, or DoRA with ``use_dora``; ``"VERA"`` keeps projections that are not jaxpeft's as frozen
+    arrays; LoHa/LoKr refuse ``rank_dropout``, ``module_dropout`` and CP convolutions; ``"LN_TUNING"`` files hold
+    the tuned norms, so the deltas are ``saved - params``, which needs concrete params, and every parameter of each
     norm in the file is trained, as in PEFT). The returned config targets exactly the imported
     parameters (an anchored regex of their paths; LoRA, LoHa and LoKr ranks and alphas per module as
     ``rank_pattern``/``alpha_pattern``; IA3's feed-forward modules as ``feedforward``), so
@@ -307,7 +317,7 @@ def from_state_dict(
       config: the parsed ``adapter_config.json``.
       tensors: ``{key: array}`` from ``adapter_model.safetensors``.
       params: the base params (arrays or ``jax.ShapeDtypeStruct``; concrete arrays for ``LN_TUNING``).
-      module_name: our module path -> HF module name, as for :func:`to_state_dict`.
+      module_name: our module path -> HF module name, as for :func:`to_state_dict` (unused for prompt learning).
       modules_to_save: ``{HF module name: a tree like the saved module}`` (arrays or ``jax.ShapeDtypeStruct``, in
         the Flax naming of :func:`to_state_dict`'s ``modules_to_save``) for a file with PEFT ``modules_to_save``;
         then a third item returns those modules as trees of that structure, shapes and dtypes. It must name
@@ -317,6 +327,7 @@ def from_state_dict(
       base_weights: for the base embedding copy HF saves when it adapts an embedding
         (``...base_layer.weight``): ``"check"`` that it equals ``params`` (needs concrete params), or
         ``"ignore"`` it.
+      configs: config classes whose codecs are tried before the built-in ones.
 
     Returns:
       ``(cfg, adapters)``, or ``(cfg, adapters, {module: tree})`` when ``modules_to_save`` is given.
@@ -326,8 +337,8 @@ def from_state_dict(
     ``layers_to_transform`` with ``layers_pattern``). Tensors for a module the config does not select are refused
     (PEFT drops them silently). A selected module of ``params`` with no tensors is left unadapted when PEFT would
     give it an identity adapter (``init_lora_weights`` true/"gaussian"/"eva"/"mica", ``init_ia3_weights`` true),
-    and refused otherwise. Every field of PEFT 0.21.2's ``LoraConfig``/``IA3Config`` is supported, harmless or
-    refused by name when set (``jaxpeft.hf._config``); a field PEFT does not have is ignored when unset
+    and refused otherwise. Every field of PEFT 0.21.2's config class is supported, harmless or refused by name when
+    set (the codec's ``FieldTable``); a field PEFT does not have is ignored when unset
     (null/false/empty) and refused otherwise. Values are checked: ranks whole and positive (never rounded), alphas
     finite and positive, booleans JSON booleans (PEFT reads ``"false"`` as true), regexes valid; tensors finite
     float16/bfloat16/float32/float64 arrays. Saved modules follow PEFT's rules too: every module of ``params``
@@ -341,34 +352,29 @@ def from_state_dict(
         the field or tensor, the value, what was expected and the fix).
       TypeError: ``config`` or ``tensors`` of the wrong Python type.
     """
-    if isinstance(config, Mapping) and config.get("peft_type") in prompt.PEFT_TYPES.values():
-        if modules_to_save is not None:
-            raise ValueError("`modules_to_save` is not supported for prompt-learning adapters; pass None.")
-        return prompt.from_hf(config, tensors, params, dtype=dtype)  # `module_name`, `layouts` are not used
-    fn = as_fn(module_name)
     if not isinstance(config, Mapping):
         raise TypeError(f"`config` is a {type(config).__name__}; expected the parsed {CONFIG_NAME} (a dict).")
-    peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type not in _IMPORTERS:
-        raise ValueError(
-            f"{CONFIG_NAME} has `peft_type`={peft_type!r:.80}; jaxpeft.hf imports 'LORA' (plain or use_dora), "
-            "'IA3', 'LOHA', 'LOKR', 'VERA' and 'LN_TUNING' adapters, and 'PROMPT_TUNING', 'PREFIX_TUNING'."
-        )
-    entries = _saved.read_entries(config)
+    if base_weights not in ("check", "ignore"):
+        raise ValueError(f"`base_weights`={base_weights!r}; expected 'check' or 'ignore'.")
+    codec = _import_codec(config, configs)
+    if codec.modules:  # saved modules are read here, not by the codec (whose table refuses them)
+        check_fields({k: v for k, v in config.items() if k != "modules_to_save"}, codec)
+        config = dict(config)
+    else:
+        config = check_fields(config, codec)
     checked = check_tensors(tensors)
-    shared = {k: checked.pop(k) for k in vera.SHARED_KEYS if k in checked and peft_type == "VERA"}
-    groups, rest = _saved.split(entries, checked)
+    if not codec.modules:
+        if modules_to_save is not None:
+            raise ValueError(f"`modules_to_save` is not supported for {codec.peft_type} adapters; pass None.")
+        request = Import(config, checked, params, None, layouts, dtype, base_weights)
+        return codec.from_hf(request)
+    fn = as_fn(module_name)
+    entries = _saved.read_entries(config)
+    shared = {k: checked.pop(k) for k in codec.shared_keys if k in checked}
+    groups, rest = _saved.split(entries, checked, _parts())
     saved = _saved.from_hf(groups, entries, modules_to_save, _saved.module_universe(params, fn))
-    method = _IMPORTERS[peft_type]
-    cfg, adapters = method(
-        {**config, "modules_to_save": None},
-        {**rest, **shared},
-        params,
-        fn,
-        layouts=layouts,
-        dtype=dtype,
-        base_weights=base_weights,
-    )
+    request = Import({**config, "modules_to_save": None}, {**rest, **shared}, params, fn, layouts, dtype, base_weights)
+    cfg, adapters = codec.from_hf(request)
     return (cfg, adapters) if modules_to_save is None else (cfg, adapters, saved)
 
 

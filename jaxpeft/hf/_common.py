@@ -1,8 +1,11 @@
-"""What every HF PEFT method shares: module names, HF's matching rules, per-layer targets, tensor checks."""
+"""What every HF PEFT codec shares: module names, HF's matching rules, per-layer targets, tensor checks, and the
+export and import loops of methods whose tensors live on HF modules (``write_modules``, ``read_groups``)."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -13,9 +16,11 @@ import numpy as np
 
 from jaxpeft._paths import leaves_with_paths, set_path
 from jaxpeft._select import WEIGHT_NAMES, Layout
-from jaxpeft.hf._config import Selection, hf_pattern_match, listed
+from jaxpeft.api import plan
+from jaxpeft.hf._codec import Export, Import
+from jaxpeft.hf._config import Selection, check_selection, hf_pattern_match, listed
 from jaxpeft.hf._files import WEIGHTS_NAME
-from jaxpeft.methods.base import Adapter, MethodConfig, adapter_items, check_fits, plan
+from jaxpeft.protocol import Adapter, MethodConfig, adapter_items, array_fields, check_fits
 
 #: Placeholder for the layer index of a scan-stacked parameter in a module-name template.
 LAYER = "{layer}"
@@ -257,13 +262,13 @@ class Target:
 
 
 def _host_arrays(node: Adapter) -> dict[str, np.ndarray]:
-    fields = [f.name for f in dataclasses.fields(node) if not f.metadata.get("static")]  # type: ignore[arg-type]
+    fields = [f for f in array_fields(node) if getattr(node, f) is not None]
     return {k: np.asarray(v) for k, v in jax.device_get({k: getattr(node, k) for k in fields}).items()}
 
 
-def _check_layout(path: str, node: Adapter, layout: Layout | None) -> None:
+def _check_layout(path: str, node: Adapter, layout: Any) -> None:
     lay = node.layout
-    if layout is not None and (layout.stack, layout.fan_in, layout.fan_out, layout.kind) != (
+    if isinstance(layout, Layout) and (layout.stack, layout.fan_in, layout.fan_out, layout.kind) != (
         lay.stack,
         lay.fan_in,
         lay.fan_out,
@@ -285,13 +290,14 @@ def export_targets(
     module_name: Callable[[str], str],
     layouts: Mapping[str, Layout] | None,
 ) -> list[Target]:
-    """The adapters as export targets, checked: all ``node_type``, fitting ``params``, named one HF module each."""
+    """The adapters as export targets, checked: all ``node_type`` (a subclass too), fitting ``params``, named one HF
+    module each."""
     shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(params)}
     layouts = dict(layouts or {})
     targets: list[Target] = []
     owner: dict[str, str] = {}
     for path, node in adapter_items(adapters):
-        if type(node) is not node_type:
+        if not isinstance(node, node_type):
             raise ValueError(
                 f"adapter {path!r} is a {type(node).__name__}; a {type(cfg).__name__} exports {node_type.__name__} "
                 "only. Pass the config the adapters were made with."
@@ -544,3 +550,168 @@ def build_adapters(
         node = dataclasses.replace(row.node, **{k: jnp.asarray(v, dtype) for k, v in fields.items()})
         tree = set_path(tree, path, node)
     return tree
+
+
+# ----------------------------------------------------------------------------------------------- codec loops
+
+
+def write_modules(
+    req: Export,
+    node_type: type[Adapter],
+    tensors_of: Callable[[Target, int | None], Mapping[str, np.ndarray]],
+    check: Callable[[Target], Any] = lambda target: None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The tensors of every adapted HF module and ``{HF module name: check(target)}``.
+
+    ``tensors_of(target, layer)`` gives one HF module's ``{key suffix: array}`` (``layer`` indexes a ``{layer}``
+    stack, None when unstacked); ``check`` validates a target against the config (raising) and returns what the
+    codec's config fields need of it.
+    """
+    assert req.module_name is not None
+    tensors: dict[str, np.ndarray] = {}
+    names: dict[str, Any] = {}
+    for target in export_targets(req.adapters, node_type, req.cfg, req.params, req.module_name, req.layouts):
+        info = check(target)
+        for name, layer in target.layers():
+            names[name] = info
+            for suffix, value in tensors_of(target, layer).items():
+                tensors[f"{PREFIX}{name}{suffix}"] = np.ascontiguousarray(value)
+    return tensors, names
+
+
+def target_modules(req: Export, names: Iterable[str]) -> str | list[str]:
+    """The ``target_modules`` that select exactly ``names`` among the HF modules of the params (or the override)."""
+    assert req.module_name is not None
+    return target_modules_for(names, hf_modules(req.params, req.module_name), req.target_modules)
+
+
+def read_groups(
+    req: Import,
+    selection: Selection,
+    suffixes: Mapping[str, str],
+    what: str,
+    identity_init: bool,
+    init_field: str,
+    tensors: Mapping[str, Any] | None = None,
+) -> list[Group]:
+    """The file's HF modules grouped by our parameter (the first steps of every module import), checked.
+
+    The tensors (``req.tensors`` unless given) are split by key suffix, the modules they adapt checked against
+    PEFT's selection (``selection``; ``identity_init``/``init_field`` say whether a selected module without
+    tensors is PEFT's identity) and grouped per parameter; base weight copies are checked (``req.base_weights``).
+    """
+    assert req.module_name is not None
+    index = hf_modules(req.params, req.module_name)
+    modules = split_keys(req.tensors if tensors is None else tensors, suffixes, what)
+    adapted = [n for n, entry in modules.items() if set(entry) != {"w"}]
+    check_selection(selection, adapted, list(index), identity_init, init_field)
+    groups = group_modules(modules, index, req.params, req.base_weights)
+    if not groups:
+        raise ValueError(f"the adapter file holds no {what}.")
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------- ranks and alphas
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """What a rank/alpha config needs to know about one exported adapter."""
+
+    target: Target
+    rank: int
+    alpha: float
+
+
+def check_rank_scale(target: Target, cfg: Any, rank: int, scale: float) -> Entry:
+    """The target's rank and alpha under ``cfg`` (a ``RankFields`` config), after checking the node was made with it."""
+    path = target.path
+    if rank != cfg.rank_for(path):
+        raise ValueError(
+            f"adapter {path!r} has rank {rank} but `cfg` gives rank {cfg.rank_for(path)}; pass its config."
+        )
+    if not math.isclose(scale, cfg.scale_for(path), rel_tol=1e-6):
+        raise ValueError(
+            f"adapter {path!r} has scale {scale} but `cfg` gives {cfg.scale_for(path)}; pass the config the adapters "
+            "were made with."
+        )
+    return Entry(target, rank, cfg.alpha_for(path))
+
+
+def _default_value(values: list[Any], preferred: Any) -> Any:
+    counts = collections.Counter(values)
+    if preferred in counts:
+        return preferred
+    return max(sorted(counts), key=lambda v: counts[v])
+
+
+def _patterns(names: Mapping[str, Entry], attr: str, default: Any) -> dict[str, int | float]:
+    """HF pattern keys giving every exported module its rank/alpha, verified with HF's matching rule."""
+    differing = {n: e for n, e in names.items() if getattr(e, attr) != default}
+    if not differing:
+        return {}
+
+    def works(patterns: dict[str, Any]) -> bool:
+        for n, e in names.items():
+            key = hf_pattern_key(list(patterns), n)
+            if (patterns[key] if key is not None else default) != getattr(e, attr):
+                return False
+        return True
+
+    # Compact form first: one key per module template, with `{layer}` as a digit wildcard.
+    compact = {e.target.template.replace(LAYER, r"\d+"): number(getattr(e, attr)) for e in differing.values()}
+    if works(compact):
+        return compact
+    exact = {re.escape(n): number(getattr(e, attr)) for n, e in sorted(differing.items())}
+    if works(exact):
+        return exact
+    raise ValueError(  # pragma: no cover - escaped full names always match exactly
+        f"could not express per-module `{attr}` values as HF patterns for {listed(differing)}."
+    )
+
+
+def rank_alpha_fields(cfg: Any, names: Mapping[str, Entry], rank_key: str, alpha_key: str) -> dict[str, Any]:
+    """HF's ``r``, alpha (under ``alpha_key``) and ``rank_pattern``/``alpha_pattern`` giving each module its own."""
+    rank = _default_value([e.rank for e in names.values()], cfg.rank)
+    alpha = _default_value([e.alpha for e in names.values()], cfg.alpha)
+    return {
+        rank_key: rank,
+        alpha_key: number(alpha),
+        "rank_pattern": _patterns(names, "rank", rank),
+        "alpha_pattern": _patterns(names, "alpha", alpha),
+    }
+
+
+def group_rank_alpha(
+    rank_alpha: Callable[[str], tuple[int, float]], group: Group, ranks: Sequence[int | None]
+) -> tuple[int, float]:
+    """The rank and alpha PEFT gives ``group``'s HF modules (``rank_alpha(name)``), equal for all of them and to the
+    tensors' ``ranks`` (one per module; None where the tensors do not show it)."""
+    pairs = {rank_alpha(name) for name, _ in group.modules}
+    if len(pairs) > 1:
+        raise ValueError(
+            f"the HF modules stacked into {group.path!r} (e.g. {group.first!r}) have different ranks or alphas "
+            f"{sorted(pairs)}; a stacked adapter needs one rank and one alpha."
+        )
+    rank, alpha = pairs.pop()
+    for (name, _), got in zip(group.modules, ranks, strict=True):
+        if got is not None and got != rank:
+            raise ValueError(
+                f"HF module {name!r} has rank {got} in the tensors but {rank} in adapter_config.json; the files do "
+                "not belong together."
+            )
+    return rank, alpha
+
+
+def per_path_args(
+    r: int, alpha: float, ranks: Mapping[str, int], alphas: Mapping[str, float], arrays: Mapping[str, Any], dtype: Any
+) -> dict[str, Any]:
+    """The ``RankFields`` config arguments that target exactly ``arrays``' paths with their ranks and alphas."""
+    return dict(
+        rank=r,
+        alpha=alpha,
+        targets=exact_paths(arrays),
+        rank_pattern={exact_paths([p]): ranks[p] for p in sorted(arrays) if ranks[p] != r},
+        alpha_pattern={exact_paths([p]): alphas[p] for p in sorted(arrays) if alphas[p] != alpha},
+        dtype=adapter_dtype((v for f in arrays.values() for v in f.values()), dtype),
+    )

@@ -60,7 +60,9 @@ def serialise(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str
         text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except (TypeError, ValueError) as err:
         raise ValueError(f"the HF config cannot be written as JSON ({err}); {dict(config)!r:.200}") from None
-    return {CONFIG_NAME: text.encode("utf-8"), WEIGHTS_NAME: save(dict(tensors), {"format": "pt"})}
+    # safetensors writes each array's buffer as it lies in memory: a non-contiguous view would be scrambled
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    return {CONFIG_NAME: text.encode("utf-8"), WEIGHTS_NAME: save(arrays, {"format": "pt"})}
 
 
 def _fsync_dir(directory: str) -> None:

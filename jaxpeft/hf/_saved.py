@@ -35,14 +35,6 @@ TASK_MODULES = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
-#: Path components of adapter tensors (LoRA, DoRA, IA3, LoHa, LoKr, VeRA, LN tuning) and of PEFT's base-layer copies.
-_ADAPTER_PARTS = (
-    frozenset(
-        ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ia3_l", "base_layer")
-    )
-    | frozenset(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "vera_lambda_d", "vera_lambda_b"))
-    | frozenset(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "ln_tuning_layers"))
-)
 _TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight"}
 _NDIM = {"kernel": 2, "embedding": 2, "scale": 1, "bias": 1}
 _LEAVES = (
@@ -141,11 +133,13 @@ def to_hf(
     adapter_tensors: Mapping[str, Any],
     universe: Mapping[str, list[tuple[str, tuple[int, ...]]]],
     task_type: str | None,
+    parts: frozenset[str],
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """``(modules_to_save names, tensors)`` of the trained modules ``{HF module name: Flax tree}``, checked.
 
     ``adapter_tensors`` are the method's tensors (their module names must stay out of every saved module),
-    ``universe`` the modules of the base params (:func:`module_universe`).
+    ``universe`` the modules of the base params (:func:`module_universe`), ``parts`` the key components of every
+    method's tensors (the codecs' ``tensor_parts``).
     """
     if not isinstance(modules, Mapping):
         raise TypeError(
@@ -157,7 +151,7 @@ def to_hf(
         for b in names:
             if b.startswith(a + "."):
                 raise ValueError(f"`modules_to_save` names {a!r} and {b!r} inside it; give the outer module only.")
-    adapted = sorted({_adapted_module(k) for k in adapter_tensors})
+    adapted = sorted({_adapted_module(k, parts) for k in adapter_tensors})
     for name in names:
         inside = [m for m in adapted if _excluded(name, m)]
         if inside:
@@ -203,10 +197,10 @@ def to_hf(
     return sorted(names), tensors
 
 
-def _adapted_module(key: str) -> str:
+def _adapted_module(key: str, adapter_parts: frozenset[str]) -> str:
     """The HF module of an adapter tensor key (``...q_proj.lora_A.weight`` -> ``...q_proj``)."""
     parts = key.removeprefix(PREFIX).split(".")
-    cut = next((i for i, p in enumerate(parts) if p in _ADAPTER_PARTS), len(parts) - 1)
+    cut = next((i for i, p in enumerate(parts) if p in adapter_parts), len(parts) - 1)
     return ".".join(parts[:cut])
 
 
@@ -256,25 +250,30 @@ def read_entries(config: Mapping[str, Any]) -> dict[str, str]:
     return entries
 
 
-def split(entries: Mapping[str, str], tensors: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def split(
+    entries: Mapping[str, str], tensors: Mapping[str, Any], parts: frozenset[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """``({saved module: {torch key: tensor}}, other tensors)``: the tensors PEFT loads into modules to save.
 
     A tensor belongs to the outermost module of its key that ends with an entry (PEFT's ``str.endswith``).
-    Adapter tensors inside such a module, and modules to save inside one another, are refused.
+    Adapter tensors (a key component in ``parts``) inside such a module, and modules to save inside one another,
+    are refused.
     """
     strip = all(k.startswith(PREFIX) for k in tensors)
     groups: dict[str, dict[str, Any]] = {}
     rest: dict[str, Any] = {}
     for key, value in tensors.items():
-        parts = (key[len(PREFIX) :] if strip else key).split(".")
+        pieces = (key[len(PREFIX) :] if strip else key).split(".")
         owners = [
-            ".".join(parts[:i]) for i in range(1, len(parts)) if any(".".join(parts[:i]).endswith(e) for e in entries)
+            ".".join(pieces[:i])
+            for i in range(1, len(pieces))
+            if any(".".join(pieces[:i]).endswith(e) for e in entries)
         ]
         if not owners:
             rest[key] = value
             continue
-        owner, inner = owners[0], parts[owners[0].count(".") + 1 :]
-        if _ADAPTER_PARTS.intersection(inner):
+        owner, inner = owners[0], pieces[owners[0].count(".") + 1 :]
+        if parts.intersection(inner):
             raise ValueError(
                 f"the adapter file holds adapter tensor {key!r} inside {owner!r}, a module to save by {CONFIG_NAME}'s "
                 f"`modules_to_save`/`task_type` ({listed(entries)}); PEFT adapts no module inside one it saves, so "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +29,17 @@ import numpy as np
 
 from jaxpeft._paths import path_str, set_path
 from jaxpeft._select import Layout
-from jaxpeft.methods.base import STATIC, Adapter, LayerCall, NotMergeableError, adapter_items
-from jaxpeft.methods.leaf import LeafAdapter
 from jaxpeft.methods.lora import LoraWeights
+from jaxpeft.protocol import (
+    STATIC,
+    Adapter,
+    LayerAdapter,
+    LayerCall,
+    NotMergeableError,
+    adapter_items,
+    frozen_fields,
+    hook_kind,
+)
 
 __all__ = ["AdapterBank", "adapter_ids", "select_adapter", "stack_adapters", "unstack_adapters"]
 
@@ -41,7 +49,7 @@ def _take(leaf: jax.Array, index: Any, axis: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterBank(Adapter):
+class AdapterBank(LayerAdapter):
     """The adapters of one weight, stacked: each leaf of ``adapters`` is ``(*stack, n, ...)`` (n after the stack).
 
     ``adapters`` is one node of the stacked method (its static parts are shared by all ``n``); ``names`` are the
@@ -53,19 +61,33 @@ class AdapterBank(Adapter):
 
     adapters: Any
     names: tuple[str, ...] = dataclasses.field(metadata=STATIC)
-    layout: Layout = dataclasses.field(default=Layout(), metadata=STATIC)
+    layout: Layout = dataclasses.field(metadata=STATIC, kw_only=True)
 
     @property
     def dropout(self) -> float:  # type: ignore[override]
         return float(getattr(self.adapters, "dropout", 0.0))
 
+    @property
+    def bank_size(self) -> int:
+        return len(self.names)
+
+    @property
+    def b_factors(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(type(self.adapters).b_factors)
+
+    @property
+    def frozen_field_names(self) -> tuple[str, ...]:
+        """The stacked method's frozen fields (the bank's children carry its field names)."""
+        return frozen_fields(self.adapters)
+
+    def frozen_stopped(self) -> AdapterBank:
+        return dataclasses.replace(self, adapters=self.adapters.frozen_stopped())
+
     def at_call(self, n_sliced: int) -> AdapterBank:
         if n_sliced == 0:
             return self
-        lay = self.layout
-        return AdapterBank(
-            self.adapters.at_call(n_sliced), self.names, Layout(lay.stack - n_sliced, lay.fan_in, lay.fan_out, lay.kind)
-        )
+        layout = dataclasses.replace(self.layout, stack=self.layout.stack - n_sliced)
+        return AdapterBank(self.adapters.at_call(n_sliced), self.names, layout=layout)
 
     def pick(self, index: Any) -> Adapter:
         """The adapter at ``index`` (an int or a traced scalar) as a node of the stacked method."""
@@ -110,7 +132,7 @@ class AdapterBank(Adapter):
             raise ValueError(f"`adapter_ids` has dtype {ids.dtype}; expected integers (jaxpeft.adapter_ids(...)).")
         inner_call = dataclasses.replace(call, adapter_ids=None)
         if ids.ndim == 0:
-            return self.pick(ids).forward(inner_call)
+            return cast(Any, self.pick(ids)).forward(inner_call)
         batch = call.x.shape[0] if call.x.ndim else None
         if ids.ndim != 1 or ids.shape[0] != batch:
             raise ValueError(
@@ -120,7 +142,7 @@ class AdapterBank(Adapter):
         picked = self.pick(ids)  # each leaf (*stack, batch, ...)
         key = call.dropout_key() if self.dropout > 0 else None
 
-        def one(node: Adapter, x: jax.Array, i: jax.Array) -> jax.Array:
+        def one(node: Any, x: jax.Array, i: jax.Array) -> jax.Array:
             one_key = None if key is None else jax.random.fold_in(key, i)
             c = dataclasses.replace(inner_call, x=x[None], dropout_key=lambda: one_key)
             return node.forward(c)[0]
@@ -143,7 +165,7 @@ def _flatten(bank: AdapterBank) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]
 
 def _unflatten(aux: tuple[Any, ...], children: Any) -> AdapterBank:
     treedef, names, layout = aux
-    return AdapterBank(jax.tree_util.tree_unflatten(treedef, list(children)), names, layout)
+    return AdapterBank(jax.tree_util.tree_unflatten(treedef, list(children)), names, layout=layout)
 
 
 jax.tree_util.register_pytree_with_keys(AdapterBank, _flatten, _unflatten)
@@ -166,7 +188,7 @@ def _lora_common(nodes: Sequence[Any]) -> list[Any] | None:
         pad = rank - n.rank
         a = jnp.pad(n.a, [(0, 0)] * (n.a.ndim - 1) + [(0, pad)])
         b = jnp.pad(n.b * jnp.asarray(n.scale, n.b.dtype), [(0, 0)] * s + [(0, pad)] + [(0, 0)] * (n.b.ndim - s - 1))
-        out.append(LoraWeights(a, b, 1.0, n.dropout, n.layout))
+        out.append(LoraWeights(a, b, 1.0, n.dropout, layout=n.layout))
     return out
 
 
@@ -184,7 +206,7 @@ def _stack_path(path: str, names: Sequence[str], nodes: Sequence[Any]) -> Adapte
         nodes = normalised
     axis = nodes[0].layout.stack
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves, axis=axis), *nodes)
-    return AdapterBank(stacked, tuple(names), nodes[0].layout)
+    return AdapterBank(stacked, tuple(names), layout=nodes[0].layout)
 
 
 def _show(node: Any) -> str:
@@ -210,12 +232,13 @@ def stack_adapters(named: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"adapter names must be non-empty strings; got {names!r}.")
     tables = {n: dict(adapter_items(named[n])) for n in names}
     for name in names:
-        leaf = next((p for p, node in tables[name].items() if isinstance(node, LeafAdapter)), None)
+        leaf = next((p for p, node in tables[name].items() if hook_kind(node) != "layer"), None)
         if leaf is not None:
             raise ValueError(
-                f"adapter {name!r} at {leaf!r} is a {type(tables[name][leaf]).__name__} (BitFit / LN tuning), which "
-                "replaces a parameter for the whole call; a bank switches adapters of layer calls (LoRA, DoRA, IA3, "
-                "LoHa, LoKr, VeRA). Keep such adapters in separate trees and switch trees instead."
+                f"adapter {name!r} at {leaf!r} is a {type(tables[name][leaf]).__name__} (a leaf or model-input "
+                "adapter: BitFit, LN tuning, prompts), which applies to the whole call; a bank switches adapters of "
+                "layer calls (LoRA, DoRA, IA3, LoHa, LoKr, VeRA). Keep such adapters in separate trees and switch "
+                "trees instead."
             )
         if any(_is_bank(node) for node in tables[name].values()):
             raise ValueError(f"adapter {name!r} is already a bank; unstack it first (jaxpeft.unstack_adapters).")

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft._paths import set_path
-from jaxpeft.methods.base import adapter_items
-from jaxpeft.methods.lora import LoraConfig, LoraWeights, factors_delta
+from jaxpeft.methods._factors import factors_delta
+from jaxpeft.methods.lora import LoraConfig, LoraWeights
+from jaxpeft.protocol import adapter_items
 
 __all__ = ["COMBINATIONS", "add_weighted_adapter"]
 
@@ -40,7 +41,7 @@ def _check(named: Mapping[str, Any], weights: Any) -> tuple[list[str], list[floa
     for name in names:
         table = dict(adapter_items(named[name]))
         for path, node in table.items():
-            if type(node) is not LoraWeights:
+            if not isinstance(node, LoraWeights):
                 raise ValueError(
                     f"adapter {name!r} at {path!r} is {type(node).__name__}; add_weighted_adapter combines LoRA "
                     "adapters (jaxpeft.LoraConfig) only, as HF PEFT does. For a bank, unstack it first."
@@ -159,7 +160,7 @@ def add_weighted_adapter(
         out = set_path(out, path, node)
     exact = "^(" + "|".join(re.escape(p) for p in sorted(tables[names[0]])) + ")$"
     base = cfg if cfg is not None else LoraConfig(targets=exact)
-    if not isinstance(base, LoraConfig) or type(base) is not LoraConfig:
+    if not isinstance(base, LoraConfig):
         raise ValueError(f"`cfg` is a {type(base).__name__}; expected a jaxpeft.LoraConfig.")
     new_cfg = dataclasses.replace(base, rank=new_rank, alpha=float(new_rank), rank_pattern=(), alpha_pattern=())
     return out, new_cfg

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft._select import Layout
-from jaxpeft.methods.base import STATIC, Adapter, LayerCall, NotMergeableError
-from jaxpeft.methods.lora import LoraConfig, check_factors, factor_axes, factors_delta
+from jaxpeft.hf._lora_format import lora_codec
+from jaxpeft.methods._factors import LowRankConfig, LowRankNode, check_factors, factor_axes, factors_delta
+from jaxpeft.protocol import STATIC, LayerAdapter, LayerCall, NotMergeableError
 
 __all__ = ["DoraConfig", "DoraWeights", "weight_norm"]
 
@@ -43,7 +44,7 @@ def weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, lay
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DoraWeights(Adapter):
+class DoraWeights(LowRankNode, LayerAdapter):
     """One DoRA adapter: LoRA factors A, B and a magnitude ``(*stack, *fan_out)``.
 
     The adapted weight is ``W' = magnitude ⊙ (W + s·A·B) / ‖W + s·A·B‖`` (norm over the fan-in axes, per output).
@@ -57,14 +58,7 @@ class DoraWeights(Adapter):
     magnitude: Any
     scale: float = dataclasses.field(metadata=STATIC)
     dropout: float = dataclasses.field(default=0.0, metadata=STATIC)
-    layout: Layout = dataclasses.field(default=Layout(), metadata=STATIC)
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[-1])
-
-    def describe(self) -> str:
-        return f"r={self.rank} scale={self.scale:g}"
+    layout: Layout = dataclasses.field(metadata=STATIC, kw_only=True)
 
     def weight_axes(self) -> dict[str, tuple[int | None, ...]]:
         stack, _, fan_out = self.layout.axes()
@@ -117,8 +111,9 @@ class DoraWeights(Adapter):
 
 
 @dataclasses.dataclass(frozen=True)
-class DoraConfig(LoraConfig):
-    """DoRA hyper-parameters: exactly :class:`LoraConfig`'s (rank, alpha, patterns, dropout, rsLoRA, init, dtype).
+class DoraConfig(LowRankConfig):
+    """DoRA hyper-parameters: the fields of :class:`jaxpeft.LoraConfig` (rank, alpha, patterns, dropout, rsLoRA,
+    init ``"kaiming"``/``"gaussian"``, dtype); a sibling of it over the shared ``LowRankConfig``, not a subclass.
 
     The magnitude starts at the base weight's column norms, so the adapted model equals the base at init; that
     needs the base weights' values (``init`` on ``jax.ShapeDtypeStruct`` params is refused, except under
@@ -139,4 +134,7 @@ class DoraConfig(LoraConfig):
             )
         a, b = self.init_factors(path, weight.shape, layout, key)
         magnitude = weight_norm(weight, a, jnp.zeros_like(b), 1.0, layout).astype(self.dtype)
-        return DoraWeights(a, b, magnitude, self.scale_for(path), self.dropout, layout)
+        return DoraWeights(a, b, magnitude, self.scale_for(path), self.dropout, layout=layout)
+
+
+DoraConfig.codec = lora_codec(DoraWeights, DoraConfig, dora=True)

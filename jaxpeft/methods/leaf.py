@@ -1,7 +1,7 @@
-"""Leaf methods: train an existing small leaf (a bias, a norm's scale) through a delta instead of adding factors.
+"""What the leaf methods (BitFit, LN tuning) share: the node :class:`LeafDelta` and the selection of vector leaves.
 
-The protocol extension is one class, :class:`LeafAdapter`: a node whose ``value(leaf)`` replaces the leaf it sits
-on. The framework adapters run the **unchanged** model on params in which each adapted leaf is substituted
+A leaf method's node is a ``jaxpeft.LeafAdapter`` (the protocol's leaf hook): its ``value(leaf)`` replaces the leaf
+it sits on. The framework adapters run the **unchanged** model on params in which each adapted leaf is substituted
 (``jaxpeft.linen.apply`` before ``model.apply``, so ``nn.scan`` slices it like any parameter; ``jaxpeft.nnx`` in a
 ``LeafAdapterLayer`` around the module that owns the leaf), so no layer call is intercepted and gradients reach
 only the adapters. :class:`LeafDelta` is the built-in node: ``leaf + delta`` with ``delta = 0`` at init.
@@ -24,39 +24,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxpeft import quant
-from jaxpeft._paths import leaves_with_paths, map_with_paths
-from jaxpeft._select import VECTOR_KINDS, WEIGHT_NAMES, Layout, TargetSpec, compile_regex, default_layout
-from jaxpeft.methods.base import STATIC, Adapter, LayerCall, adapter_items, check_fits, fold_weight
+from jaxpeft._paths import leaves_with_paths
+from jaxpeft._select import VECTOR_KINDS, WEIGHT_NAMES, Layout, LayoutEntry, TargetSpec, compile_regex, default_layout
+from jaxpeft.api import fold_weight
+from jaxpeft.methods._factors import check_dtype
+from jaxpeft.protocol import STATIC, LeafAdapter, MethodConfig
 
-__all__ = ["ALL", "LeafAdapter", "LeafDelta", "leaf_adapters", "select_leaves", "substitute", "vector_leaves"]
+__all__ = ["ALL", "LeafAdapter", "LeafConfig", "LeafDelta", "select_leaves", "vector_leaves"]
 
 #: The ``targets`` value that selects every candidate leaf of a leaf method.
 ALL = "all"
-
-
-class LeafAdapter(Adapter):
-    """Base class of adapters that train an existing leaf in place (BitFit's biases, LN tuning's scales).
-
-    The framework adapters never call ``forward``: they run the model on params whose leaf at the adapter's path
-    is replaced by ``value(leaf)``. ``fold`` must equal ``value`` for ``sign=+1`` so that a merged model computes
-    exactly what the adapted one does.
-    """
-
-    def value(self, leaf: jax.Array) -> jax.Array:
-        """What the model sees in place of ``leaf`` (at init exactly ``leaf``)."""
-        raise NotImplementedError(f"{type(self).__name__} defines no value rule.")
-
-    def forward(self, call: LayerCall) -> jax.Array:
-        raise TypeError(
-            f"{type(self).__name__} trains a leaf in place and has no layer forward; run the model with "
-            "jaxpeft.linen.apply or jaxpeft.nnx.attach, which substitute the leaf."
-        )
 
 
 @functools.partial(jax.tree_util.register_dataclass)
@@ -70,7 +53,7 @@ class LeafDelta(LeafAdapter):
     """
 
     delta: Any
-    layout: Layout = dataclasses.field(default=Layout(fan_in=0, kind="bias"), metadata=STATIC)
+    layout: Layout = dataclasses.field(metadata=STATIC)
 
     def value(self, leaf: jax.Array) -> jax.Array:
         return fold_weight(leaf, self.delta, 1)
@@ -88,35 +71,6 @@ class LeafDelta(LeafAdapter):
 
     def weight_axes(self) -> dict[str, tuple[int | None, ...]]:
         return {"delta": tuple(range(self.layout.ndim))}
-
-
-def leaf_adapters(adapters: Any) -> dict[str, LeafAdapter]:
-    """The ``LeafAdapter`` nodes of an adapter tree, by path."""
-    return {path: node for path, node in adapter_items(adapters) if isinstance(node, LeafAdapter)}
-
-
-def substitute(params: Any, adapters: Any) -> tuple[Any, set[str]]:
-    """``params`` with each leaf that has a ``LeafAdapter`` replaced by ``node.value(leaf)``, and those paths.
-
-    Other adapter nodes are ignored (the caller runs them). Pure: the inputs are untouched.
-
-    Raises:
-      ValueError: an adapter does not fit its leaf (names the path and both shapes).
-    """
-    table = leaf_adapters(adapters)
-    if not table:
-        return params, set()
-    done: set[str] = set()
-
-    def swap(path: str, leaf: Any) -> Any:
-        node = table.get(path)
-        if node is None:
-            return leaf
-        check_fits(path, node, tuple(leaf.shape))
-        done.add(path)
-        return node.value(leaf)
-
-    return map_with_paths(swap, params, is_leaf=quant.is_quantized), done
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -145,7 +99,7 @@ def _vector_layout(kind: str, ndim: int, stack: int) -> Layout | None:
     return Layout(stack=stack, fan_in=0, fan_out=ndim - stack, kind=kind)
 
 
-def vector_leaves(params: Any, layouts: Mapping[str, Layout] | None = None) -> dict[str, _Candidate]:
+def vector_leaves(params: Any, layouts: Mapping[str, LayoutEntry] | None = None) -> dict[str, _Candidate]:
     """Every layer bias (kind ``"bias"``) and norm scale/bias (kind ``"norm"``) of ``params``, by path.
 
     Each candidate has its layout, or None and the reason when its stack axes cannot be known.
@@ -171,18 +125,20 @@ def vector_leaves(params: Any, layouts: Mapping[str, Layout] | None = None) -> d
     return out
 
 
-def _given(path: str, layouts: Mapping[str, Layout], kind: str) -> Layout | None:
+def _given(path: str, layouts: Mapping[str, LayoutEntry], kind: str) -> Layout | None:
     layout = layouts.get(path)
-    return layout if layout is not None and layout.kind == kind else None
+    return layout if isinstance(layout, Layout) and layout.kind == kind else None
 
 
-def _bias_candidate(path: str, leaf: Any, kernel_path: str, kernel: Any, layouts: Mapping[str, Layout]) -> _Candidate:
+def _bias_candidate(
+    path: str, leaf: Any, kernel_path: str, kernel: Any, layouts: Mapping[str, LayoutEntry]
+) -> _Candidate:
     ndim = len(leaf.shape)
     own = _given(path, layouts, "bias")
     if own is not None:
         return _Candidate(leaf, "bias", own)
     kernel_layout = layouts.get(kernel_path) or default_layout(kernel_path, tuple(kernel.shape))
-    if kernel_layout is not None and kernel_layout.kind != "unsupported":
+    if isinstance(kernel_layout, Layout):
         layout = _vector_layout("bias", ndim, kernel_layout.stack)
         if layout is not None:
             return _Candidate(leaf, "bias", layout)
@@ -198,7 +154,7 @@ def _bias_candidate(path: str, leaf: Any, kernel_path: str, kernel: Any, layouts
     )
 
 
-def _norm_candidate(path: str, leaf: Any, layouts: Mapping[str, Layout]) -> _Candidate:
+def _norm_candidate(path: str, leaf: Any, layouts: Mapping[str, LayoutEntry]) -> _Candidate:
     own = _given(path, layouts, "norm")
     ndim = len(leaf.shape)
     layout = own if own is not None else _vector_layout("norm", ndim, ndim - 1)
@@ -231,7 +187,7 @@ def select_leaves(
     params: Any,
     targets: TargetSpec,
     exclude: TargetSpec,
-    layouts: Mapping[str, Layout] | None,
+    layouts: Mapping[str, LayoutEntry] | None,
     *,
     kinds: Sequence[str],
     all_kinds: Sequence[str],
@@ -293,3 +249,39 @@ def select_leaves(
 def zeros_like_leaf(weight: Any, dtype: str) -> jax.Array:
     """The zero delta of a leaf of ``weight``'s shape (``weight`` may be abstract)."""
     return jnp.zeros(tuple(weight.shape), jnp.dtype(dtype))
+
+
+class LeafConfig(MethodConfig):
+    """What the leaf methods' configs share: a zero ``LeafDelta`` of the leaf's shape per selected leaf.
+
+    Not a method itself; ``_kinds``/``_all_kinds``/``_names``/``_what`` say which vector leaves a subclass trains.
+    """
+
+    reads_weight_values: ClassVar[bool] = False
+    _kinds: ClassVar[tuple[str, ...]] = ()
+    _all_kinds: ClassVar[tuple[str, ...]] = ()
+    _names: ClassVar[tuple[str, ...]] = ("scale", "bias")
+    _what: ClassVar[str] = ""
+
+    dtype: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
+        super().__post_init__()
+
+    def select(self, params: Any, layouts: Mapping[str, LayoutEntry] | None) -> list[tuple[str, Any, Layout]]:
+        rows = select_leaves(
+            params,
+            self.targets,
+            self.exclude,
+            layouts,
+            kinds=self._kinds,
+            all_kinds=self._all_kinds,
+            names=self._names,
+            what=self._what,
+        )
+        self.check_targets(rows)
+        return rows
+
+    def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> LeafDelta:
+        return LeafDelta(zeros_like_leaf(weight, self.dtype), layout=layout)

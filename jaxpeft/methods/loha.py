@@ -1,109 +1,40 @@
-"""LoHa: a weight update that is the Hadamard product of two low-rank products, ``s·(A₁·B₁) ⊙ (A₂·B₂)``.
+"""LoHa: a weight update that is the Hadamard product of two low-rank products, ``s·(A₁·B₁) ⊙ (A₂·B₂)``; and its
+PEFT ``LOHA`` codec.
 
-Also home of what LoHa and LoKr (``lokr.py``) share: the rank/alpha config fields and patterns, and
-:func:`delta_output`, the contraction of a layer's input with a weight-sized update ``ΔW``.
+HF tensors (no ``.weight``): ``<module>.hada_w1_a`` ``[out, r]``, ``.hada_w1_b`` ``[r, in]``, likewise ``hada_w2_*``,
+with ``ΔW = (alpha/r)·(w1_a·w1_b) ⊙ (w2_a·w2_b)`` in torch's ``(out, in)`` layout: our ``b1ᵀ``, ``a1ᵀ``, ``b2ᵀ``,
+``a2ᵀ``. Kernels with several fan-in or fan-out axes are flattened; a Conv's fan-in is flattened in torch's
+``(in, *window)`` order (ours is ``(*window, in)``), as PEFT does without ``use_effective_conv2d``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxpeft._select import ALL_LINEAR, Layout, TargetSpec
-from jaxpeft.methods.base import STATIC, Adapter, LayerCall, MethodConfig, check_ndim, fold_weight
-from jaxpeft.methods.lora import RankFields, check_factors, factor_axes, factors_delta
+from jaxpeft._select import Layout
+from jaxpeft.api import fold_weight
+from jaxpeft.hf import _lycoris
+from jaxpeft.hf import codec as hfc
+from jaxpeft.methods._factors import RankedConfig, check_factors, factor_axes, factors_delta, uniform
+from jaxpeft.protocol import STATIC, LayerAdapter, LayerCall
 
-__all__ = ["LohaConfig", "LohaWeights", "delta_output"]
-
-#: The layer kinds LoHa adapts (its update is weight-sized, so any layer linear in its kernel would do).
-LOHA_KINDS = ("dense", "dense_general", "einsum", "conv")
+__all__ = ["LohaConfig", "LohaWeights"]
 
 
 def delta_output(call: LayerCall, delta: jax.Array, layout: Layout) -> jax.Array:
-    """The layer's contraction of ``call.x`` with ``delta`` (a call-level, kernel-shaped update), without bias.
-
-    ``x·ΔW`` for ``dense``/``dense_general`` (the same axes as the kernel), the layer's einsum for ``einsum`` and its
-    convolution for ``conv``; ``delta``'s dtype is the computation's (cast it to the activation dtype first).
-
-    Raises:
-      ValueError: for ``embed``/``attend`` calls, which no weight-sized method here adapts.
-    """
-    x = call.x
-    if call.kind in ("dense", "dense_general"):
-        n_in = layout.fan_in
-        axes = tuple(range(x.ndim - n_in, x.ndim)) if call.axes is None else tuple(ax % x.ndim for ax in call.axes)
-        fan_in = tuple(range(layout.stack, layout.stack + n_in))
-        return jax.lax.dot_general(x, delta, ((axes, fan_in), ((), ())), precision=call.precision)
-    if call.kind == "einsum":
-        if call.subscripts is None:
-            raise ValueError("LayerCall of kind 'einsum' needs its `subscripts`.")
-        return jnp.einsum(call.subscripts, x, delta, precision=call.precision)
-    if call.kind == "conv":
-        if call.conv is None:
-            raise ValueError("LayerCall of kind 'conv' needs its `conv` function.")
-        return call.conv(x, delta)
-    raise ValueError(f"a weight-sized update cannot adapt a `{call.kind}` call; it adapts {LOHA_KINDS} layers.")
-
-
-def check_kinds(method: str, kinds: Sequence[str], rows: Sequence[tuple[str, Any, Layout]]) -> None:
-    """Raise naming the first target whose layer kind ``method`` does not adapt, and the fix."""
-    for path, _, layout in rows:
-        if layout.kind not in kinds:
-            raise ValueError(
-                f"{method} cannot adapt {path!r} (a {layout.kind} weight); it adapts {tuple(kinds)} layers. "
-                f"Add {path!r} to `exclude`, or narrow `targets`."
-            )
-
-
-def uniform(key: jax.Array, shape: Sequence[int], dtype: Any, fan_in: int) -> jax.Array:
-    """PyTorch's ``kaiming_uniform_(a=√5)`` as HF PEFT initialises factors: ``U(±1/√fan_in)``."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, tuple(shape), dtype, -bound, bound)
-
-
-@dataclasses.dataclass(frozen=True)
-class RankedConfig(RankFields, MethodConfig):
-    """The fields LoHa and LoKr share: ``rank``, ``alpha`` (``scale = alpha / rank``), patterns, dtype.
-
-    Not a method itself (no ``method`` name); :class:`LohaConfig` and :class:`jaxpeft.LokrConfig` subclass it.
-    """
-
-    json_mappings: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
-    reads_weight_values: ClassVar[bool] = False
-    #: The layer kinds the method adapts (checked, by path, before any array is made).
-    kinds: ClassVar[tuple[str, ...]] = LOHA_KINDS
-    #: The method's name in error messages.
-    title: ClassVar[str] = ""
-
-    rank: int = 8
-    alpha: float = 8.0
-    targets: TargetSpec = ALL_LINEAR
-    exclude: TargetSpec = ()
-    rank_pattern: Mapping[str, int] | tuple[tuple[str, int], ...] = ()
-    alpha_pattern: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        self.check_rank_alpha("HF's alpha), e.g. 8")
-        super().__post_init__()
-
-    def scale_for(self, path: str) -> float:
-        """``alpha / rank`` at ``path``, as in HF PEFT."""
-        return self.alpha_for(path) / self.rank_for(path)
-
-    def check_targets(self, rows: Sequence[tuple[str, Any, Layout]]) -> None:
-        check_kinds(self.title, self.kinds, rows)
-        self.check_patterns(rows)
+    """Deprecated: ``call.contract(delta)``, the layer's contraction with a kernel-shaped update (any call kind)."""
+    return call.contract(delta)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LohaWeights(Adapter):
+class LohaWeights(LayerAdapter):
     """One LoHa adapter: ``ΔW = scale · (A₁·B₁) ⊙ (A₂·B₂)``, A ``(*stack, *fan_in, r)``, B ``(*stack, r, *fan_out)``.
 
     Leaves ``a1, b1, a2, b2``; ``scale`` and ``layout`` are static. HF PEFT's ``hada_w1_a``/``hada_w1_b`` (its
@@ -118,7 +49,7 @@ class LohaWeights(Adapter):
     a2: Any
     b2: Any
     scale: float = dataclasses.field(metadata=STATIC)
-    layout: Layout = dataclasses.field(default=Layout(), metadata=STATIC)
+    layout: Layout = dataclasses.field(metadata=STATIC, kw_only=True)
 
     @property
     def rank(self) -> int:
@@ -136,7 +67,7 @@ class LohaWeights(Adapter):
             self.a2, self.b2, self.layout, weight_shape
         )
 
-    def delta(self, kernel_shape: Sequence[int]) -> jax.Array:
+    def delta(self, kernel_shape: tuple[int, ...]) -> jax.Array:
         """``scale · (A₁·B₁) ⊙ (A₂·B₂)`` reshaped to ``kernel_shape``, in float32."""
         first = factors_delta(self.a1, self.b1, 1.0, self.layout, kernel_shape)
         return first * factors_delta(self.a2, self.b2, self.scale, self.layout, kernel_shape)
@@ -148,8 +79,7 @@ class LohaWeights(Adapter):
         y = call.base(call.x)
         shape = (*self.a1.shape[:-1], *self.b1.shape[self.layout.stack + 1 :])
         delta = self.delta(shape).astype(y.dtype)
-        out = delta_output(dataclasses.replace(call, x=call.x.astype(y.dtype)), delta, self.layout)
-        return y + out.astype(y.dtype)
+        return y + call.contract(delta, call.x.astype(y.dtype)).astype(y.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,11 +107,10 @@ class LohaConfig(RankedConfig):
 
     method: ClassVar[str] = "loha"
     title: ClassVar[str] = "LoHa"
+    kinds: ClassVar[tuple[str, ...]] = ("dense", "dense_general", "einsum", "conv")
 
     def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> LohaWeights:
-        problem = check_ndim(layout, tuple(weight.shape))
-        if problem is not None:
-            raise ValueError(f"LoHa cannot adapt {path!r}: {problem}.")
+        self.check_weight(path, weight, layout)
         stack, fan_in, fan_out = layout.split(weight.shape)
         rank, dtype = self.rank_for(path), jnp.dtype(self.dtype)
         a_shape, b_shape = (*stack, *fan_in, rank), (*stack, rank, *fan_out)
@@ -189,4 +118,99 @@ class LohaConfig(RankedConfig):
         a1 = uniform(k1, a_shape, dtype, math.prod(fan_in))
         b1 = uniform(k2, b_shape, dtype, rank)
         b2 = uniform(k3, b_shape, dtype, rank)
-        return LohaWeights(a1, b1, jnp.zeros(a_shape, dtype), b2, self.scale_for(path), layout)
+        return LohaWeights(a1, b1, jnp.zeros(a_shape, dtype), b2, self.scale_for(path), layout=layout)
+
+
+# ----------------------------------------------------------------------------------------------- PEFT codec
+
+_SUFFIXES = {
+    ".hada_w1_a": "w1_a",
+    ".hada_w1_b": "w1_b",
+    ".hada_w2_a": "w2_a",
+    ".hada_w2_b": "w2_b",
+    ".hada_t1": "t1",
+    ".hada_t2": "t2",
+}
+_WHAT = "LoHa factors (hada_w1_a/b, hada_w2_a/b)"
+
+
+def _torch_in(a: np.ndarray, layout: Layout) -> np.ndarray:
+    """A fan-in factor ``(*fan_in, r)`` as torch's ``[r, in]`` (a Conv's ``(*window, in)`` as ``in``-major)."""
+    if layout.kind == "conv":
+        n = a.ndim
+        a = np.transpose(a, (n - 1, n - 2, *range(n - 2)))
+        return np.reshape(a, (a.shape[0], -1))
+    return np.reshape(a, (-1, a.shape[-1])).T
+
+
+def _ours_in(t: np.ndarray, layout: Layout, fan_in: tuple[int, ...]) -> np.ndarray:
+    """Torch's ``[r, in]`` as our fan-in factor ``(*fan_in, r)`` (inverse of :func:`_torch_in`)."""
+    if layout.kind == "conv":
+        t = np.reshape(t, (t.shape[0], fan_in[-1], *fan_in[:-1]))
+        return np.transpose(t, (*range(2, t.ndim), 1, 0))
+    return np.reshape(t.T, (*fan_in, t.shape[0]))
+
+
+def _tensors(target: hfc.Target, layer: int | None) -> dict[str, np.ndarray]:
+    out = {}
+    for i in (1, 2):
+        a, b = target.array(f"a{i}", layer), target.array(f"b{i}", layer)
+        out[f".hada_w{i}_a"] = np.reshape(b, (b.shape[0], -1)).T
+        out[f".hada_w{i}_b"] = _torch_in(a, target.layout)
+    return out
+
+
+def _to_hf(req: hfc.Export) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The HF config and tensors of LoHa adapters."""
+    tensors, names = hfc.write_modules(
+        req, LohaWeights, _tensors, lambda t: hfc.check_rank_scale(t, req.cfg, t.node.rank, t.node.scale)
+    )
+    return {**_lycoris.config_fields(req, names, "LOHA"), "target_modules": hfc.target_modules(req, names)}, tensors
+
+
+def _group_arrays(group: hfc.Group, layout: Layout, rank: int) -> dict[str, np.ndarray]:
+    """Our ``{a1, b1, a2, b2}`` at ``group.path`` from its HF modules (stacked when ``{layer}``)."""
+    _, fan_in, fan_out = layout.split(group.shape)
+    n_in, n_out = math.prod(fan_in), math.prod(fan_out)
+    out: dict[str, list[np.ndarray]] = {"a1": [], "b1": [], "a2": [], "b2": []}
+    for name, entry in group.modules:
+        for i in (1, 2):
+            w_a, w_b = np.asarray(entry[f"w{i}_a"]), np.asarray(entry[f"w{i}_b"])
+            if w_a.shape != (n_out, rank) or w_b.shape != (rank, n_in):
+                raise ValueError(
+                    f"HF module {name!r} has hada_w{i}_a {w_a.shape} and hada_w{i}_b {w_b.shape}; {group.path!r} of "
+                    f"shape {group.shape} needs {(n_out, rank)} and {(rank, n_in)} per layer (rank {rank}). Does the "
+                    "adapter belong to this base model?"
+                )
+            out[f"a{i}"].append(_ours_in(w_b, layout, fan_in))
+            out[f"b{i}"].append(np.reshape(w_a.T, (rank, *fan_out)))
+    return {k: group.stack(v) for k, v in out.items()}
+
+
+def _from_hf(req: hfc.Import) -> tuple[LohaConfig, dict[str, Any]]:
+    """A ``LohaConfig`` and adapter tree from a PEFT ``LOHA`` adapter."""
+    fields, groups = _lycoris.groups(req, "LOHA", _SUFFIXES, _WHAT)
+    layouts = dict(req.layouts or {})
+    arrays, used_layouts, ranks, alphas = {}, {}, {}, {}
+    for group in groups:
+        for name, entry in group.modules:
+            missing = sorted({"w1_a", "w1_b", "w2_a", "w2_b"} - set(entry))
+            if missing:
+                hf_names = [f"hada_{m}" for m in missing]
+                raise ValueError(f"HF module {name!r} lacks LoHa tensors {hf_names}; the file is incomplete.")
+        tensor_ranks = [int(np.shape(e["w1_b"])[0]) if np.ndim(e["w1_b"]) == 2 else None for _, e in group.modules]
+        ranks[group.path], alphas[group.path] = hfc.group_rank_alpha(fields.rank_alpha, group, tensor_ranks)
+        used_layouts[group.path] = _lycoris.layout_of(group, layouts, fields)
+        arrays[group.path] = _group_arrays(group, used_layouts[group.path], ranks[group.path])
+    cfg = LohaConfig(**hfc.per_path_args(fields.r, fields.alpha, ranks, alphas, arrays, req.dtype))
+    return cfg, hfc.build_adapters(cfg, req.params, used_layouts, arrays)
+
+
+LohaConfig.codec = hfc.PeftCodec(
+    "LOHA",
+    "LoHaConfig",
+    _lycoris.LOHA_FIELDS,
+    _to_hf,
+    _from_hf,
+    tensor_parts=frozenset(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")),
+)

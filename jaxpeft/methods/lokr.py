@@ -1,4 +1,13 @@
-"""LoKr: a weight update that is a Kronecker product, ``ΔW = s · W₁ ⊗ W₂``, W₂ (and optionally W₁) low-rank."""
+"""LoKr: a weight update that is a Kronecker product, ``ΔW = s · W₁ ⊗ W₂``, W₂ (and optionally W₁) low-rank; and its
+PEFT ``LOKR`` codec.
+
+HF tensors (no ``.weight``), in torch's ``(out, in)`` layout: ``<module>.lokr_w1`` ``[l, m]`` or its factors
+``.lokr_w1_a`` ``[l, r]`` / ``.lokr_w1_b`` ``[r, m]``, and ``.lokr_w2`` ``[k, n]`` or ``.lokr_w2_a`` ``[k, r]`` /
+``.lokr_w2_b`` ``[r, n]``, with ``ΔW = (alpha/r)·lokr_w1 ⊗ lokr_w2`` over the weight flattened to ``(out, in)`` =
+``(l·k, m·n)``. Ours are the transposes: ``lokr_w1 = w1ᵀ``, ``lokr_w1_a = w1_bᵀ``, ``lokr_w1_b = w1_aᵀ`` (likewise
+for ``w2``). Which of the factors exist follows from the rank, ``decompose_both`` and ``decompose_factor`` by PEFT's
+rule (:meth:`LokrConfig.shapes`), checked both ways.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +18,14 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpeft._select import Layout
-from jaxpeft.methods.base import STATIC, Adapter, LayerCall, check_ndim, fold_weight
-from jaxpeft.methods.loha import RankedConfig, delta_output, uniform
+from jaxpeft.api import fold_weight
+from jaxpeft.hf import _lycoris
+from jaxpeft.hf import codec as hfc
+from jaxpeft.methods._factors import RankedConfig, uniform
+from jaxpeft.protocol import STATIC, LayerAdapter, LayerCall, check_ndim
 
 __all__ = ["LokrConfig", "LokrWeights", "factorization"]
 
@@ -50,7 +63,7 @@ def _product(full: Any, a: Any, b: Any) -> jax.Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LokrWeights(Adapter):
+class LokrWeights(LayerAdapter):
     """One LoKr adapter: ``ΔW = scale · W₁ ⊗ W₂`` over the kernel flattened to ``(fan-in, fan-out)``.
 
     The fan-in size factors as ``m·n`` and the fan-out size as ``l·k`` (:func:`factorization`); ``W₁`` is
@@ -73,7 +86,7 @@ class LokrWeights(Adapter):
     scale: float = dataclasses.field(default=1.0, metadata=STATIC)
     fan_in_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=STATIC)
     fan_out_shape: tuple[int, ...] = dataclasses.field(default=(), metadata=STATIC)
-    layout: Layout = dataclasses.field(default=Layout(), metadata=STATIC)
+    layout: Layout = dataclasses.field(metadata=STATIC, kw_only=True)
 
     def _factor_shape(self, index: int) -> tuple[int, int]:
         """``(rows, columns)`` of ``W₁`` (index 1) or ``W₂`` (index 2), from whichever fields hold it."""
@@ -133,7 +146,7 @@ class LokrWeights(Adapter):
         else:
             stack = (self.w1 if self.w1 is not None else self.w1_a).shape[: self.layout.stack]
             delta = self.delta((*stack, *self.fan_in_shape, *self.fan_out_shape)).astype(y.dtype)
-            out = delta_output(dataclasses.replace(call, x=x), delta, self.layout)
+            out = call.contract(delta, x)
         return y + out.astype(y.dtype)
 
     def _kron_dense(self, x: jax.Array, axes: tuple[int, ...] | None, dtype: Any, precision: Any) -> jax.Array:
@@ -222,9 +235,7 @@ class LokrConfig(RankedConfig):
         return out
 
     def init_target(self, path: str, weight: Any, layout: Layout, key: jax.Array) -> LokrWeights:
-        problem = check_ndim(layout, tuple(weight.shape))
-        if problem is not None:
-            raise ValueError(f"LoKr cannot adapt {path!r}: {problem}.")
+        self.check_weight(path, weight, layout)
         _, fan_in, fan_out = layout.split(weight.shape)
         shapes, dtype = self.shapes(path, weight.shape, layout), jnp.dtype(self.dtype)
         keys = dict(zip(("w1_a", "w2", "w2_a", "w2_b"), jax.random.split(key, 4), strict=True))
@@ -239,3 +250,108 @@ class LokrConfig(RankedConfig):
         return LokrWeights(
             **arrays, scale=self.scale_for(path), fan_in_shape=fan_in, fan_out_shape=fan_out, layout=layout
         )
+
+
+# ----------------------------------------------------------------------------------------------- PEFT codec
+
+_SUFFIXES = {
+    ".lokr_w1": "w1",
+    ".lokr_w1_a": "w1_a",
+    ".lokr_w1_b": "w1_b",
+    ".lokr_w2": "w2",
+    ".lokr_w2_a": "w2_a",
+    ".lokr_w2_b": "w2_b",
+    ".lokr_t2": "t2",
+}
+_WHAT = "LoKr factors (lokr_w1, lokr_w1_a/b, lokr_w2, lokr_w2_a/b)"
+#: Our factor field <-> the part of PEFT's tensor name after ``lokr_`` (each the other's transpose; A and B swap).
+_SWAP = {"w1": "w1", "w1_a": "w1_b", "w1_b": "w1_a", "w2": "w2", "w2_a": "w2_b", "w2_b": "w2_a"}
+
+
+def _checked(target: Any, cfg: LokrConfig) -> Any:
+    node, path = target.node, target.path
+    want = cfg.shapes(path, target.shape, target.layout)
+    have = {f: tuple(getattr(node, f).shape) for f in _SWAP if getattr(node, f) is not None}
+    if have != want:
+        raise ValueError(
+            f"adapter {path!r} has LoKr factors {have}, but `cfg` (rank {cfg.rank_for(path)}, decompose_both="
+            f"{cfg.decompose_both}, decompose_factor={cfg.decompose_factor}) gives {want}; pass its config."
+        )
+    return hfc.check_rank_scale(target, cfg, cfg.rank_for(path), node.scale)
+
+
+def _to_hf(req: hfc.Export) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The HF config and tensors of LoKr adapters."""
+    cfg = req.cfg
+
+    def tensors_of(target: Any, layer: int | None) -> dict[str, np.ndarray]:
+        fields = [f for f in _SWAP if getattr(target.node, f) is not None]
+        return {f".lokr_{_SWAP[f]}": target.array(f, layer).T for f in fields}
+
+    tensors, names = hfc.write_modules(req, LokrWeights, tensors_of, lambda t: _checked(t, cfg))
+    config = _lycoris.config_fields(req, names, "LOKR")
+    config |= {
+        "decompose_both": cfg.decompose_both,
+        "decompose_factor": cfg.decompose_factor,
+        "rank_dropout_scale": False,
+        "target_modules": hfc.target_modules(req, names),
+    }
+    return config, tensors
+
+
+def _group_arrays(group: hfc.Group, layout: Layout, cfg: LokrConfig) -> dict[str, np.ndarray]:
+    """Our factor arrays at ``group.path`` from its HF modules (stacked when ``{layer}``), checked against ``cfg``."""
+    want = {f: s[layout.stack :] for f, s in cfg.shapes(group.path, group.shape, layout).items()}
+    out: dict[str, list[np.ndarray]] = {f: [] for f in want}
+    for name, entry in group.modules:
+        have = {f"lokr_{k}": np.shape(v) for k, v in entry.items()}
+        expected = {f"lokr_{_SWAP[f]}": s[::-1] for f, s in want.items()}
+        if have != expected:
+            raise ValueError(
+                f"HF module {name!r} has LoKr tensors {dict(sorted(have.items()))}; for {group.path!r} of shape "
+                f"{group.shape} {hfc.CONFIG_NAME} (rank {cfg.rank_for(group.path)}, "
+                f"decompose_both={cfg.decompose_both}, decompose_factor={cfg.decompose_factor}) gives "
+                f"{dict(sorted(expected.items()))} (PEFT's rule). Do "
+                "the config and tensors belong together, and to this base model?"
+            )
+        for k, v in entry.items():
+            out[_SWAP[k]].append(np.asarray(v).T)
+    return {k: group.stack(v) for k, v in out.items()}
+
+
+def _from_hf(req: hfc.Import) -> tuple[LokrConfig, dict[str, Any]]:
+    """A ``LokrConfig`` and adapter tree from a PEFT ``LOKR`` adapter."""
+    fields, groups = _lycoris.groups(req, "LOKR", _SUFFIXES, _WHAT)
+    layouts = dict(req.layouts or {})
+    arrays, used_layouts, ranks, alphas = {}, {}, {}, {}
+    for group in groups:
+        ranks[group.path], alphas[group.path] = hfc.group_rank_alpha(
+            fields.rank_alpha, group, [None] * len(group.modules)
+        )
+        layout = _lycoris.layout_of(group, layouts, fields)
+        if layout.kind == "conv":
+            raise ValueError(
+                f"HF module {group.first!r} is a LoKr convolution ({group.path!r}); jaxpeft's LoKr adapts Dense, "
+                "DenseGeneral and Einsum kernels only. Leave the convolution out of the adapter."
+            )
+        one = LokrConfig(
+            rank=ranks[group.path], decompose_factor=fields.decompose_factor, decompose_both=fields.decompose_both
+        )
+        used_layouts[group.path] = layout
+        arrays[group.path] = _group_arrays(group, layout, one)
+    cfg = LokrConfig(
+        **hfc.per_path_args(fields.r, fields.alpha, ranks, alphas, arrays, req.dtype),
+        decompose_factor=fields.decompose_factor,
+        decompose_both=fields.decompose_both,
+    )
+    return cfg, hfc.build_adapters(cfg, req.params, used_layouts, arrays)
+
+
+LokrConfig.codec = hfc.PeftCodec(
+    "LOKR",
+    "LoKrConfig",
+    _lycoris.LOKR_FIELDS,
+    _to_hf,
+    _from_hf,
+    tensor_parts=frozenset(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")),
+)

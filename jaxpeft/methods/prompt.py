@@ -41,15 +41,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxpeft._paths import leaves_with_paths, set_path
 from jaxpeft._select import Layout, TargetSpec
-from jaxpeft.methods.base import STATIC, Adapter, LayerCall, MethodConfig, NotMergeableError, adapter_items
-from jaxpeft.methods.lora import check_dtype
+from jaxpeft.hf import codec as hfc
+from jaxpeft.methods._factors import check_dtype
+from jaxpeft.protocol import STATIC, Adapter, InputAdapter, MethodConfig, adapter_items
 
 __all__ = [
     "INPUT_EMBEDDINGS",
@@ -82,31 +85,18 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
-def _not_a_layer(node: Adapter, helper: str) -> ValueError:
-    return ValueError(
-        f"{type(node).__name__} adapt no layer call: they are virtual tokens the model takes as extra inputs. Do not "
-        f"run them through jaxpeft.linen/jaxpeft.nnx; pass them to your model's hook ({helper}, see "
-        "jaxpeft.methods.prompt)."
-    )
-
-
-def _merge_refused(node: Adapter) -> NotMergeableError:
-    return NotMergeableError(
-        f"{type(node).__name__} are virtual tokens, not a weight update, so they cannot be merged into the base "
-        "weights; keep them separate and pass them to the model."
-    )
-
-
 # ------------------------------------------------------------------------------------------------ nodes
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PromptWeights(Adapter):
+class PromptWeights(InputAdapter):
     """Prompt tuning's virtual token embeddings ``(num_virtual_tokens, token_dim)`` (HF ``prompt_embeddings``)."""
 
+    hook: ClassVar[str] = "jaxpeft.prepend_prompt"
+
     embeddings: Any
-    layout: Layout = dataclasses.field(default=Layout(kind="embed"), metadata=STATIC)
+    layout: Layout = dataclasses.field(metadata=STATIC)
 
     def describe(self) -> str:
         return f"{self.embeddings.shape[0]} virtual tokens"
@@ -116,20 +106,16 @@ class PromptWeights(Adapter):
             return f"the prompt is {self.embeddings.shape[-1]} wide, the (vocab, width) embedding table {weight_shape}"
         return None
 
-    def forward(self, call: LayerCall) -> jax.Array:
-        raise _not_a_layer(self, "jaxpeft.prepend_prompt")
-
-    def fold(self, weight: jax.Array, bias: jax.Array | None, sign: int) -> tuple[jax.Array, jax.Array | None]:
-        raise _merge_refused(self)
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PrefixWeights(Adapter):
+class PrefixWeights(InputAdapter):
     """Prefix tuning's trained prefix: ``embeddings`` is the flat per-token key/value prefix
     ``(num_virtual_tokens, num_layers·2·num_kv_heads·head_dim)`` (HF ``prompt_embeddings``, laid out
     ``(layer, key|value, head, head_dim)`` per token), or with the projection (``w1`` set) the token embeddings
     ``(num_virtual_tokens, token_dim)`` that ``tanh(E·w1 + b1)·w2 + b2`` maps to that flat prefix."""
+
+    hook: ClassVar[str] = "jaxpeft.prefix_kv"
 
     embeddings: Any
     w1: Any = None
@@ -139,7 +125,7 @@ class PrefixWeights(Adapter):
     num_layers: int = dataclasses.field(default=1, metadata=STATIC)
     num_kv_heads: int = dataclasses.field(default=1, metadata=STATIC)
     head_dim: int = dataclasses.field(default=1, metadata=STATIC)
-    layout: Layout = dataclasses.field(default=Layout(kind="embed"), metadata=STATIC)
+    layout: Layout = dataclasses.field(metadata=STATIC, kw_only=True)
 
     def describe(self) -> str:
         n = self.embeddings.shape[0]
@@ -152,12 +138,6 @@ class PrefixWeights(Adapter):
             return self.embeddings
         hidden = jnp.tanh(self.embeddings @ self.w1 + self.b1)
         return hidden @ self.w2 + self.b2
-
-    def forward(self, call: LayerCall) -> jax.Array:
-        raise _not_a_layer(self, "jaxpeft.prefix_kv")
-
-    def fold(self, weight: jax.Array, bias: jax.Array | None, sign: int) -> tuple[jax.Array, jax.Array | None]:
-        raise _merge_refused(self)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -235,7 +215,7 @@ class PromptTuningConfig(MethodConfig):
         n = self.num_virtual_tokens
         vocab, width = weight.shape
         if self.init == "random":
-            return PromptWeights(jax.random.normal(key, (n, width), self.dtype), layout)
+            return PromptWeights(jax.random.normal(key, (n, width), self.dtype), layout=layout)
         if self.init == "text":
             ids = self.init_token_ids * math.ceil(n / len(self.init_token_ids))
             bad = sorted({i for i in self.init_token_ids if i >= vocab})
@@ -248,7 +228,7 @@ class PromptTuningConfig(MethodConfig):
         else:
             index = jax.random.randint(key, (n,), 0, vocab)
         rows = jnp.take(jnp.asarray(weight), index, axis=0)
-        return PromptWeights(rows.astype(jnp.float32).astype(self.dtype), layout)
+        return PromptWeights(rows.astype(jnp.float32).astype(self.dtype), layout=layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,3 +430,186 @@ def prefix_kv(prefix: Any, batch_size: int, dtype: Any = None) -> tuple[jax.Arra
     if dtype is not None:
         kv = kv.astype(dtype)
     return kv[0], kv[1]
+
+
+# ------------------------------------------------------------------------------------------------ PEFT codecs
+#
+# PEFT saves prompt-learning adapters as a single tensor ``prompt_embeddings`` (no ``base_model.model.`` prefix):
+# prompt tuning's virtual token embeddings ``(num_virtual_tokens, token_dim)``; prefix tuning's flat prefix
+# ``(num_virtual_tokens, num_layers·2·token_dim)`` with ``token_dim = num_kv_heads·head_dim`` and
+# ``num_attention_heads = num_kv_heads`` in the config (PEFT's grouped-query rule), read as ``(layer, key|value, head,
+# head_dim)`` per token. With ``prefix_projection`` PEFT saves the *projected* prefix (the MLP's output), not the MLP,
+# and loads it for inference only; so a projected PrefixTuningConfig exports the MLP's output with
+# ``prefix_projection: false``, and an import always gives an unprojected config. Encoder-decoder files
+# (``num_transformer_submodules`` 2) are refused.
+
+_KEY = "prompt_embeddings"
+_PEFT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "RANDOM"}
+_COMMON_SUPPORTED = ("peft_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules")
+_MODULES = {"modules_to_save": "saved modules (`modules_to_save`) are not imported with prompt-learning adapters"}
+_PROMPT_FIELDS = hfc.FieldTable(
+    (*_COMMON_SUPPORTED,),
+    {
+        **hfc.HARMLESS_COMMON,
+        "num_attention_heads": "filled in by PEFT from the model; a prompt does not depend on it",
+        "num_layers": "filled in by PEFT from the model; a prompt does not depend on it",
+        "prompt_tuning_init": "initialisation only; the saved embeddings replace it",
+        "prompt_tuning_init_text": "initialisation only",
+        "tokenizer_name_or_path": "initialisation only",
+        "tokenizer_kwargs": "initialisation only",
+    },
+    _MODULES,
+)
+_PREFIX_FIELDS = hfc.FieldTable(
+    (*_COMMON_SUPPORTED, "num_layers", "num_attention_heads"),
+    {
+        **hfc.HARMLESS_COMMON,
+        "prefix_projection": "PEFT saves the projected prefix itself, which is what it runs",
+        "encoder_hidden_size": "the projection's width; the saved prefix is already projected",
+        "init_weights": "initialisation only; the saved prefix replaces it",
+    },
+    _MODULES,
+)
+
+
+def _the_node(adapters: Any, cfg: PromptTuningConfig | PrefixTuningConfig, params: Any) -> Adapter:
+    """The one node of ``adapters``, checked against what ``cfg`` makes on ``params``."""
+    ((path, table, _),) = cfg.select(params, None)  # check_targets: exactly one
+    found = list(adapter_items(adapters))
+    cls = PromptWeights if isinstance(cfg, PromptTuningConfig) else PrefixWeights
+    if len(found) != 1 or found[0][0] != path or not isinstance(found[0][1], cls):
+        shown = [(p, type(n).__name__) for p, n in found][:3]
+        raise ValueError(
+            f"`adapters` hold {shown}; a {type(cfg).__name__} makes one {cls.__name__} at {path!r} on these params. "
+            "Pass the adapters made with this config."
+        )
+    node = found[0][1]
+    planned = jax.eval_shape(lambda: cfg.init_target(path, table, node.layout, jax.random.key(0)))
+    want = {p: tuple(x.shape) for p, x in leaves_with_paths(planned)}
+    have = {p: tuple(x.shape) for p, x in leaves_with_paths(node)}
+    if want != have:
+        raise ValueError(
+            f"the adapter at {path!r} has arrays {have}; this {type(cfg).__name__} makes {want}. Pass the "
+            "config the adapters were made with."
+        )
+    return node
+
+
+def _common_fields(cfg: PromptTuningConfig | PrefixTuningConfig, peft_type: str) -> dict[str, Any]:
+    return {
+        "auto_mapping": None,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "peft_type": peft_type,
+        "revision": None,
+    }
+
+
+def _prompt_to_hf(req: hfc.Export) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """PEFT's config and ``{"prompt_embeddings": (n, width)}`` of a prompt-tuning adapter (init ``"text"`` is
+    written as ``RANDOM``: PEFT would need the text and tokenizer, and never re-runs the init of a loaded adapter)."""
+    cfg: PromptTuningConfig = req.cfg
+    node = _the_node(req.adapters, cfg, req.params)
+    tensor = node.embeddings  # type: ignore[attr-defined]
+    config = {
+        **_common_fields(cfg, "PROMPT_TUNING"),
+        "num_attention_heads": None,
+        "num_layers": None,
+        "prompt_tuning_init": _PEFT_INITS[cfg.init],
+        "prompt_tuning_init_text": None,
+        "token_dim": int(tensor.shape[1]),
+        "tokenizer_kwargs": None,
+        "tokenizer_name_or_path": None,
+    }
+    return config, {_KEY: np.asarray(jax.device_get(tensor))}
+
+
+def _prefix_to_hf(req: hfc.Export) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """PEFT's config and ``{"prompt_embeddings": flat prefix}`` of a prefix-tuning adapter (projected, if it has a
+    projection, and written as unprojected)."""
+    cfg: PrefixTuningConfig = req.cfg
+    node = _the_node(req.adapters, cfg, req.params)
+    config = {
+        **_common_fields(cfg, "PREFIX_TUNING"),
+        "encoder_hidden_size": cfg.token_dim,
+        "init_weights": None,
+        "num_attention_heads": cfg.num_kv_heads,
+        "num_layers": cfg.num_layers,
+        "prefix_projection": False,
+        "token_dim": cfg.token_dim,
+    }
+    return config, {_KEY: np.asarray(jax.device_get(node.flat()))}  # type: ignore[attr-defined]
+
+
+def _int_field(config: Mapping[str, Any], field: str) -> int:
+    value = config.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{hfc.CONFIG_NAME} has `{field}`={value!r:.80}; expected a positive integer.")
+    return value
+
+
+def _read_tensor(req: hfc.Import) -> tuple[np.ndarray, int, int]:
+    """The one ``prompt_embeddings`` tensor, ``num_virtual_tokens`` and ``token_dim``, checked."""
+    submodules = req.config.get("num_transformer_submodules")
+    if submodules not in (None, 1):
+        raise ValueError(
+            f"{hfc.CONFIG_NAME} has `num_transformer_submodules`={submodules!r}; jaxpeft imports prompt-learning "
+            "adapters of decoder-only models (1): an encoder-decoder's prefix is shared by two stacks."
+        )
+    if set(req.tensors) != {_KEY}:
+        raise ValueError(
+            f"the {req.config.get('peft_type')} adapter tensors are {sorted(req.tensors)[:4]}; PEFT saves exactly "
+            f"one, {_KEY!r}."
+        )
+    return req.tensors[_KEY], _int_field(req.config, "num_virtual_tokens"), _int_field(req.config, "token_dim")
+
+
+def _node_from(cfg: PromptTuningConfig | PrefixTuningConfig, tensor: np.ndarray, want: tuple[int, ...], params: Any):
+    if tuple(tensor.shape) != want:
+        raise ValueError(
+            f"adapter tensor {_KEY!r} has shape {tuple(tensor.shape)}; the {hfc.CONFIG_NAME} says {want}. The files do "
+            "not belong together."
+        )
+    ((path, table, layout),) = cfg.select(params, None)
+    if isinstance(cfg, PromptTuningConfig) and tuple(table.shape)[1] != want[1]:
+        raise ValueError(
+            f"{hfc.CONFIG_NAME} has `token_dim`={want[1]} but the embedding table {path!r} is {table.shape[1]} wide; "
+            "the adapter was trained for another model."
+        )
+    value = jnp.asarray(tensor, cfg.dtype)
+    if isinstance(cfg, PromptTuningConfig):
+        node: Adapter = PromptWeights(value, layout=layout)
+    else:
+        static = {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim}
+        node = PrefixWeights(value, layout=layout, **static)
+    return cfg, set_path({}, path, node)
+
+
+def _prompt_from_hf(req: hfc.Import) -> tuple[PromptTuningConfig, dict[str, Any]]:
+    """A ``PromptTuningConfig`` (init ``"random"``) and its one-node tree from a PEFT ``PROMPT_TUNING`` adapter."""
+    tensor, n, token_dim = _read_tensor(req)
+    cfg = PromptTuningConfig(n, dtype=hfc.adapter_dtype([tensor], req.dtype))
+    return _node_from(cfg, tensor, (n, token_dim), req.params)
+
+
+def _prefix_from_hf(req: hfc.Import) -> tuple[PrefixTuningConfig, dict[str, Any]]:
+    """An unprojected ``PrefixTuningConfig`` and its one-node tree from a PEFT ``PREFIX_TUNING`` adapter."""
+    tensor, n, token_dim = _read_tensor(req)
+    layers, heads = _int_field(req.config, "num_layers"), _int_field(req.config, "num_attention_heads")
+    if token_dim % heads:
+        raise ValueError(
+            f"{hfc.CONFIG_NAME} has `token_dim`={token_dim} and `num_attention_heads`={heads}, which does not divide "
+            "it; a prefix's token_dim is num_key_value_heads·head_dim."
+        )
+    cfg = PrefixTuningConfig(n, layers, heads, token_dim // heads, dtype=hfc.adapter_dtype([tensor], req.dtype))
+    return _node_from(cfg, tensor, (n, cfg.flat_dim), req.params)
+
+
+PromptTuningConfig.codec = hfc.PeftCodec(
+    "PROMPT_TUNING", "PromptTuningConfig", _PROMPT_FIELDS, _prompt_to_hf, _prompt_from_hf, modules=False
+)
+PrefixTuningConfig.codec = hfc.PeftCodec(
+    "PREFIX_TUNING", "PrefixTuningConfig", _PREFIX_FIELDS, _prefix_to_hf, _prefix_from_hf, modules=False
+)
