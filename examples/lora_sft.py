@@ -35,13 +35,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
+import shlex
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -120,13 +125,86 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     args = p.parse_args(argv)
-    if args.batch % args.grad_accum:
-        p.error(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}")
+    problem = next(flag_problems(args), None)
+    if problem is None:
+        try:
+            mesh_spec(args.mesh)
+        except ValueError as err:
+            problem = str(err)
+    if problem is None and args.data.endswith((".jsonl", ".txt")) and not os.path.isfile(args.data):
+        problem = f"--data={args.data} is not a file; expected an existing .jsonl or .txt file"
+    if problem is not None:
+        p.error(problem)
     if args.lr is None:
         args.lr = 1e-2 if args.model == "tiny" else 1e-3
     if args.warmup is None:
         args.warmup = max(args.steps // 20, 0)
     return args
+
+
+# flag: (lowest value, whether the lowest itself is allowed, a bound the value must stay below or None, what the
+# flag holds). A flag left out (None) is not checked.
+FLAG_RANGES: dict[str, tuple[float, bool, float | None, str]] = {
+    "layers": (1, True, None, "1 or more decoder layers to keep (leave it out for all)"),
+    "max_rows": (1, True, None, "1 or more rows of the data (leave it out for all)"),
+    "eval_rows": (1, True, None, "1 or more held-out rows to evaluate"),
+    "rank": (1, True, None, "an adapter rank of 1 or more"),
+    "alpha": (0, False, None, "a LoRA scale numerator above 0 (the scale is alpha / rank)"),
+    "dropout": (0, True, 1, "an adapter dropout probability in [0, 1) (0: none)"),
+    "steps": (1, True, None, "1 or more optimizer steps"),
+    "batch": (1, True, None, "1 or more rows per optimizer step"),
+    "grad_accum": (1, True, None, "1 or more micro-batches per step"),
+    "seq_len": (1, True, None, "1 or more tokens per row"),
+    "lr": (0, False, None, "a peak learning rate above 0, e.g. 1e-3"),
+    "warmup": (0, True, None, "0 or more warm-up steps (0: none)"),
+    "weight_decay": (0, True, None, "an AdamW weight decay of 0 or more (0: none)"),
+    "clip": (0, True, None, "a gradient-norm clip of 0 or more (0: no clipping)"),
+    "seed": (0, True, 2**32, "a seed in [0, 4294967296)"),
+    "num_cpu_devices": (1, True, None, "1 or more simulated CPU devices"),
+    "num_processes": (1, True, None, "1 or more processes"),
+    "process_id": (0, True, None, "this process's index, 0 to --num-processes - 1"),
+    "save_every": (1, True, None, "1 or more steps between checkpoints"),
+    "stop_at": (0, True, None, "the step after which to stop, 0 or more (leave it out to run every step)"),
+    "generate": (0, True, None, "0 or more held-out prompts to answer (0: none)"),
+    "max_new_tokens": (1, True, None, "1 or more tokens per answer (--generate 0 turns generation off)"),
+}
+
+
+def flag_problems(args: argparse.Namespace) -> Iterator[str]:
+    """A message for each numeric flag out of its range (``FLAG_RANGES``), then for each inconsistent pair."""
+    for name, (low, low_ok, below, wants) in FLAG_RANGES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        flag = f"--{name.replace('_', '-')}={value}"
+        if not math.isfinite(value):
+            yield f"{flag} is not a finite number; expected {wants}"
+        elif value < low or (value == low and not low_ok):
+            wrong = f"less than {low}" if low else ("negative" if low_ok else "not above 0")
+            yield f"{flag} is {wrong}; expected {wants}"
+        elif below is not None and value >= below:
+            yield f"{flag} is not below {below}; expected {wants}"
+    if args.batch >= 1 and args.grad_accum >= 1 and args.batch % args.grad_accum:
+        fit = -(-args.batch // args.grad_accum) * args.grad_accum
+        yield (
+            f"--batch={args.batch} is not divisible by --grad-accum={args.grad_accum}; expected a multiple of it "
+            f"(each of the {args.grad_accum} micro-batches gets --batch / --grad-accum rows): e.g. --batch={fit}"
+        )
+    if args.warmup is not None and args.warmup > args.steps:
+        yield (
+            f"--warmup={args.warmup} is more than --steps={args.steps}; expected at most {args.steps} warm-up steps "
+            "(the learning rate would never reach --lr)"
+        )
+    if args.stop_at is not None and args.stop_at >= args.steps:
+        yield (
+            f"--stop-at={args.stop_at} is not below --steps={args.steps}; expected a step in 0..{args.steps - 1} "
+            "(leave it out to run every step)"
+        )
+    if args.process_id is not None and args.num_processes is not None and args.process_id >= args.num_processes:
+        yield (
+            f"--process-id={args.process_id} is not below --num-processes={args.num_processes}; expected 0 to "
+            f"{args.num_processes - 1}"
+        )
 
 
 def start_devices(args: argparse.Namespace) -> None:
@@ -141,34 +219,60 @@ def start_devices(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
+MESH_FORM = "AXIS=SIZE,... with AXIS one of data, fsdp, tp and SIZE a positive integer or -1 (the devices left)"
+
+
+def mesh_spec(spec: str) -> dict[str, int]:
+    """``"data=2,fsdp=-1"`` → ``{"data": 2, "fsdp": -1, "tp": 1}``: the syntax of ``--mesh``, before any device count.
+
+    Raises:
+        ValueError: a part that is not ``AXIS=SIZE`` (naming the part and the expected form), an axis given twice,
+            a size that is not a positive integer or -1, two -1 sizes.
+    """
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    seen: set[str] = set()
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        name, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or name not in MESH_AXES:
+            why = f"no axis {name!r}" if eq else "no '='"
+        elif name in seen:
+            why = f"axis {name!r} is given twice"
+        elif not re.fullmatch(r"-1|[0-9]*[1-9][0-9]*", value):
+            why = f"size {value!r} is not a positive integer or -1"
+        else:
+            seen.add(name)
+            sizes[name] = int(value)
+            continue
+        raise ValueError(
+            f"--mesh={spec}: {part!r} is not AXIS=SIZE ({why}); expected {MESH_FORM}, e.g. --mesh data=2,fsdp=2,tp=2"
+        )
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(
+            f"--mesh={spec}: more than one axis has size -1; expected at most one -1 (it takes the devices left), "
+            "e.g. --mesh data=-1,tp=2"
+        )
+    return sizes
+
+
 def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
     """``"data=2,fsdp=2,tp=2"`` → axis sizes; absent axes are 1, one ``-1`` takes the devices left.
 
     Raises:
-        ValueError: an unknown axis, a bad size, two wildcards, or a product that is not the device count.
+        ValueError: a bad spec (``mesh_spec``), or a product that is not the device count.
     """
-    sizes = dict.fromkeys(MESH_AXES, 1)
-    seen = set()
-    for part in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, value = part.partition("=")
-        if name not in MESH_AXES or not value.lstrip("-").isdigit() or name in seen:
-            raise ValueError(
-                f"--mesh {spec!r}: {part!r} is not AXIS=SIZE with AXIS one of {MESH_AXES} (each once), e.g. "
-                "--mesh data=2,fsdp=2,tp=2"
-            )
-        seen.add(name)
-        sizes[name] = int(value)
+    sizes = mesh_spec(spec)
     wild = [n for n, s in sizes.items() if s == -1]
-    if len(wild) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
-        raise ValueError(f"--mesh {spec!r}: sizes must be positive, with at most one -1")
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if wild:
         if n_devices % fixed:
-            raise ValueError(f"--mesh {spec!r}: {n_devices} devices are not divisible by the fixed axes ({fixed})")
+            raise ValueError(
+                f"--mesh={spec}: {n_devices} devices are not divisible by the fixed axes ({fixed}); change the "
+                "fixed sizes"
+            )
         sizes[wild[0]] = n_devices // fixed
     if math.prod(sizes.values()) != n_devices:
         raise ValueError(
-            f"--mesh {spec!r} has {math.prod(sizes.values())} devices but {n_devices} are available; make the "
+            f"--mesh={spec} has {math.prod(sizes.values())} devices but {n_devices} are available; make the "
             "product match, or use -1 for one axis"
         )
     return sizes
@@ -243,14 +347,16 @@ def load_model(args: argparse.Namespace) -> Loaded:
     if args.model == "tiny":
         tok = None if args.data == "synthetic" else sft_data.ByteTokenizer()
         config = tiny_config(tok.vocab_size if tok else 256, args)
-        params = llama.LlamaForCausalLM(config).init(jax.random.key(args.seed + 1), jnp.zeros((1, 1), jnp.int32))
+        init = jax.jit(llama.LlamaForCausalLM(config).init)  # one compilation, not one per op
+        params = init(jax.random.key(args.seed + 1), jnp.zeros((1, 1), jnp.int32))
         return Loaded(config, params["params"], tok, "jaxpeft/tiny-llama")
     if args.model == "smollm2" or args.model.endswith(".gguf"):
         from examples.models import gguf
 
         path = gguf.smollm2_path() if args.model == "smollm2" else args.model
         reader = gguf.read_gguf(path)  # parsed once, for the weights and the tokenizer
-        config, params = gguf.load_gguf(reader, num_layers=args.layers, dtype=args.dtype)
+        layers = check_layers(args, gguf.config_from_gguf(reader).num_hidden_layers) if args.layers else None
+        config, params = gguf.load_gguf(reader, num_layers=layers, dtype=args.dtype)
         config = dataclasses.replace(config, remat=args.remat)
         gguf_tok = gguf.load_tokenizer(reader)
         name = "HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == "smollm2" else os.path.basename(path)
@@ -261,6 +367,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     if os.path.isdir(args.model):
         config, params = llama.load_hf_checkpoint(args.model, strict=False, **overrides)
         if args.layers:
+            check_layers(args, config.num_hidden_layers)
             config = dataclasses.replace(config, num_hidden_layers=args.layers)
             params = truncate_layers(params, args.layers)
         tok_file = os.path.join(args.model, "tokenizer.json")
@@ -275,6 +382,16 @@ def load_model(args: argparse.Namespace) -> Loaded:
     raise SystemExit(f"--model {args.model!r}: expected tiny, smollm2, a HF Llama directory or a .gguf file")
 
 
+def check_layers(args: argparse.Namespace, available: int) -> int:
+    """``--layers``, after checking the model has that many decoder layers."""
+    if args.layers > available:
+        raise SystemExit(
+            f"--layers={args.layers} is more than the {available} decoder layers of --model {args.model}; expected "
+            f"1 to {available} (leave it out for all)"
+        )
+    return int(args.layers)
+
+
 def truncate_layers(params: Any, n: int) -> Any:
     """Keeps the first ``n`` entries of every scan-stacked layer param."""
     layers = jax.tree.map(lambda x: x[:n], params["model"]["layers"])
@@ -287,12 +404,15 @@ def load_examples(args: argparse.Namespace, tok: sft_data.TextTokenizer | None, 
         return sft_data.synthetic_examples(args.max_rows or 2048, args.seq_len, vocab, args.seed)
     if tok is None:
         raise SystemExit(f"--data {args.data!r} needs a tokenizer, and --model {args.model!r} has none")
-    if args.data == "chatterbot" or args.data.startswith("chatterbot:"):
-        topics = [t for t in args.data.partition(":")[2].split(",") if t]
-        pairs = sft_data.chatterbot_pairs(topics)
-        rows = [sft_data.pair_example(tok, q, a) for q, a in pairs]
-    else:
-        rows = sft_data.file_examples(args.data, tok, args.seq_len)
+    try:
+        if args.data == "chatterbot" or args.data.startswith("chatterbot:"):
+            topics = [t for t in args.data.partition(":")[2].split(",") if t]
+            pairs = sft_data.chatterbot_pairs(topics)
+            rows = [sft_data.pair_example(tok, q, a) for q, a in pairs]
+        else:
+            rows = sft_data.file_examples(args.data, tok, args.seq_len)
+    except (ValueError, OSError, ImportError) as err:  # a bad line, an unknown topic, a missing package
+        raise SystemExit(f"--data={args.data}: {err}") from None
     return rows[: args.max_rows] if args.max_rows else rows
 
 
@@ -433,7 +553,7 @@ def evaluate(
 
 
 class Metrics:
-    """Appends one JSON object a line (process 0 only)."""
+    """Appends one JSON object a line (process 0 only); one record per step, a resumed run included."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path if jax.process_index() == 0 else None
@@ -445,6 +565,194 @@ class Metrics:
         if self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def restart(self, last: int | None) -> int:
+        """Drops the records of the steps after ``last`` (every record for a fresh run: ``last`` None), and lines
+        that are not a record (one cut short by a kill), so that the steps re-run after a resume are not logged
+        twice; rewrites the file atomically. Returns how many lines were dropped."""
+        if not self.path or not os.path.exists(self.path):
+            return 0
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if last is not None and record_step(line) in range(-1, last + 1)]
+        if len(kept) < len(lines):
+            write_atomic(self.path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
+        return len(lines) - len(kept)
+
+
+def record_step(line: str) -> int | None:
+    """The ``step`` of a metrics line, or None for a line that is not a record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the new."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- resuming the same run
+
+SETTINGS_FILE = "lora_sft_settings.json"  # in --ckpt-dir: the flags that define the run's training curve
+CURVE_FLAGS: tuple[str, ...] = ("model", "layers", "dtype", "quantize", "data", "max_rows", "seq_len", "method")
+CURVE_FLAGS += ("targets", "lr", "schedule", "warmup", "steps", "weight_decay", "clip", "batch", "grad_accum", "seed")
+DATA_DIGEST = "data_sha256"  # not a flag: the contents of a --data file
+
+
+def curve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's curve-defining settings, as JSON values: the flags (defaults resolved, e.g. ``--lr``) that a
+    resumed run must keep to continue the same loss curve (``--steps`` sets the schedule's length), and the
+    digest of a ``--data`` file. The mesh is not one: a checkpoint restores onto another mesh."""
+    settings: dict[str, Any] = {name: getattr(args, name) for name in CURVE_FLAGS}
+    settings["targets"] = args.targets or DEFAULT_TARGETS[args.method]
+    if args.method != "ia3":  # IA3 has no rank, scale or dropout
+        settings.update(rank=args.rank, alpha=args.alpha, dropout=args.dropout)
+    if os.path.isfile(args.data):
+        digest = hashlib.sha256()
+        with open(args.data, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        settings[DATA_DIGEST] = digest.hexdigest()
+    return dict(json.loads(json.dumps(settings)))
+
+
+def read_settings(directory: str) -> dict[str, Any] | None:
+    """The settings recorded in ``directory`` (None when none were: a directory of an older lora_sft.py)."""
+    path = os.path.join(directory, SETTINGS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise SystemExit(
+            f"{path} is unreadable ({err}); restore it, delete it to resume without checking the settings, or use a "
+            "new --ckpt-dir"
+        ) from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        raise SystemExit(
+            f"{path} holds no 'settings' object; delete it to resume without the check, or use a new --ckpt-dir"
+        )
+    return dict(saved["settings"])
+
+
+def record_settings(directory: str, settings: dict[str, Any]) -> None:
+    """Writes ``settings`` to ``directory`` (process 0, atomically)."""
+    if jax.process_index() == 0:
+        text = json.dumps({"written_by": "examples/lora_sft.py", "settings": settings}, indent=1, sort_keys=True)
+        write_atomic(os.path.join(directory, SETTINGS_FILE), text + "\n")
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What differs between the checkpoint's settings and the current ones, and the flags that restore them."""
+    changed, fix = [], []
+    for name in [*new, *(k for k in old if k not in new)]:
+        was, now = old.get(name), new.get(name)
+        if was == now:
+            continue
+        if name == DATA_DIGEST:
+            changed.append(f"the contents of the --data file (sha256 {str(was)[:12]}... then, {str(now)[:12]}... now)")
+            fix.append("the --data file as it was")
+            continue
+        flag = "--" + name.replace("_", "-")
+        changed.append(f"{flag}={'(unset)' if was is None else was} then, {'(unset)' if now is None else now} now")
+        fix.append(f"no {flag}" if was is None else f"{flag} {shlex.quote(str(was))}")
+    return changed, fix
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Refuses to resume from ``--ckpt-dir`` with curve-defining settings other than those of the run that saved its
+    steps; runs before the model is loaded, so that a refusal is quick."""
+    if not args.ckpt_dir:
+        return
+    try:
+        jaxpeft.checkpoint.read_config(args.ckpt_dir)
+    except FileNotFoundError:
+        return  # no directory or no step yet: a fresh run (``open_checkpoint`` records its settings)
+    except ValueError:
+        return  # a damaged step: restoring it names the problem
+    old = read_settings(args.ckpt_dir)
+    changed, fix = settings_diff(old, curve_settings(args)) if old is not None else ([], [])
+    if changed:
+        raise SystemExit(
+            f"--ckpt-dir={args.ckpt_dir} holds checkpoints of a run with other settings: {'; '.join(changed)}. "
+            "Resuming would continue on another training curve. Resume with the checkpoint's values "
+            f"({', '.join(fix)}), or pass a new --ckpt-dir to start a new run"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- Ctrl-C
+
+
+class Interrupt:
+    """SIGINT during training: the first asks the loop to stop after the step in progress (and save it), a second
+    stops at once (``KeyboardInterrupt``). Installed only from the main thread; restores the old handler on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        with contextlib.suppress(RuntimeError):  # a print interrupted mid-way refuses a reentrant one
+            print("\nCtrl-C: stopping after the step in progress (Ctrl-C again: stop at once)", file=sys.stderr)
+
+    def stop_now(self) -> bool:
+        """Whether to stop after this step: asked on any process (every process stops at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+
+def resume_command(argv: Sequence[str] | None) -> str:
+    """The command line that ran this run (``argv`` given: as ``python examples/lora_sft.py ARGV``)."""
+    if argv is None:
+        return shlex.join(sys.orig_argv)
+    return shlex.join([os.path.basename(sys.executable), os.path.relpath(os.path.abspath(__file__)), *argv])
+
+
+def alive(tree: Any) -> bool:
+    """False when a leaf was donated to a step that did not finish (its buffer is gone)."""
+    return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
+
+
+def interrupted_exit(args: argparse.Namespace, argv: Sequence[str] | None, done: int, saved: int | None) -> NoReturn:
+    """Prints what a Ctrl-C left (the last step ``done``, the checkpoint step ``saved``) and how to go on; exit 130."""
+    after = f"after step {done}" if done >= 0 else "before step 0 completed"
+    command = resume_command(argv)
+    if not args.ckpt_dir:
+        say(
+            f"interrupted (Ctrl-C) {after}: nothing was saved (no --ckpt-dir). To make a run resumable, pass "
+            f"--ckpt-dir DIR (a checkpoint every --save-every steps and on Ctrl-C): {command} --ckpt-dir DIR"
+        )
+    elif saved is None:
+        say(f"interrupted (Ctrl-C) {after}: no step saved in {args.ckpt_dir}; to start again: {command}")
+    else:
+        lost = "" if saved == done else f" (the state after step {done} was lost mid-step)"
+        say(f"interrupted (Ctrl-C) {after}: saved step {saved} in {args.ckpt_dir}{lost}; resume with: {command}")
+    raise SystemExit(130)
 
 
 def progress(start: int, stop: int, disable: bool) -> Iterable[int]:
@@ -505,6 +813,116 @@ def say(*parts: Any) -> None:
         print(*parts, flush=True)
 
 
+def jit_train_step(
+    model: Any, tx: optax.GradientTransformation, use_dropout: bool, shardings: Any, opt_shardings: Any
+) -> Callable[..., tuple[Any, Any, jax.Array, jax.Array]]:
+    """``make_train_step`` jitted, the adapters and optimizer state donated and kept on their shardings."""
+    step_fn = make_train_step(model, tx, use_dropout)
+    return jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(shardings, opt_shardings, None, None))
+
+
+def open_checkpoint(
+    args: argparse.Namespace, cfg: jaxpeft.MethodConfig, params: Any, layouts: Any, adapters: Any, opt_state: Any
+) -> tuple[jaxpeft.checkpoint.AdapterCheckpointer | None, Any, Any, int]:
+    """``(checkpointer, adapters, opt_state, first step)`` of ``--ckpt-dir``: its latest step restored after
+    checking the run's settings (``check_settings``), or, for a fresh run, the settings recorded."""
+    if not args.ckpt_dir:
+        return None, adapters, opt_state, 0
+    ckpt = jaxpeft.checkpoint.AdapterCheckpointer(
+        args.ckpt_dir, cfg, params, max_to_keep=2, save_interval_steps=args.save_every, layouts=layouts
+    )
+    try:
+        latest = ckpt.latest_step()
+        if latest is None or read_settings(args.ckpt_dir) is None:
+            if latest is not None:
+                say(
+                    f"note: {args.ckpt_dir} records no run settings (an older lora_sft.py wrote it), so this resume "
+                    "could not be checked against them; recording the current ones"
+                )
+            record_settings(args.ckpt_dir, curve_settings(args))
+        if latest is None:
+            return ckpt, adapters, opt_state, 0
+        restored = ckpt.restore(latest, adapters_like=adapters, opt_state_like=opt_state)
+    except ValueError as err:
+        ckpt.close()
+        raise SystemExit(f"--ckpt-dir={args.ckpt_dir}: {err}") from None
+    except BaseException:
+        ckpt.close()
+        raise
+    say(f"resumed from {args.ckpt_dir} at step {latest}")
+    return ckpt, restored.adapters, restored.opt_state, latest + 1
+
+
+@dataclasses.dataclass
+class Loop:
+    """The training loop: steps, metrics, progress, checkpoints, and Ctrl-C (``Interrupt``)."""
+
+    args: argparse.Namespace
+    train_step: Callable[..., tuple[Any, Any, jax.Array, jax.Array]]
+    params: Any
+    batches: Batches
+    schedule: optax.Schedule
+    ckpt: jaxpeft.checkpoint.AdapterCheckpointer | None
+    metrics: Metrics
+    losses: dict[int, float]
+    tokens_seen: float = 0.0  # since the first step of this run (which compiles)
+    t0: float = 0.0
+    rate: float = 0.0  # tokens/s
+
+    def run(self, adapters: Any, opt_state: Any, first: int, stop: int) -> tuple[Any, Any, int, bool]:
+        """Steps ``first`` to ``stop - 1``; returns the adapters, the optimizer state, the last completed step, and
+        whether a Ctrl-C ended the loop early. Either way the last completed step is saved (a second Ctrl-C stops
+        without saving), and every save is on disk when it returns."""
+        done, interrupted, save_last = first - 1, False, True
+        bar = progress(first, stop, self.args.no_progress)
+        with Interrupt() as interrupt:
+            try:
+                for step in bar:
+                    adapters, opt_state = self.step(step, first, adapters, opt_state, bar)
+                    done = step
+                    if self.ckpt is not None:
+                        self.ckpt.save(step, adapters, opt_state)
+                    if interrupt.stop_now():
+                        interrupted = True
+                        break
+            except KeyboardInterrupt:  # a second Ctrl-C, or one raised where no handler was installed
+                interrupted, save_last = True, not interrupt.requested
+            finally:
+                getattr(bar, "close", lambda: None)()
+        if self.ckpt is not None:
+            if save_last and done >= first and alive((adapters, opt_state)) and self.ckpt.latest_step() != done:
+                self.ckpt.save(done, adapters, opt_state, force=True)
+            self.ckpt.wait()
+        return adapters, opt_state, done, interrupted
+
+    def step(self, step: int, first: int, adapters: Any, opt_state: Any, bar: Any) -> tuple[Any, Any]:
+        """One optimizer step, its metrics record and its progress line."""
+        args = self.args
+        key = jax.random.fold_in(jax.random.key(args.seed + 7), step)  # dropout: a function of the step
+        adapters, opt_state, loss, count = self.train_step(adapters, opt_state, self.params, self.batches(step), key)
+        loss_f, count_f = float(loss), float(count)
+        if step > first:  # the rate leaves out the first (compiling) step
+            self.tokens_seen += args.batch * args.seq_len
+            self.rate = self.tokens_seen / (time.perf_counter() - self.t0)
+        else:
+            self.t0 = time.perf_counter()
+        lr = float(self.schedule(step))
+        self.losses[step] = loss_f
+        self.metrics.write(
+            step=step,
+            loss=loss_f,
+            lr=lr,
+            target_tokens=count_f,
+            tokens_per_s=self.rate,
+            time=time.perf_counter() - self.t0,
+        )
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{self.rate:,.0f}")
+        else:
+            say(f"step {step:5d}  loss {loss_f:.4f}  lr {lr:.2e}  {self.rate:,.0f} tokens/s")
+        return adapters, opt_state
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 
 
@@ -512,12 +930,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the fine-tuning; returns the eval losses, step losses and output paths."""
     args = parse_args(argv)
     start_devices(args)
-    mesh = make_mesh(parse_mesh(args.mesh, jax.device_count()))
+    try:
+        mesh = make_mesh(parse_mesh(args.mesh, jax.device_count()))
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    check_settings(args)
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if (args.batch // args.grad_accum) % batch_ways:
         raise SystemExit(
-            f"--batch {args.batch} / --grad-accum {args.grad_accum} = {args.batch // args.grad_accum} rows per "
-            f"micro-batch, not divisible by data×fsdp = {batch_ways}; change --batch or --mesh"
+            f"--batch={args.batch} / --grad-accum={args.grad_accum} = {args.batch // args.grad_accum} rows per "
+            f"micro-batch is not divisible by data×fsdp = {batch_ways} (--mesh={args.mesh}); expected a multiple "
+            f"of {batch_ways} rows per micro-batch: change --batch, --grad-accum or --mesh"
         )
     say(
         f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}, "
@@ -566,25 +989,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = jaxpeft.summary(params, adapters, tx)
     say(summary)
 
-    step_fn = make_train_step(model, tx, args.dropout > 0)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-    train_step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(shardings, opt_shardings, None, None))
+    train_step = jit_train_step(model, tx, args.dropout > 0, shardings, jax.tree.map(lambda x: x.sharding, opt_state))
     eval_fn = jax.jit(lambda a, p, b: token_loss_sums(model, p, a, b, None))
     batches = Batches(train_rows, args, pad_id, mesh)
-
-    # Resume.
-    first = 0
-    ckpt = None
-    if args.ckpt_dir:
-        ckpt = jaxpeft.checkpoint.AdapterCheckpointer(
-            args.ckpt_dir, cfg, params, max_to_keep=2, save_interval_steps=args.save_every, layouts=layouts
-        )
-        latest = ckpt.latest_step()
-        if latest is not None:
-            restored = ckpt.restore(latest, adapters_like=adapters, opt_state_like=opt_state)
-            adapters, opt_state, first = restored.adapters, restored.opt_state, latest + 1
-            say(f"resumed from {args.ckpt_dir} at step {latest}")
-    metrics = Metrics(args.metrics or (os.path.join(args.ckpt_dir, "metrics.jsonl") if args.ckpt_dir else None))
 
     # (what to show, the model's input): held-out questions in the chat format, and for SmolLM2 a plain completion
     # that shows the pretrained model is loaded right.
@@ -594,53 +1001,39 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prompts.append(("The capital of France is", "The capital of France is"))
     result: dict[str, Any] = {"losses": {}, "eval": {}}
     apply_fn = adapted_apply(model)
-    if first == 0:
-        before = evaluate(eval_fn, adapters, params, eval_rows, args, pad_id, mesh)
-        result["eval"]["before"] = before
-        metrics.write(step=-1, eval_loss=before)
-        say(f"held-out loss before: {before:.4f}")
-        if prompts:
-            result["generations_before"] = generations(
-                apply_fn, config, params, adapters, tok, [t for _, t in prompts], args.max_new_tokens
-            )
-            for (q, _), a in zip(prompts, result["generations_before"], strict=True):
-                say(f"  before | {q!r} -> {a!r}")
-
     stop = min(args.steps, args.stop_at + 1) if args.stop_at is not None else args.steps
-    key = jax.random.key(args.seed + 7)
-    tokens_seen, t0, rate = 0.0, time.perf_counter(), 0.0  # the rate leaves out the first (compiling) step
-    bar = progress(first, stop, args.no_progress)
+
+    ckpt, adapters, opt_state, first = open_checkpoint(args, cfg, params, layouts, adapters, opt_state)
     with ckpt if ckpt is not None else contextlib.nullcontext():
-        for step in bar:
-            batch = batches(step)
-            adapters, opt_state, loss, count = train_step(
-                adapters, opt_state, params, batch, jax.random.fold_in(key, step)
-            )
-            loss_f, count_f = float(loss), float(count)
-            if step > first:
-                tokens_seen += args.batch * args.seq_len
-                rate = tokens_seen / (time.perf_counter() - t0)
-            else:
-                t0 = time.perf_counter()
-            lr = float(schedule(step))
-            result["losses"][step] = loss_f
-            metrics.write(
-                step=step, loss=loss_f, lr=lr, target_tokens=count_f, tokens_per_s=rate, time=time.perf_counter() - t0
-            )
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{rate:,.0f}")
-            else:
-                say(f"step {step:5d}  loss {loss_f:.4f}  lr {lr:.2e}  {rate:,.0f} tokens/s")
-            if ckpt is not None:
-                ckpt.save(step, adapters, opt_state)
-        if ckpt is not None:
-            ckpt.wait()
-        if ckpt is not None and stop > first and ckpt.latest_step() != stop - 1:
-            ckpt.save(stop - 1, adapters, opt_state, force=True)
+        metrics = Metrics(args.metrics or (os.path.join(args.ckpt_dir, "metrics.jsonl") if args.ckpt_dir else None))
+        dropped = metrics.restart(first - 1 if first else None)
+        if dropped:
+            what = f"after step {first - 1}, re-run now" if first else "of an earlier run: this run starts afresh"
+            say(f"metrics: dropped {dropped} lines of {metrics.path} ({what})")
+        if first == 0:
+            before = evaluate(eval_fn, adapters, params, eval_rows, args, pad_id, mesh)
+            result["eval"]["before"] = before
+            metrics.write(step=-1, eval_loss=before)
+            say(f"held-out loss before: {before:.4f}")
+            if prompts:
+                result["generations_before"] = generations(
+                    apply_fn, config, params, adapters, tok, [t for _, t in prompts], args.max_new_tokens
+                )
+                for (q, _), a in zip(prompts, result["generations_before"], strict=True):
+                    say(f"  before | {q!r} -> {a!r}")
+
+        loop = Loop(args, train_step, params, batches, schedule, ckpt, metrics, result["losses"])
+        adapters, opt_state, done, interrupted = loop.run(adapters, opt_state, first, stop)
+        saved = ckpt.latest_step() if ckpt is not None else None
+    if interrupted:
+        interrupted_exit(args, argv, done, saved)
     if ckpt is not None:
         result["checkpoint"] = os.path.abspath(args.ckpt_dir)
     if stop < args.steps:
-        say(f"stopped after step {stop - 1} (--stop-at); run again with the same --ckpt-dir to resume")
+        if first > stop:
+            say(f"--ckpt-dir holds step {first - 1}, past --stop-at={args.stop_at}: nothing to train")
+        else:
+            say(f"stopped after step {stop - 1} (--stop-at); run again with the same --ckpt-dir to resume")
         return result
 
     after = evaluate(eval_fn, adapters, params, eval_rows, args, pad_id, mesh)
@@ -670,5 +1063,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``main`` as a command: a Ctrl-C outside the training loop (loading, evaluating) ends it without a traceback."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print(
+            "interrupted (Ctrl-C) outside the training loop; the checkpoints in --ckpt-dir, if any, are complete: run "
+            f"the same command to resume: {resume_command(argv)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

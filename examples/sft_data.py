@@ -192,33 +192,92 @@ def synthetic_examples(n: int, seq_len: int, vocab: int, seed: int) -> list[Exam
     return [Example(row.astype(np.int32), mask.copy()) for row in ids]
 
 
+JSONL_SHAPES = '{"prompt": "...", "completion": "..."} (loss on the completion) or {"text": "..."} (loss on all)'
+
+
 def file_examples(path: str, tok: TextTokenizer, seq_len: int) -> list[Example]:
-    """Rows of a ``.jsonl`` (prompt/completion or text objects) or ``.txt`` (windows of ``seq_len + 1``) file."""
+    """Rows of a ``.jsonl`` (prompt/completion or text objects) or ``.txt`` (windows of ``seq_len + 1``) file.
+
+    Raises:
+        ValueError: a line that is not UTF-8, not JSON, not an object of one of the two shapes, or with a value
+            that is not a string (the message names ``path:line``, the problem and the accepted shapes); a file
+            that is neither ``.jsonl`` nor ``.txt``.
+    """
     if path.endswith(".jsonl"):
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if "prompt" in row and "completion" in row:
-                    out.append(pair_example(tok, str(row["prompt"]), str(row["completion"])))
-                elif "text" in row:
-                    out.append(text_example(tok, str(row["text"])))
-                else:
-                    raise ValueError(
-                        f"{path}:{number}: expected an object with 'prompt' and 'completion', or 'text'; got keys "
-                        f"{sorted(row)}"
-                    )
-        return out
+        with open(path, "rb") as f:
+            return [jsonl_example(tok, path, number, raw) for number, raw in enumerate(f, 1) if raw.strip()]
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            ids = np.asarray(tok.encode(f.read()), np.int32)
+        with open(path, "rb") as f:
+            ids = np.asarray(tok.encode(decoded(path, None, f.read())), np.int32)
         window = seq_len + 1
         return [
             Example(ids[i : i + window], np.ones(window, np.int32)) for i in range(0, len(ids) - window + 1, window)
         ]
     raise ValueError(f"--data {path!r}: expected 'synthetic', 'chatterbot[:topics]', a .jsonl or a .txt file")
+
+
+def decoded(path: str, number: int | None, raw: bytes) -> str:
+    """``raw`` as UTF-8 text (a byte-order mark dropped); a ValueError naming ``path`` (and line) otherwise."""
+    try:
+        return raw.decode("utf-8-sig" if number in (None, 1) else "utf-8")
+    except UnicodeDecodeError as err:
+        where = f"{path}:{number}" if number is not None else path
+        raise ValueError(
+            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save the file as UTF-8"
+        ) from None
+
+
+def jsonl_example(tok: TextTokenizer, path: str, number: int, raw: bytes) -> Example:
+    """The row of line ``number`` (1-based) of a ``.jsonl`` file; a ValueError naming ``path:number`` otherwise."""
+    where = f"{path}:{number}"
+    try:
+        row = json.loads(decoded(path, number, raw))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{where}: not valid JSON ({err.msg} at column {err.colno}); expected one JSON object a line: "
+            f"{JSONL_SHAPES}"
+        ) from None
+    if not isinstance(row, dict):
+        raise ValueError(
+            f"{where}: expected a JSON object with the keys 'prompt' and 'completion', or 'text'; got a JSON "
+            f"{json_type(row)}. Each line holds one of: {JSONL_SHAPES}"
+        )
+    pair = [k for k in ("prompt", "completion") if k in row]
+    if pair and "text" in row:
+        raise ValueError(
+            f"{where}: holds both {' and '.join(map(repr, pair))} and 'text'; expected one of: {JSONL_SHAPES}"
+        )
+    if pair != ["prompt", "completion"] and "text" not in row:
+        raise ValueError(
+            f"{where}: expected an object with 'prompt' and 'completion', or 'text'; got keys {sorted(row)}. Each "
+            f"line holds one of: {JSONL_SHAPES}"
+        )
+    for key in pair or ["text"]:
+        if not isinstance(row[key], str):
+            raise ValueError(
+                f"{where}: {key!r} is a JSON {json_type(row[key])} ({clipped(row[key])}); expected a string. Quote "
+                "it, or drop the line"
+            )
+    if pair:
+        return pair_example(tok, row["prompt"], row["completion"])
+    return text_example(tok, row["text"])
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: ``"null"``, ``"number"``, ``"array"``..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "string" if isinstance(value, str) else "array" if isinstance(value, list) else "object"
+
+
+def clipped(value: Any, width: int = 40) -> str:
+    """``value`` as JSON, cut to ``width`` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def split(examples: Sequence[Example], eval_every: int = 10) -> tuple[list[Example], list[Example]]:

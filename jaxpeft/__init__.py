@@ -46,7 +46,7 @@ from jaxpeft.methods.prompt import (
     prepend_prompt,
 )
 from jaxpeft.methods.vera import VeraConfig, VeraWeights
-from jaxpeft.optim import freeze, loraplus
+from jaxpeft.optim import freeze, loraplus, skip_unused_adapters
 from jaxpeft.protocol import (
     FROZEN,
     STATIC,
@@ -125,6 +125,7 @@ __all__ = [  # noqa: RUF022 - plainly sorted (tests/test_api.py)
     "prepend_prompt",
     "quantize",
     "select_adapter",
+    "skip_unused_adapters",
     "stack_adapters",
     "summary",
     "to_plain_lora",

@@ -22,10 +22,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpeft import ops, quant
 from jaxpeft._paths import map_with_paths, path_str
 from jaxpeft._select import Layout, LayoutEntry, Unsupported
+from jaxpeft.methods.bank import name_order
 from jaxpeft.protocol import Adapter, LayerCall, adapter_items, check_fits, frozen_fields, hook_kind
 
 __all__ = [
@@ -292,12 +294,13 @@ def substitute(params: Any, nodes: Mapping[str, Adapter]) -> tuple[Any, set[str]
     return map_with_paths(swap, params, is_leaf=quant.is_quantized), done
 
 
-def check_ids(ids: Any, sizes: Iterable[int], what: str = "`adapter_ids`") -> jax.Array:
-    """``ids`` as an integer array, range-checked against the banks' sizes when its values are known.
+def check_ids(ids: Any, banks: Mapping[str, Adapter], what: str = "`adapter_ids`") -> jax.Array:
+    """``ids`` as an integer array, range-checked against the banks (``{path: bank node}``) when its values are known
+    (under ``jit`` the banks' forward turns out-of-range rows into NaN: ``jaxpeft.methods.bank``).
 
     Raises:
-      ValueError: names instead of integers, another dtype or shape, no bank, or (outside ``jit``) an id out of
-        range.
+      ValueError: names instead of integers, another dtype or shape, no bank, banks with different name orders,
+        or (outside ``jit``) an id out of range.
     """
     if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and any(isinstance(i, str) for i in ids)):
         raise ValueError(f"{what}={ids!r} holds names; pass integer ids: jaxpeft.adapter_ids(bank, {ids!r}).")
@@ -307,14 +310,13 @@ def check_ids(ids: Any, sizes: Iterable[int], what: str = "`adapter_ids`") -> ja
             f"{what} has dtype {ids.dtype} and shape {ids.shape}; expected integers of shape () or (batch,), "
             "e.g. jaxpeft.adapter_ids(bank, ['fr', 'de'])."
         )
-    sizes = set(sizes)
-    if not sizes:
+    if not banks:
         raise ValueError(f"{what} was given but `adapters` holds no adapter bank (see jaxpeft.stack_adapters).")
-    try:
-        low, high = int(jnp.min(ids)), int(jnp.max(ids))
-    except jax.errors.ConcretizationTypeError:
+    n = len(name_order(banks))
+    if isinstance(ids, jax.core.Tracer):
         return ids
-    n = min(sizes)
+    values = np.asarray(ids)  # concrete (a constant inside a traced function too): check on the host
+    low, high = int(values.min()), int(values.max())
     if low < 0 or high >= n:
         raise ValueError(f"{what} ranges over [{low}, {high}]; the bank holds {n} adapters (ids 0..{n - 1}).")
     return ids

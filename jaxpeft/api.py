@@ -383,35 +383,64 @@ def fold_weight(w: jax.Array, delta: jax.Array, sign: int) -> jax.Array:
     return (w.astype(jnp.float32) + sign * delta.astype(jnp.float32)).astype(w.dtype)
 
 
-def _fold_arrays(node: Adapter, weight: Any, bias: jax.Array | None, sign: int) -> tuple[Any, Any, Any, Any]:
+def _fold_arrays(node: Adapter, weight: Any, bias: jax.Array | None, sign: int) -> tuple[Any, Any]:
     """``node.fold`` on one weight, through its dequantised values when it is quantised (then requantised alike).
 
-    Returns ``(new weight, new bias or None, the weight's values before, after)``; the last two are float arrays
-    for the overflow check (for a quantised weight: before requantising).
+    Returns ``(new weight, new bias or None)`` in the weight's and bias's dtypes (a quantised weight: quantised
+    again, with the same kind, blocks and logical dtype).
     """
     if quant.is_quantized(weight):
-        before = quant.dequantize(weight, jnp.float32)
-        after, new_bias = node.fold(before, bias, sign)  # type: ignore[attr-defined]
+        after, new_bias = node.fold(quant.dequantize(weight, jnp.float32), bias, sign)  # type: ignore[attr-defined]
         new_bias = None if new_bias is None or bias is None else jnp.asarray(new_bias).astype(bias.dtype)
-        return quant.requantize(after, weight), new_bias, before, after
+        return quant.requantize(after, weight), new_bias
     new_weight, new_bias = node.fold(weight, bias, sign)  # type: ignore[attr-defined]
     new_weight = jnp.asarray(new_weight).astype(weight.dtype)  # a fold never changes the params' dtypes
     new_bias = None if new_bias is None or bias is None else jnp.asarray(new_bias).astype(bias.dtype)
-    return new_weight, new_bias, weight, new_weight
+    return new_weight, new_bias
 
 
-def _check_finite(path: str, before: Any, after: Any) -> None:
-    """Raise when folding made a finite entry inf/NaN (e.g. float16 overflow); values under ``jit`` are unknown."""
+def _overflowed(before: Any, after: Any) -> bool:
+    """Whether folding made a finite entry inf/NaN in ``after``'s dtype (False under ``jit``: values unknown).
+
+    A quantised ``after`` is read as it will be used: its values dequantised in its logical dtype (a float16
+    weight whose merged values pass 65504 is finite in float32 before requantising, inf after), and its scales.
+    """
     try:
-        overflow = bool(jnp.any(jnp.isfinite(before) & ~jnp.isfinite(after)))
+        if quant.is_quantized(after):
+            scales = [x for x in jax.tree.leaves(after) if jnp.issubdtype(x.dtype, jnp.floating)]
+            if not all(bool(jnp.all(jnp.isfinite(x))) for x in scales):
+                return True
+            after = quant.dequantize(after)
+        if bool(jnp.all(jnp.isfinite(after))):
+            return False
+        return bool(jnp.any(jnp.isfinite(quant.dequantize(before)) & ~jnp.isfinite(after)))
     except jax.errors.ConcretizationTypeError:
-        return
-    if overflow:
-        dtype = jnp.dtype(after.dtype)
-        raise ValueError(
-            f"folding the adapter into {path!r} overflows {dtype.name} (largest finite {float(jnp.finfo(dtype).max):g})"
-            "; the result would hold inf and could not be unmerged. Merge into float32 (or bfloat16) params instead."
+        return False
+
+
+def _overflow_error(path: str, node: Adapter, weight: Any, bias: jax.Array | None, sign: int, of_bias: bool) -> str:
+    """The refusal of a fold that overflows its dtype, with the largest merged value (the fold redone in float32)."""
+    target = bias if of_bias and bias is not None else weight
+    dtype = jnp.dtype(target.dtype)
+    w32 = quant.dequantize(weight, jnp.float32) if quant.is_quantized(weight) else weight.astype(jnp.float32)
+    b32 = None if bias is None else bias.astype(jnp.float32)
+    values = node.fold(w32, b32, sign)[1 if of_bias else 0]  # type: ignore[attr-defined]
+    largest = float(jnp.max(jnp.abs(jnp.asarray(values, jnp.float32))))
+    head = (
+        f"folding the adapter into {path!r} overflows {dtype.name} (largest finite {float(jnp.finfo(dtype).max):g})"
+        f": the merged values reach max |value| {largest:.4g}"
+    )
+    if not of_bias and quant.is_quantized(weight):
+        return (
+            f"{head}, and this {weight.kind}-quantised weight dequantises to {dtype.name} (its logical dtype), so "
+            "it would hold inf and could not be unmerged. Merge into float32 params instead: quantise a float32 "
+            "copy of the base (jaxpeft.quantize(params_f32, ...)), or merge into jaxpeft.dequantize(params, "
+            "jnp.float32); or keep the adapters separate (jaxpeft.linen.apply, jaxpeft.nnx)."
         )
+    return (
+        f"{head}; the result would hold inf and could not be unmerged. Merge into float32 (or bfloat16) params "
+        "instead, or keep the adapters separate (jaxpeft.linen.apply, jaxpeft.nnx)."
+    )
 
 
 def fold_target(
@@ -421,13 +450,15 @@ def fold_target(
 
     Every merge path (``jaxpeft.merge``/``unmerge``, ``jaxpeft.nnx.merge``/``unmerge``, quantised weights) calls
     this, so all refuse the same inputs with the same messages. The results keep the weight's and bias's dtypes
-    (a node's fold computed in float32 is cast back here, and an overflow of that dtype is caught).
+    (a node's fold computed in float32 is cast back here, and an overflow of that dtype is caught; a quantised
+    weight is checked as it will be read: requantised, then dequantised in its logical dtype).
 
     Raises:
       NotMergeableError: a model input (``InputAdapter``), a method that cannot be merged, a non-floating weight
         (int8: folding would truncate); the message names ``path``.
       ValueError: the adapter does not fit the weight; outside ``jit``, a fold that overflows the weight's dtype
-        (float16 beyond 65504), for the weight or the bias.
+        (float16 beyond 65504; for a quantised weight its logical dtype), for the weight or the bias. The message
+        names the path, the dtype and the largest merged value.
     """
     if hook_kind(node) == "input":
         raise NotMergeableError(
@@ -441,12 +472,13 @@ def fold_target(
             "truncate. Keep the adapters separate (jaxpeft.linen.apply, jaxpeft.nnx) or dequantise the weight first."
         )
     try:
-        new_weight, new_bias, before, after = _fold_arrays(node, weight, bias, sign)
+        new_weight, new_bias = _fold_arrays(node, weight, bias, sign)
     except NotMergeableError as err:
         raise NotMergeableError(f"adapter {path!r}: {err}") from None
-    _check_finite(path, before, after)
-    if new_bias is not None and bias is not None:
-        _check_finite(bias_path or f"{path} (bias)", bias, new_bias)
+    if _overflowed(weight, new_weight):
+        raise ValueError(_overflow_error(path, node, weight, bias, sign, of_bias=False))
+    if new_bias is not None and bias is not None and _overflowed(bias, new_bias):
+        raise ValueError(_overflow_error(bias_path or f"{path} (bias)", node, weight, bias, sign, of_bias=True))
     return new_weight, new_bias
 
 
@@ -480,9 +512,22 @@ def merge(params: Any, adapters: Any) -> Any:
     ``Ŵ + ΔW``. Per element the difference is at most one rounding of the new weight (``quant.quantize_array``):
     int8 ``m / 254`` with ``m`` the absolute maximum of the element's merged output channel; NF4
     ``0.152 · m̂`` with ``m̂ < m + M / 255`` (``m`` the merged block's absmax, ``M`` its group's largest). A zero
-    update requantises to the same codes. ``unmerge(merge(p))`` differs from ``p`` by at most two such roundings.
-    Requantising rounds, so a merge into a quantised weight has no useful gradient: train with the adapters
-    separate (``jaxpeft.linen.apply``, ``jaxpeft.nnx``), not through ``jaxpeft.merged``.
+    update requantises to the same codes. Requantising rounds, so a merge into a quantised weight has no useful
+    gradient: train with the adapters separate (``jaxpeft.linen.apply``, ``jaxpeft.nnx``), not through
+    ``jaxpeft.merged``. The overflow check reads the requantised weight as it will be used, dequantised in its
+    logical dtype (a float16 base quantised to NF4 is refused when the merged values pass 65504).
+
+    ``unmerge(merge(p))`` of a quantised weight requantises twice, so it is not ``p``: per element it differs by at
+    most the merge's rounding plus the unmerge's, half a level of each one's scale (int8: ``(m₁ + m₂) / 254`` per
+    output channel; NF4: ``0.152 · (m̂₁ + m̂₂)`` per block, ``m̂₁`` the merged block's scale, ``m̂₂`` the
+    unmerged one's). Exact undoing would need the pre-merge codes kept beside the merged ones (the base's memory
+    again): keep the quantised params you merged into (``merge`` never changes them) and use those instead of
+    ``unmerge``. Repeated cycles drift further rather than averaging out: requantising values plus rounding noise
+    tends to raise a block's absmax (noise lifts the maximum), and the block's other values, whose codes mostly
+    stay, scale up with it (NF4 block scales grew 2% a requantisation below). Measured on 256×256 weights
+    ~ N(0, 0.05) (``|w| ≤ 0.24``) with a rank-8 update of std 0.005 (10% of the weights'), the largest
+    ``|drift|`` after 1 / 5 / 20 merge-unmerge cycles (relative Frobenius drift in brackets): NF4
+    0.040 / 0.11 / 0.45 (0.09 / 0.32 / 1.15), int8 0.0016 / 0.0062 / 0.024 (0.003 / 0.009 / 0.018).
 
     With a base-adjusting init (PiSSA/OLoRA, ``init_adjusted``) pass the residual params the adapters were made
     over: ``merge(residual, trained)`` is the original weights plus the trained update (``W - s·A0·B0 + s·A·B``),
@@ -492,13 +537,17 @@ def merge(params: Any, adapters: Any) -> Any:
       NotMergeableError: a method that cannot be merged, a model input (prompt/prefix), or a non-floating (e.g.
         int8) weight (the message names the path and why).
       ValueError: an adapter with no parameter or that does not fit it; outside ``jit``, a fold that overflows the
-        weight's dtype (float16 beyond 65504).
+        weight's dtype (float16 beyond 65504; a quantised weight's logical dtype), naming the path, the dtype and
+        the largest merged value.
     """
     return _fold(params, adapters, 1)
 
 
 def unmerge(params: Any, adapters: Any) -> Any:
     """The inverse of ``merge`` up to float rounding: each adapter taken back out of its weight.
+
+    A quantised weight is requantised again, so ``unmerge(merge(p))`` is within two roundings of ``p``, not ``p``
+    (see ``merge`` for the bound and the measured drift of repeated cycles); keep the params you merged into.
 
     Raises:
       NotMergeableError: a method whose merge cannot be undone from the merged weights (e.g. DoRA: keep the

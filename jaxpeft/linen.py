@@ -399,8 +399,8 @@ def apply(
     quantized = any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
     used: set[str] = set(substituted)
     if adapter_ids is not None:
-        sizes = [n.bank_size for n in layers.values() if n.bank_size is not None]
-        adapter_ids = core.check_ids(adapter_ids, sizes)
+        banks = {p: n for p, n in layers.items() if n.bank_size is not None}
+        adapter_ids = core.check_ids(adapter_ids, banks)
     with nn.intercept_methods(_interceptor(table, used, quantized, adapter_ids)):
         out = model.apply({**variables, "params": params}, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
     unused = sorted({p for p, _ in adapter_items(adapters)} - used)

@@ -18,6 +18,7 @@ from jaxpeft.api import Plan, fold_target
 from jaxpeft.api import init as method_init
 from jaxpeft.api import init_adjusted as method_init_adjusted
 from jaxpeft.api import plan as method_plan
+from jaxpeft.optim import skip_unused_adapters
 from jaxpeft.protocol import Adapter, LayerCall, LeafAdapter, MethodConfig, adapter_items, check_fits
 
 __all__ = [
@@ -703,15 +704,32 @@ def set_adapter_ids(model: Any, ids: Any) -> None:
         for _, layer in banks:
             layer.adapter_ids = None
         return
-    value = core.check_ids(ids, [int(cast(int, layer.adapter.bank_size)) for _, layer in banks], "`ids`")
+    value = core.check_ids(ids, {p: layer.adapter for p, layer in banks}, "`ids`")
     for _, layer in banks:
         node = layer.adapter
         stack = tuple(jax.tree.leaves(node)[0].shape[: node.layout.stack])
         layer.adapter_ids = AdapterIds(jnp.broadcast_to(value, (*stack, *value.shape)))
 
 
+def _bank_axes(model: Any) -> dict[str, int]:
+    """``{path in nnx.state(model, AdapterParam): adapter axis}`` for the trainable arrays of the model's banks."""
+    out: dict[str, int] = {}
+    for parts, node in nnx.iter_graph(model):
+        if isinstance(node, _NodeSlot) and getattr(node, "stored", None) is not None:
+            adapter = node.adapter
+            if adapter.bank_size is None:
+                continue
+            for name in node.stored.names:
+                if name not in node.stored.frozen:
+                    out["/".join(str(p) for p in (*parts, name))] = adapter.layout.stack
+    return out
+
+
 def optimizer(model: Any, tx: optax.GradientTransformation) -> nnx.Optimizer:
     """``nnx.Optimizer`` over exactly the adapters of ``model`` (``wrt=AdapterParam``): the base stays frozen.
+
+    When the model holds adapter banks, ``tx`` is wrapped in ``jaxpeft.skip_unused_adapters`` so an adapter that no
+    example of the batch used stays bit-identical (no weight decay, no momentum step).
 
     The filter is the one place where a typo trains the wrong thing silently (``wrt=nnx.LoRAParam`` holds no
     state here, ``wrt=nnx.Param`` trains the base), so this builds it for you and checks the result.
@@ -720,6 +738,9 @@ def optimizer(model: Any, tx: optax.GradientTransformation) -> nnx.Optimizer:
       ValueError: ``model`` has no adapters, or the optimizer would hold no adapter state.
     """
     adapters_of(model)  # raises with the fix when there are none
+    axes = _bank_axes(model)
+    if axes:
+        tx = skip_unused_adapters(tx, axes=lambda _: axes)
     opt = nnx.Optimizer(model, tx, wrt=AdapterParam)
     if not jax.tree.leaves(nnx.state(model, AdapterParam)):
         raise ValueError("the optimizer would train nothing: `model` holds no AdapterParam arrays.")

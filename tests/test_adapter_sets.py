@@ -224,6 +224,47 @@ def test_weighted_combination_matches_hf_peft(combination):
     close(_delta(combined), theirs, 1e-4)
 
 
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
+def test_weighted_combination_returns_the_config_of_its_adapters(combination, use_rslora, tmp_path):
+    """Whatever the inputs' ranks, alphas and rsLoRA, the returned config gives the new nodes' rank and scale (1), so
+    the library's own checks accept the pair: a checkpoint saves it and HF export writes it. Cat and svd (at full
+    rank) compute ``Σ wᵢ·ΔWᵢ``; linear computes HF's product of the weighted factor sums."""
+    import jaxpeft.checkpoint
+    import jaxpeft.hf
+
+    base = {"lin": {"kernel": jnp.zeros((6, 5))}, "out": {"kernel": jnp.zeros((5, 4))}}
+    targets = r"^(lin|out)/kernel$"
+    x_cfg = jaxpeft.LoraConfig(rank=2, alpha=4.0, targets=targets, use_rslora=use_rslora)
+    y_rank = 2 if combination == "linear" else 3
+    y_cfg = jaxpeft.LoraConfig(rank=y_rank, alpha=1.0, targets=targets, use_rslora=use_rslora)
+    named = {
+        "x": perturb(jaxpeft.init(x_cfg, base, key=jax.random.key(0)), seed=1),
+        "y": perturb(jaxpeft.init(y_cfg, base, key=jax.random.key(1)), seed=2),
+    }
+    ws = {"x": 0.7, "y": -0.4}
+    new_rank = {"linear": 2, "cat": 2 + y_rank, "svd": 5}[combination]
+    for given in (x_cfg, None):
+        combined, cfg = jaxpeft.add_weighted_adapter(
+            named, ws, combination=combination, rank=5 if combination == "svd" else None, cfg=given
+        )
+        with jaxpeft.checkpoint.AdapterCheckpointer(tmp_path / f"ckpt-{given is None}", cfg, base) as ckpt:
+            assert ckpt.check(0, combined)
+        jaxpeft.hf.export_adapters(tmp_path / f"hf-{given is None}", combined, cfg, base, lambda m: m.replace("/", "."))
+        assert (cfg.rank, cfg.alpha, cfg.use_rslora) == (new_rank, float(new_rank), False)
+        for path, node in jaxpeft.adapter_items(combined):
+            assert node.rank == cfg.rank_for(path) == new_rank and node.scale == cfg.scale_for(path) == 1.0
+            nodes = {n: dict(jaxpeft.adapter_items(t))[path] for n, t in named.items()}
+            if combination == "linear":
+                roots = {n: np.sqrt(abs(ws[n] * nd.scale)) for n, nd in nodes.items()}
+                a = sum(np.sign(ws[n]) * roots[n] * np.asarray(nd.a, np.float64) for n, nd in nodes.items())
+                b = sum(roots[n] * np.asarray(nd.b, np.float64) for n, nd in nodes.items())
+                expected = a @ b
+            else:  # svd at rank 5 >= min(fan_in, fan_out): the whole update
+                expected = sum(ws[n] * np.asarray(nd.a, np.float64) @ nd.b * nd.scale for n, nd in nodes.items())
+            close(np.asarray(node.a, np.float64) @ node.b * node.scale, expected, 1e-4)
+
+
 # ----------------------------------------------------------------------------------------------- sets on disk
 
 
@@ -257,11 +298,11 @@ def test_adapter_set_checkpoint_round_trip_keeps_names_order_and_values(tmp_path
     chex.assert_trees_all_equal(back, named)
     with pytest.raises(FileNotFoundError, match="is not an adapter set directory"):
         adapter_sets.restore_adapter_set(tmp_path / "set" / "fr", params)
-    with pytest.raises(ValueError, match="cannot be a directory name"):
+    with pytest.raises(ValueError, match="cannot be a member directory"):
         adapter_sets.save_adapter_set(tmp_path / "x", {"a/b": named["fr"]}, cfgs["fr"], params)
     with pytest.raises(ValueError, match=r"one method config or one per adapter \['fr', 'de'\]"):
         adapter_sets.save_adapter_set(tmp_path / "y", named, {"fr": cfgs["fr"]}, params)
-    with pytest.raises(ValueError, match=r"`step`=0 is already saved in .*fr"):  # never overwrites a step
+    with pytest.raises(ValueError, match=r"`step`=0 is already committed in the adapter set"):  # never overwritten
         adapter_sets.save_adapter_set(root, named, cfgs, params)
 
 

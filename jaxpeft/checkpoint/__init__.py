@@ -9,17 +9,21 @@ This is the only jaxpeft package that imports orbax. A checkpoint step holds up 
   ``modules_to_save``), as nested dicts keyed by path entries;
 - ``opt_state``: the optimizer state's array leaves, likewise;
 - ``meta``: JSON with the step, the method config (``cfg.to_dict()``), each adapter's type, array shapes and
-  layout, the shapes of ``extra`` and ``opt_state``, and a fingerprint of the base params (path -> shape, dtype).
+  layout, the shapes of ``extra`` and ``opt_state``, and a fingerprint of the base params (path -> shape, dtype);
+  for a config that changes the base at init (PiSSA, OLoRA: ``cfg.base_adjustment``) also a fingerprint of the
+  residual base the adapters are trained over (16 sampled entries of each adjusted weight, bit for bit).
 
-The base weights never enter a checkpoint. Restore reads against abstract targets: ``jax.eval_shape`` of the
-method's own ``init`` on the current config and params (so the restored nodes carry the current static parts:
-scale, dropout, layout) with the current shardings, so a checkpoint written on one mesh restores on another:
-each leaf takes its ``*_like`` leaf's sharding, else ``sharding=``, else (when the params carry ``NamedSharding``s)
-the sharding ``jaxpeft.sharding`` derives from the base weights (the optimizer state following the adapters), else
-the first local device.
-Every check (config, base fingerprint, adapter table and each adapter's static parts, ``*_like`` trees, on-disk
-array metadata) runs before any array is read on restore, and before anything is written on save; a difference is
-a ``ValueError`` that names the differing fields or paths and says what to do.
+The base weights never enter a checkpoint (but for those few sampled entries). Restore reads against abstract
+targets: ``jax.eval_shape`` of the method's own ``init`` on the current config and params (so the restored nodes
+carry the current static parts: scale, dropout, layout) with the current shardings, so a checkpoint written on one
+mesh restores on another: each leaf takes its ``*_like`` leaf's sharding, else ``sharding=``, else (when the params
+carry ``NamedSharding``s) the sharding ``jaxpeft.sharding`` derives from the base weights (the optimizer state
+following the adapters), else the first local device.
+Every check (config and its base adjustment, base and residual fingerprints, adapter table and each adapter's static
+parts, ``*_like`` trees, on-disk array metadata) runs before any array is read on restore, and before anything is
+written on save; a difference is a ``ValueError`` that names the differing fields or paths and says what to do.
+PiSSA/OLoRA adapters restore only over the residual base they were trained over (``jaxpeft.init_adjusted``'s params,
+checked on the sampled entries), never silently over the original weights.
 
 Under faults and concurrent use (each point is a test in ``tests/test_checkpoint_faults.py``):
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,10 +37,14 @@ from jaxpeft.checkpoint._tables import (
     config_diff,
     diff_table,
     fingerprint,
+    is_concrete,
     listed,
     nested,
     node_diff,
     node_table,
+    residual_diff,
+    residual_entry,
+    sample_positions,
     shape_dtype,
     shape_table,
 )
@@ -54,7 +59,7 @@ from jaxpeft.checkpoint._targets import (
     derive,
     placed_params,
 )
-from jaxpeft.protocol import MethodConfig, layouts_of
+from jaxpeft.protocol import MethodConfig, adapter_items, layouts_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +72,8 @@ class Restored:
       opt_state: the optimizer state in the structure of ``opt_state_like``; None when the step holds none or
         it was skipped.
       config: the config the checkpoint was saved with (same method class as the current one; fields in
-        ``restore_free``, such as LoRA's dropout, may differ from the current config's).
+        ``restore_free``, such as LoRA's dropout, may differ from the current config's, but never its
+        ``base_adjustment``).
       extra: the extra trained tree in the structure of ``extra_like``; None when the step holds none or it was
         skipped.
     """
@@ -117,7 +123,10 @@ class AdapterCheckpointer:
       cfg: the method config; saved as JSON and compared on restore.
       params: the base params (arrays or ``jax.ShapeDtypeStruct``): only their paths, shapes, dtypes and
         ``NamedSharding``s are kept (fingerprinted, used to plan the adapters and to derive the default restore
-        shardings); never saved.
+        shardings); never saved. For a config that changes the base at init (``cfg.base_adjustment``: PiSSA,
+        OLoRA) they must be the concrete residual params ``jaxpeft.init_adjusted`` returned, the base the adapters
+        are trained over: the checkpointer keeps a reference to them, each saved step records a fingerprint of
+        the adjusted weights (:meth:`save`) and a restore checks it (:meth:`restore`).
       max_to_keep: keep the N most recently saved steps (None keeps all).
       save_interval_steps: ``save`` writes only steps divisible by this (unless ``force=True``).
       async_save: write in a background thread; ``wait``/``close`` block until done.
@@ -159,6 +168,11 @@ class AdapterCheckpointer:
         self._params = jax.tree.map(abstract, params, is_leaf=quant.is_quantized)  # a quantised weight: logical
         self._placed = placed_params(params)  # the params' NamedShardings, to derive default restore shardings
         self._fingerprint = fingerprint(self._params)
+        # A base-adjusting config's checkpoints hold sampled entries of the residual weights: keep the params (a
+        # reference) to sample them, and the samples once taken, keyed by (path, positions).
+        adjusted = cfg.base_adjustment is not None
+        self._values = dict(leaves_with_paths(params, is_leaf=quant.is_quantized)) if adjusted else {}
+        self._samples: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
         self._layouts = dict(layouts) if layouts is not None else None
         self._plan_cache: tuple[dict[str, Layout], Any, dict[str, Any]] | None = None
         self._pending: list[int] = []  # async saves not yet waited for
@@ -303,9 +317,12 @@ class AdapterCheckpointer:
         restored; nothing is written when a check fails. A step off ``save_interval_steps`` is skipped (False)
         unless ``force``. Nothing else is skipped silently: a step already saved is an error (never overwritten,
         ``force`` or not: the directory always keeps a complete copy of every step it lists), and so is a step
-        below the latest (e.g. a run restarted into an old directory) unless ``force``. With ``async_save`` the
-        arrays are copied off the device before this returns and written in the background; call ``wait`` (or
-        ``close``) before relying on the files.
+        below the latest (e.g. a run restarted into an old directory) unless ``force``. For a config that changes
+        the base at init (``cfg.base_adjustment``: PiSSA, OLoRA) the step's metadata also records the residual
+        fingerprint: each adjusted weight's shape, dtype and the bit patterns of 16 entries at fixed flat
+        positions, gathered under ``jit`` from any sharding (taken once per checkpointer), so that a restore can
+        refuse another base. With ``async_save`` the arrays are copied off the device before this returns and
+        written in the background; call ``wait`` (or ``close``) before relying on the files.
 
         Args:
           step: the step number, a non-negative integer.
@@ -320,19 +337,15 @@ class AdapterCheckpointer:
           TypeError: ``step`` is not an integer (a float, a bool, a string).
           ValueError: a negative ``step``; ``step`` already saved, or below the latest without ``force``; the
             adapters do not match the config on these params; a non-array leaf in ``adapters``, ``opt_state`` or
-            ``extra``; a read-only checkpointer.
+            ``extra``; a read-only checkpointer; a base-adjusting config over abstract ``params`` (the residual
+            fingerprint needs the concrete residual weights).
           CheckpointLockedError: this writer's lock file was removed or replaced.
           OSError, RuntimeError: writing failed (the message names the step; earlier steps are intact).
         """
-        if self._read_only:
-            raise ValueError(
-                f"this AdapterCheckpointer of {self._directory!r} is read-only; open one without read_only."
-            )
-        step = check_step(step)
-        if not force and step % self._interval:
+        args = self._prepare(step, adapters, opt_state, extra, force)
+        if args is None:
             return False
-        self._check_new(step, force)
-        args = self._save_args(step, adapters, opt_state, extra)
+        step = check_step(step)
         if self._lock is not None:
             self._lock.check()
         self._empty_trash()  # the steps pruned by earlier saves
@@ -343,6 +356,45 @@ class AdapterCheckpointer:
         if written and self._async:
             self._pending.append(step)
         return written
+
+    def check(self, step: int, adapters: Any, opt_state: Any = None, *, extra: Any = None, force: bool = False) -> bool:
+        """Run every check :meth:`save` runs and write nothing; returns whether ``save`` would write the step.
+
+        For saving several things as one unit (``jaxpeft.adapter_sets``): check them all first, then save.
+
+        Raises:
+          As :meth:`save`, but never ``OSError`` (nothing is written).
+        """
+        return self._prepare(step, adapters, opt_state, extra, force) is not None
+
+    def _prepare(self, step: Any, adapters: Any, opt_state: Any, extra: Any, force: bool) -> dict[str, Any] | None:
+        """The orbax arguments of ``step`` after every check, or None for a step off the save interval."""
+        if self._read_only:
+            raise ValueError(
+                f"this AdapterCheckpointer of {self._directory!r} is read-only; open one without read_only."
+            )
+        step = check_step(step)
+        if not force and step % self._interval:
+            return None
+        self._check_new(step, force)
+        return self._save_args(step, adapters, opt_state, extra)
+
+    def delete(self, step: int) -> None:
+        """Remove a saved ``step`` (after pending saves finish); a kill half-way leaves it unlisted, never half-listed.
+
+        Raises:
+          ValueError: a read-only checkpointer. FileNotFoundError: no such complete step.
+        """
+        if self._read_only:
+            raise ValueError(
+                f"this AdapterCheckpointer of {self._directory!r} is read-only; open one without read_only."
+            )
+        self.wait()
+        step = resolve_step(self.all_steps(), self._incomplete, self._directory, step)
+        if self._lock is not None:
+            self._lock.check()
+        self._manager.delete(step)  # renamed into the trash first (local directories), then deleted
+        self._empty_trash()
 
     def _check_new(self, step: int, force: bool) -> None:
         """Raise when ``step`` is saved already, or (without ``force``) below the latest step."""
@@ -371,13 +423,50 @@ class AdapterCheckpointer:
             tables[item] = None if flat is None else shape_table(flat)
             if flat:  # an empty state (e.g. plain SGD's) is rebuilt from its `*_like` structure alone
                 trees[item] = flat
+        residual = self._residual_at_save(sorted(table))
         args: dict[str, Any] = {item: ocp.args.StandardSave(nested(flat)) for item, flat in trees.items()}
-        args[META] = ocp.args.JsonSave(new_meta(step, self._config, table, self._fingerprint, **tables))
+        meta = new_meta(step, self._config, table, self._fingerprint, residual=residual, **tables)
+        args[META] = ocp.args.JsonSave(meta)
         return args
+
+    def _sample(self, path: str, positions: Sequence[int]) -> dict[str, Any]:
+        """The residual fingerprint of the param at ``path`` (concrete) at ``positions``; taken once per
+        checkpointer."""
+        key = (path, tuple(positions))
+        if key not in self._samples:
+            self._samples[key] = residual_entry(self._values[path], positions)
+        return self._samples[key]
+
+    def _residual_at_save(self, paths: Sequence[str]) -> dict[str, Any] | None:
+        """The ``residual`` fingerprint of a step (None for a config that keeps the base): for each adjusted
+        weight, its shape, dtype and the bit patterns of ``SAMPLES`` entries at fixed positions."""
+        adjustment = self._cfg.base_adjustment
+        if adjustment is None:
+            return None
+        abstract_at = [p for p in paths if not is_concrete(self._values[p])]
+        if abstract_at:
+            raise ValueError(
+                f"`params` hold no values at {abstract_at[0]!r} (a {type(self._values[abstract_at[0]]).__name__}), but "
+                f"`cfg` ({type(self._cfg).__name__} with {adjustment}) trains its adapters over the residual base "
+                "weights its init made, and each checkpoint records a fingerprint of them (sampled entries of each "
+                "adjusted weight) so that a restore can check it gets that base back; that needs their values. Open "
+                "the AdapterCheckpointer with the concrete residual params that jaxpeft.init_adjusted returned (the "
+                "params you train over), not a jax.eval_shape of them."
+            )
+        params = {p: self._sample(p, sample_positions(math.prod(self._values[p].shape))) for p in paths}
+        return {"adjustment": adjustment, "params": params}
 
     def _check_adapters(self, adapters: Any) -> dict[str, Any]:
         """The node table of ``adapters`` after checking it equals the one the config makes on the params (the
         static parts but the config's ``restore_free`` fields included)."""
+        banked = next((p for p, node in adapter_items(adapters) if node.bank_size is not None), None)
+        if banked is not None:
+            raise ValueError(
+                f"`adapters` hold adapter banks (e.g. at {banked!r}, from jaxpeft.stack_adapters); a checkpoint holds "
+                "the adapters one config makes. Save a bank as an adapter set, one member per adapter, committed as "
+                "one step: jaxpeft.adapter_sets.save_adapter_set(directory, jaxpeft.unstack_adapters(bank), cfg, "
+                "params, step=step); restore it with restore_adapter_set and jaxpeft.stack_adapters."
+            )
         given = node_table(adapters)
         try:
             _, planned = self._planned({**layouts_of(adapters), **(self._layouts or {})})
@@ -427,7 +516,9 @@ class AdapterCheckpointer:
         Guarantees: the restored adapters have exactly the paths, node types and shapes that the method's
         ``init`` makes from the current config on the current params, and its static parts; nothing saved is
         silently dropped (a saved ``opt_state`` or ``extra`` must be given a target or skipped explicitly); every
-        check runs before any array is read; no leaf is left abstract; the base weights are not read.
+        check runs before any array is read; no leaf is left abstract; the base weights are not read, but for a
+        config that changes the base at init (PiSSA, OLoRA), where a few sampled entries of each adjusted weight
+        are read (once per checkpointer) and must equal the saved ones (``check_base``).
 
         Args:
           step: which step; None for the latest complete one.
@@ -446,17 +537,27 @@ class AdapterCheckpointer:
             sharding of the param at its path if it has that shape (else replicated), the optimizer state
             following both (``jaxpeft.sharding.optimizer_shardings``); so a step saved on one mesh restores onto
             the current one. Otherwise the first local device.
-          check_base: compare the base fingerprint (paths, shapes, dtypes of every param). Turn off only to
-            load adapters onto a base whose other leaves changed on purpose (e.g. cast to bf16); the adapted
-            paths and shapes are checked regardless.
+          check_base: compare the base fingerprint (paths, shapes, dtypes of every param) and, for a config that
+            changes the base at init (PiSSA, OLoRA), the residual fingerprint: the saved entries of each adjusted
+            weight (16 per weight at fixed positions, bit for bit) against the same entries of ``params``,
+            which must then be concrete (the residual params ``jaxpeft.init_adjusted`` returned; restoring over
+            the original weights would silently change the model). Turn off only to load adapters onto a base
+            whose other leaves changed on purpose (e.g. cast to bf16), or to restore PiSSA/OLoRA adapters over
+            abstract or other params (e.g. to convert them with ``jaxpeft.to_plain_lora``); the adapted paths and
+            shapes, and the config's ``base_adjustment``, are checked regardless. A step of a base-adjusting
+            config saved without the residual fingerprint (an older jaxpeft) restores with a warning.
 
         Raises:
           FileNotFoundError: no such step, or it is incomplete.
           TypeError: ``step`` is not an integer.
           ValueError: the step's metadata is missing, malformed or edited, or from another program or format
             version; the saved config, fingerprint or adapters' static parts differ from the current ones (the
-            message names the fields or paths); the on-disk arrays differ from the targets or cannot be read; a
-            ``*_like`` tree does not match what was saved, or nothing was saved for it; a saved
+            message names the fields or paths); the saved config's ``base_adjustment`` differs from the current
+            one (``init='pissa'`` saved, ``'olora'`` or ``'kaiming'`` now, although ``init`` is otherwise
+            restore-free); with ``check_base``, ``params`` are not the residual base a PiSSA/OLoRA step was
+            trained over (the message names the path and the fixes: ``jaxpeft.init_adjusted`` with the same key,
+            or ``jaxpeft.to_plain_lora``) or are abstract there; the on-disk arrays differ from the targets or
+            cannot be read; a ``*_like`` tree does not match what was saved, or nothing was saved for it; a saved
             ``opt_state``/``extra`` with neither a target nor ``skip``; ``skip`` names an unknown item or one whose
             ``*_like`` is given; a leaf would stay abstract.
         """
@@ -465,8 +566,9 @@ class AdapterCheckpointer:
         self.wait()
         step = self._resolve(step)
         meta = read_meta(self._manager, self._directory, step)
-        self._check_saved(meta, step, check_base)
-        config = self._saved_config(meta, step)
+        config = self._check_config(meta, step)
+        if check_base:
+            self._check_base(meta, step)
         expected = self._expected(meta, step)
         place = self._placement(step, sharding, expected, likes)
         targets = {ADAPTERS: adapter_target(expected, adapters_like, place)}
@@ -482,21 +584,75 @@ class AdapterCheckpointer:
         trees = self._read(step, targets)
         return Restored(step, trees[ADAPTERS], trees.get(OPT), config, trees.get(EXTRA))
 
-    def _check_saved(self, meta: Mapping[str, Any], step: int, check_base: bool) -> None:
-        """Raise when the saved config (or, with ``check_base``, the base fingerprint) differs from the current."""
+    def _check_config(self, meta: Mapping[str, Any], step: int) -> MethodConfig:
+        """The saved config, after checking it equals the current one but in the ``restore_free`` fields, and has
+        the same ``base_adjustment`` (a restore-free ``init`` may not change the base the adapters mean over)."""
         changed = config_diff(self._cfg, meta["config"], self._config)
         if changed:
             raise ValueError(
                 f"{self._where(step)} was saved with a different config: {listed(changed)}. Restore with the "
                 "saved config (jaxpeft.checkpoint.read_config) or start a new directory."
             )
-        if check_base and meta["base"]["digest"] != self._fingerprint["digest"]:
+        config = self._saved_config(meta, step)
+        saved, now = config.base_adjustment, self._cfg.base_adjustment
+        if saved != now:
+            plain = "no base adjustment (adapters over the original weights)"
+            raise ValueError(
+                f"{self._where(step)} was saved with {saved or plain}, `cfg` has {now or plain}. `init` may "
+                "otherwise differ on restore, but not in how it changes the base: PiSSA/OLoRA adapters are trained "
+                "over the residual base weights their init made (jaxpeft.init_adjusted), and mean something else "
+                "over any other base. Restore with the saved config (jaxpeft.checkpoint.read_config) over the params "
+                "it was trained on; to use PiSSA/OLoRA adapters over the original weights, convert them with "
+                "jaxpeft.to_plain_lora."
+            )
+        return config
+
+    def _check_base(self, meta: Mapping[str, Any], step: int) -> None:
+        """Raise when the base fingerprint (paths, shapes, dtypes) or, for a base-adjusting config, the residual
+        fingerprint (sampled entries of each adjusted weight) differs from the current params'."""
+        if meta["base"]["digest"] != self._fingerprint["digest"]:
             diff = diff_table(meta["base"]["params"], self._fingerprint["params"], "base param shape, dtype")
             if not diff:  # read_meta checks the digest against its table: only a hash collision gets here
                 diff = ["the digests differ although every path, shape and dtype agrees (the metadata was edited)"]
             raise ValueError(
                 f"{self._where(step)} was saved for a different base model: {listed(diff)}. Load the base model "
                 "it was trained on (or pass check_base=False if only non-adapted leaves changed on purpose)."
+            )
+        if self._cfg.base_adjustment is not None:
+            self._check_residual(meta, step)
+
+    def _check_residual(self, meta: Mapping[str, Any], step: int) -> None:
+        """Raise when the params are abstract or not the residual base the step's adapters were trained over (its
+        sampled entries differ); warn for a step saved without the fingerprint (an older jaxpeft)."""
+        residual = meta.get("residual")
+        if residual is None:
+            warnings.warn(
+                f"{self._where(step)} holds {self._cfg.base_adjustment} adapters but no fingerprint of the residual "
+                "base they were trained over (an older jaxpeft saved it), so restore cannot check that `params` are "
+                "that base: make sure they are the params jaxpeft.init_adjusted returned, not the original weights.",
+                stacklevel=4,
+            )
+            return
+        made = f"the residual base that {residual['adjustment']} made (jaxpeft.init_adjusted)"
+        saved: dict[str, Any] = residual["params"]
+        abstract_at = [p for p in sorted(saved) if p in self._values and not is_concrete(self._values[p])]
+        if abstract_at:
+            raise ValueError(
+                f"{self._where(step)}: the adapters at step {step} were trained over {made}, and restore checks "
+                "sampled entries of each adjusted weight against `params`, but `params` hold no values at "
+                f"{abstract_at[0]!r} (a {type(self._values[abstract_at[0]]).__name__}). Pass the concrete residual "
+                "params, or check_base=False to restore without this check (e.g. to convert the adapters with "
+                "jaxpeft.to_plain_lora)."
+            )
+        current = {p: self._sample(p, e["positions"]) for p, e in saved.items() if p in self._values}
+        diff = residual_diff(saved, current)
+        if diff:
+            raise ValueError(
+                f"{self._where(step)}: the adapters at step {step} were trained over {made}; these params are not "
+                f"it ({listed(diff)}). Restore over the residual params: rebuild them with jaxpeft.init_adjusted(cfg, "
+                "original_params, key=<the same key>) or save them with your checkpoint; or, to use the adapters "
+                "over the original weights, convert them with jaxpeft.to_plain_lora(cfg, trained, initial) (restore "
+                "them with check_base=False for that)."
             )
 
     def _saved_config(self, meta: Mapping[str, Any], step: int) -> MethodConfig:

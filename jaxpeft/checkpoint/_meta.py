@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -13,7 +14,9 @@ from jaxpeft._select import Layout
 from jaxpeft.checkpoint._tables import MAX_LISTED, digest
 
 FORMAT = "jaxpeft.adapter_checkpoint"
-#: The format version written; version 3 added each adapter's static parts (``static``) to the metadata.
+#: The format version written; version 3 added each adapter's static parts (``static``) to the metadata. A step
+#: of a base-adjusting config (PiSSA, OLoRA) also holds the optional ``residual`` fingerprint (steps without it, from
+#: an older jaxpeft, still restore, with a warning; an older jaxpeft ignores it), so the version stays 3.
 VERSION = 3
 #: The format versions read (version 2 lacks the static parts: they are not compared).
 READ_VERSIONS = (2, 3)
@@ -42,11 +45,21 @@ def meta_file(step_directory: str) -> str:
 
 
 def new_meta(
-    step: int, config: Mapping[str, Any], adapters: Mapping[str, Any], base: Mapping[str, Any], **items: Any
+    step: int,
+    config: Mapping[str, Any],
+    adapters: Mapping[str, Any],
+    base: Mapping[str, Any],
+    *,
+    residual: Mapping[str, Any] | None = None,
+    **items: Any,
 ) -> dict[str, Any]:
-    """The metadata of a step: its number, the config's dict, the adapters' node table, the base fingerprint and
-    the shape tables of the optional items (None for an item not saved)."""
+    """The metadata of a step: its number, the config's dict, the adapters' node table, the base fingerprint, the
+    shape tables of the optional items (None for an item not saved) and, for a base-adjusting config only, the
+    ``residual`` fingerprint ``{"adjustment": cfg.base_adjustment, "params": {path: {"shape", "dtype",
+    "positions", "bits"}}}`` (sampled entries of each adjusted weight, as bit patterns)."""
     meta = {"format": FORMAT, "version": VERSION, "step": step, "config": config, "adapters": adapters, "base": base}
+    if residual is not None:
+        meta["residual"] = residual
     return {**meta, **items}
 
 
@@ -108,6 +121,34 @@ def _base_problem(base: Any) -> str | None:
     return None
 
 
+def _residual_entry_problem(entry: Any) -> str | None:
+    """Why one weight's residual fingerprint is malformed, or None."""
+    if not isinstance(entry, dict) or not _is_shape_dtype([entry.get("shape"), entry.get("dtype")]):
+        return f"is {_short(entry)}, expected an object with `shape`, `dtype`, `positions`, `bits`"
+    size = math.prod(entry["shape"])
+    positions, bits = entry.get("positions"), entry.get("bits")
+    if not isinstance(positions, list) or not all(is_int(p) and 0 <= p < size for p in positions):
+        return f"`positions` is {_short(positions)}, expected flat indices below the size {size}"
+    if not isinstance(bits, list) or len(bits) != len(positions) or not all(is_int(b) and b >= 0 for b in bits):
+        return f"`bits` is {_short(bits)}, expected one bit pattern (a non-negative integer) per position"
+    return None
+
+
+def _residual_problem(residual: Any, adapters: Mapping[str, Any]) -> str | None:
+    """Why the ``residual`` fingerprint of the metadata is malformed, or None."""
+    if not isinstance(residual, dict) or not isinstance(residual.get("adjustment"), str):
+        return f'`residual` is {_short(residual)}, expected {{"adjustment": str, "params": {{path: entry}}}}'
+    params = residual.get("params")
+    if not isinstance(params, dict) or set(params) != set(adapters):
+        shown = sorted(params) if isinstance(params, dict) else params
+        return f"`residual.params` is {_short(shown)}, expected an object over the adapted paths {sorted(adapters)}"
+    for path, entry in params.items():
+        problem = _residual_entry_problem(entry)
+        if problem is not None:
+            return f"`residual.params`[{path!r}] {problem}"
+    return None
+
+
 def meta_problem(meta: dict[str, Any], step: int | None) -> str | None:
     """Why the metadata of a jaxpeft step (``format`` already checked) is malformed, or None."""
     version = meta.get("version")
@@ -128,6 +169,10 @@ def meta_problem(meta: dict[str, Any], step: int | None) -> str | None:
     problem = _base_problem(meta.get("base", "missing"))
     if problem is not None:
         return problem
+    if "residual" in meta:
+        problem = _residual_problem(meta["residual"], adapters)
+        if problem is not None:
+            return problem
     for item in (OPT, EXTRA):
         if item not in meta:
             return f"`{item}` is missing, expected null or an object {{path: [shape, dtype]}}"

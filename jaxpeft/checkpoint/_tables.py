@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -13,7 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from jaxpeft import quant
 from jaxpeft._paths import leaves_with_paths, set_path
 from jaxpeft.protocol import MethodConfig, adapter_items
 
@@ -55,6 +58,99 @@ def fingerprint(params: Any) -> dict[str, Any]:
     """
     table = shape_table(dict(leaves_with_paths(params)))
     return {"digest": digest(table), "params": table}
+
+
+# ------------------------------------------------------------------------------------------------ residual base
+
+#: How many entries of each base-adjusted weight the residual fingerprint samples.
+SAMPLES = 16
+
+
+def sample_positions(size: int, count: int = SAMPLES) -> list[int]:
+    """``count`` fixed flat positions spread evenly over ``size`` entries (every entry when there are fewer)."""
+    if size <= count:
+        return list(range(size))
+    return [((2 * i + 1) * size) // (2 * count) for i in range(count)]
+
+
+def is_concrete(leaf: Any) -> bool:
+    """Whether a param (a quantised one included) holds values, not ``jax.ShapeDtypeStruct``s or tracers."""
+    leaves = jax.tree.leaves(leaf)
+    return bool(leaves) and all(
+        isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) for x in leaves
+    )
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _take(weight: Any, positions: tuple[int, ...]) -> jax.Array:
+    """The entries of ``weight`` (dequantised if quantised) at flat ``positions``; any sharding, under jit."""
+    values = quant.dequantize(weight)
+    if values.ndim == 0:
+        return values.reshape(1)
+    index = np.unravel_index(np.asarray(positions, np.int64), values.shape)
+    return values[tuple(jnp.asarray(i) for i in index)]
+
+
+def _bits(values: np.ndarray) -> list[int]:
+    """The bit patterns of ``values`` (compared exactly: -0.0 and 0.0 differ, and so do NaN payloads)."""
+    return [int(b) for b in values.view(np.dtype(f"uint{8 * values.dtype.itemsize}")).ravel()]
+
+
+def sample_entries(weight: Any, positions: Sequence[int]) -> list[int]:
+    """The bit patterns of ``weight``'s entries at flat ``positions``, in the weight's (logical) dtype.
+
+    ``weight`` is a concrete array (a ``QuantizedArray`` is dequantised), sharded in any way: the entries are
+    gathered under ``jit``, and a result that this process cannot address whole (a multi-process job) is
+    all-gathered, so every process computes the same sample (all must call this, as they all save and restore).
+    """
+    if not positions:
+        return []
+    taken = _take(weight, tuple(int(p) for p in positions))
+    if not taken.is_fully_addressable:
+        taken = multihost_utils.process_allgather(taken, tiled=True)
+    return _bits(np.asarray(jax.device_get(taken)))
+
+
+def residual_entry(weight: Any, positions: Sequence[int] | None = None) -> dict[str, Any]:
+    """A residual weight's fingerprint ``{"shape", "dtype", "positions", "bits"}`` at ``positions`` (default:
+    :func:`sample_positions` of its size), JSON-ready; the bits compare exactly."""
+    size = math.prod(weight.shape)
+    where = sample_positions(size) if positions is None else [int(p) for p in positions]
+    shape, dtype = shape_dtype(weight)
+    return {"shape": shape, "dtype": dtype, "positions": where, "bits": sample_entries(weight, where)}
+
+
+def _decoded(bits: int, dtype: str) -> str:
+    """One sampled entry as a number, for an error message."""
+    try:
+        kind = jnp.dtype(dtype)
+        value = np.asarray(bits, np.dtype(f"uint{8 * kind.itemsize}")).view(kind)
+        return str(value[()])  # the shortest text that reads back to the entry in its dtype
+    except (TypeError, ValueError, OverflowError):
+        return hex(bits)
+
+
+def residual_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Lines naming each path whose residual fingerprint differs, with the first differing entry."""
+    lines = []
+    for path in sorted(saved):
+        old, new = saved[path], current.get(path)
+        if new is None:
+            lines.append(f"path {path!r} is not in these params")
+        elif (old["shape"], old["dtype"]) != (new["shape"], new["dtype"]):
+            lines.append(
+                f"path {path!r} is {_show([new['shape'], new['dtype']])}, the checkpoint's residual "
+                f"{_show([old['shape'], old['dtype']])}"
+            )
+        elif old["bits"] != new["bits"]:
+            entries = list(zip(old["positions"], old["bits"], new["bits"], strict=True))
+            changed = [(pos, was, now) for pos, was, now in entries if was != now]
+            pos, was, now = changed[0]
+            lines.append(
+                f"path {path!r} differs: {len(changed)} of {len(entries)} sampled entries, e.g. flat entry {pos}: "
+                f"checkpoint {_decoded(was, old['dtype'])}, now {_decoded(now, new['dtype'])}"
+            )
+    return lines
 
 
 def nested(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,10 +36,10 @@ import numpy as np
 from jaxpeft._select import Layout
 from jaxpeft.hf import _saved
 from jaxpeft.hf._codec import Export, FieldTable, Import, PeftCodec
-from jaxpeft.hf._common import LAYER, ModuleName, as_fn, check_tensors, module_name_map
+from jaxpeft.hf._common import LAYER, ModuleName, as_fn, check_tensors, check_tied_head, module_name_map
 from jaxpeft.hf._config import CONFIG_NAME, check_fields
 from jaxpeft.hf._files import WEIGHTS_NAME, read_directory, write_directory
-from jaxpeft.protocol import MethodConfig
+from jaxpeft.protocol import MethodConfig, adapter_items
 
 __all__ = [
     "CONFIG_NAME",
@@ -265,6 +265,7 @@ def from_state_dict(
     dtype: Any = None,
     base_weights: str = "check",
     configs: Sequence[type[MethodConfig]] = (),
+    tie_word_embeddings: bool | None = None,
 ) -> tuple[MethodConfig, dict[str, Any]]: ...
 
 
@@ -280,6 +281,7 @@ def from_state_dict(
     dtype: Any = None,
     base_weights: str = "check",
     configs: Sequence[type[MethodConfig]] = (),
+    tie_word_embeddings: bool | None = None,
 ) -> tuple[MethodConfig, dict[str, Any], dict[str, Any]]: ...
 
 
@@ -294,6 +296,7 @@ def from_state_dict(
     dtype: Any = None,
     base_weights: str = "check",
     configs: Sequence[type[MethodConfig]] = (),
+    tie_word_embeddings: bool | None = None,
 ) -> tuple[MethodConfig, dict[str, Any]] | tuple[MethodConfig, dict[str, Any], dict[str, Any]]:
     """A config and adapter tree from HF PEFT adapter config contents and tensors.
 
@@ -307,11 +310,16 @@ def from_state_dict(
     ``rank_pattern``/``alpha_pattern``; IA3's feed-forward modules as ``feedforward``), so
     ``jaxpeft.plan(cfg, params, layouts=...)`` reproduces the adapter shapes and
     ``jaxpeft.checkpoint`` can save them. HF modules of a ``{layer}`` template are stacked along the leading axis;
-    every layer must be present. With ``ensure_weight_tying``, the tied output head's copy of a LoRA embedding
-    adapter is dropped when ``params`` have no such head (``jaxpeft.linen`` applies embedding adapters to
-    ``nn.Embed.attend`` already); a DoRA one is refused (PEFT's tied head has a magnitude of its own). Without
-    ``ensure_weight_tying`` PEFT adapts only the embedding, not a head tied to it, while ``jaxpeft.linen`` adapts
-    both: import such files for models whose head is not tied.
+    every layer must be present.
+
+    Tied embeddings (a model whose output head is its word-embedding table, ``nn.Embed.attend``; HF's
+    ``tie_word_embeddings``): ``jaxpeft.linen`` applies an embedding's adapter to the lookup and to that head. PEFT
+    does the same only with ``ensure_weight_tying``: then the tied head's copy of a LoRA embedding adapter is dropped
+    when ``params`` have no such head (a DoRA one is refused: PEFT's tied head has a magnitude of its own). Without
+    it (PEFT's default) PEFT adapts the lookup alone and the head keeps the original table, so an adapter (or a
+    ``modules_to_save`` copy) of the word embedding is refused for a tied model, naming the fix: load the model
+    with an untied head (its own copy of the table, e.g. ``examples/models/llama.py``'s
+    ``load_hf_checkpoint(..., untie_embeddings=True)``) and import into those params, which is then exact.
 
     Args:
       config: the parsed ``adapter_config.json``.
@@ -328,6 +336,10 @@ def from_state_dict(
         (``...base_layer.weight``): ``"check"`` that it equals ``params`` (needs concrete params), or
         ``"ignore"`` it.
       configs: config classes whose codecs are tried before the built-in ones.
+      tie_word_embeddings: whether the model computes its logits with its word-embedding table (HF's config field;
+        ``LlamaConfig.tie_word_embeddings``). None infers it: tied when the file's ``task_type`` is ``CAUSAL_LM`` or
+        ``SEQ_2_SEQ_LM`` and no parameter but the table (the largest ``embedding``) spans the vocabulary. Only
+        read when the file touches that table without ``ensure_weight_tying`` (see above).
 
     Returns:
       ``(cfg, adapters)``, or ``(cfg, adapters, {module: tree})`` when ``modules_to_save`` is given.
@@ -347,11 +359,14 @@ def from_state_dict(
 
     Raises:
       ValueError: a HF method or feature jaxpeft cannot represent (LoRA bias, forward-changing variants, ...);
+        an untied PEFT embedding adapter for a tied model (above);
         saved modules without ``modules_to_save``, or ones that do not fit it; a config and tensors that
         disagree (selection, ranks, shapes, missing layers of a stacked module); a bad value (the message names
         the field or tensor, the value, what was expected and the fix).
-      TypeError: ``config`` or ``tensors`` of the wrong Python type.
+      TypeError: ``config`` or ``tensors`` of the wrong Python type, ``tie_word_embeddings`` not a bool or None.
     """
+    if tie_word_embeddings is not None and not isinstance(tie_word_embeddings, bool):
+        raise TypeError(f"`tie_word_embeddings`={tie_word_embeddings!r}; expected True, False or None.")
     if not isinstance(config, Mapping):
         raise TypeError(f"`config` is a {type(config).__name__}; expected the parsed {CONFIG_NAME} (a dict).")
     if base_weights not in ("check", "ignore"):
@@ -375,6 +390,8 @@ def from_state_dict(
     saved = _saved.from_hf(groups, entries, modules_to_save, _saved.module_universe(params, fn))
     request = Import({**config, "modules_to_save": None}, {**rest, **shared}, params, fn, layouts, dtype, base_weights)
     cfg, adapters = codec.from_hf(request)
+    adapted = [path for path, _ in adapter_items(adapters)]
+    check_tied_head(config, adapted, entries, params, fn, tie_word_embeddings)
     return (cfg, adapters) if modules_to_save is None else (cfg, adapters, saved)
 
 

@@ -715,3 +715,75 @@ def per_path_args(
         alpha_pattern={exact_paths([p]): alphas[p] for p in sorted(arrays) if alphas[p] != alpha},
         dtype=adapter_dtype((v for f in arrays.values() for v in f.values()), dtype),
     )
+
+
+# ----------------------------------------------------------------------------------------------- tied embeddings
+
+#: PEFT task types whose models have a language-model head over the vocabulary.
+LM_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+
+
+def word_embedding(params: Any) -> tuple[str, int] | None:
+    """``(path, vocabulary size)`` of the params' word-embedding table: the 2-D ``embedding`` leaf with the most
+    rows (a position or token-type table has fewer); None without one."""
+    tables = [(path, int(leaf.shape[0])) for path, leaf in leaves_with_paths(params) if _is_table(path, leaf)]
+    return max(tables, key=lambda t: t[1]) if tables else None
+
+
+def _is_table(path: str, leaf: Any) -> bool:
+    return module_of(path)[1] == "embedding" and len(getattr(leaf, "shape", ())) == 2
+
+
+def _has_own_head(params: Any, table: str, vocab: int) -> bool:
+    """Whether a parameter other than ``table`` has an axis of the vocabulary's size (an output head of its own)."""
+    return any(p != table and vocab in tuple(getattr(x, "shape", ())) for p, x in leaves_with_paths(params))
+
+
+def check_tied_head(
+    config: Mapping[str, Any],
+    adapted: Iterable[str],
+    saved: Iterable[str],
+    params: Any,
+    module_name: Callable[[str], str],
+    tie_word_embeddings: bool | None,
+) -> None:
+    """Refuse a file that changes the word embedding of a model whose output head is that table, where PEFT did not.
+
+    Without ``ensure_weight_tying`` PEFT adapts (or swaps in the saved copy of, ``modules_to_save``) the embedding
+    lookup only, and a head tied to the table keeps the original weight. ``jaxpeft.linen`` applies an embedding's
+    adapter to ``nn.Embed.attend`` as well, and a saved table replaces the head's too, so on a tied model such a file
+    would change the logits PEFT computes. ``tie_word_embeddings`` None infers the tie: the file's ``task_type`` has
+    a vocabulary head (:data:`LM_TASKS`) and no parameter besides the table has the vocabulary's size.
+    """
+    if tie_word_embeddings is False or config.get("ensure_weight_tying") is True:
+        return  # untied, or PEFT applied the embedding's adapter to the tied head too, as jaxpeft does
+    table = word_embedding(params)
+    if table is None:
+        return
+    path, vocab = table
+    try:
+        name = module_name(module_of(path)[0])
+    except (ValueError, KeyError, TypeError):
+        return  # the table has no HF module: the file cannot touch it
+    by_adapter = path in set(adapted)
+    if not by_adapter and not any(name.endswith(entry) for entry in saved):  # PEFT's suffix rule for saved modules
+        return
+    task = config.get("task_type")
+    if tie_word_embeddings is None:
+        if task not in LM_TASKS or _has_own_head(params, path, vocab):
+            return
+        why = (
+            f"tied, inferred from `task_type`={task!r} and no other parameter spanning the vocabulary of {vocab}: "
+            "pass tie_word_embeddings=False if the head is not this table"
+        )
+    else:
+        why = "`tie_word_embeddings`=True"
+    what = "adapts" if by_adapter else "saves a trained copy (modules_to_save) of"
+    raise ValueError(
+        f"the adapter file {what} the word embedding {name!r} without `ensure_weight_tying`: PEFT applied it to the "
+        "embedding lookup only, and the output head tied to that table kept the original weight. This model "
+        f"computes its logits with the same table ({path!r}; {why}), so jaxpeft would change the head too and the "
+        "logits would differ from PEFT's. Fix: load the base model with an untied head holding its own copy of the "
+        "table (examples/models: llama.load_hf_checkpoint(..., untie_embeddings=True) or "
+        "gguf.load_gguf(..., untie_embeddings=True)) and import into those params."
+    )

@@ -65,7 +65,7 @@ def serialise(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str
     return {CONFIG_NAME: text.encode("utf-8"), WEIGHTS_NAME: save(arrays, {"format": "pt"})}
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -74,7 +74,7 @@ def _fsync_dir(directory: str) -> None:
             os.close(fd)
 
 
-def _write(path: str, data: bytes) -> None:
+def write_file(path: str, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -82,7 +82,7 @@ def _write(path: str, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _export_lock(lock_path: str, directory: str) -> Iterator[None]:
+def export_lock(lock_path: str, directory: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` (created; removed on exit) or refuse naming the holder."""
     if fcntl is None:  # pragma: no cover
         yield
@@ -117,7 +117,7 @@ def _export_lock(lock_path: str, directory: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _fresh_staging(path: str) -> str:
+def fresh_staging(path: str) -> str:
     """An empty staging directory at ``path``; what a killed export left there is removed (we hold the lock)."""
     if os.path.lexists(path):
         if os.path.isdir(path) and not os.path.islink(path):
@@ -135,17 +135,17 @@ def write_directory(directory: str | os.PathLike[str], config: Mapping[str, Any]
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise ValueError(f"export target {directory!r} exists and is not a directory; pass a directory path.")
     if os.path.isdir(directory):
-        with _export_lock(os.path.join(directory, STAGING + _LOCK_SUFFIX), directory):
-            _replace_pair(directory, payload, _fresh_staging(os.path.join(directory, STAGING)))
+        with export_lock(os.path.join(directory, STAGING + _LOCK_SUFFIX), directory):
+            _replace_pair(directory, payload, fresh_staging(os.path.join(directory, STAGING)))
         return directory
     parent, name = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{name}{STAGING}")
-    with _export_lock(staging + _LOCK_SUFFIX, directory):
-        _fresh_staging(staging)
+    with export_lock(staging + _LOCK_SUFFIX, directory):
+        fresh_staging(staging)
         try:
             for file, data in payload.items():
-                _write(os.path.join(staging, file), data)
+                write_file(os.path.join(staging, file), data)
             try:
                 os.rename(staging, directory)  # atomic: the directory appears with both files
             except OSError:
@@ -157,7 +157,7 @@ def write_directory(directory: str | os.PathLike[str], config: Mapping[str, Any]
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
     return directory
 
 
@@ -167,12 +167,12 @@ def _replace_pair(directory: str, payload: Mapping[str, bytes], staging: str) ->
     placed: list[str] = []  # new files moved into the directory
     try:
         for file, data in payload.items():
-            _write(os.path.join(staging, "new-" + file), data)
+            write_file(os.path.join(staging, "new-" + file), data)
         for file in (CONFIG_NAME, WEIGHTS_NAME):  # from here until the commit, the directory has no config
             if os.path.lexists(os.path.join(directory, file)):
                 os.replace(os.path.join(directory, file), os.path.join(staging, "old-" + file))
                 moved.append(file)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         for file in (WEIGHTS_NAME, CONFIG_NAME):  # the config last: the commit point
             os.replace(os.path.join(staging, "new-" + file), os.path.join(directory, file))
             placed.append(file)
@@ -185,7 +185,7 @@ def _replace_pair(directory: str, payload: Mapping[str, bytes], staging: str) ->
             os.replace(os.path.join(staging, "old-" + file), os.path.join(directory, file))
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -315,18 +316,21 @@ def _check_parts(name: str, entry: Mapping[str, Any], dora: bool) -> str:
 
 def _drop_tied_copies(
     tensors: Mapping[str, Any], req: Import, fields: LoraFields
-) -> tuple[Mapping[str, Any], list[str]]:
-    """The tensors without the HF modules that only mirror an embedding adapter onto a tied output head.
+) -> tuple[Mapping[str, Any], Selection]:
+    """The tensors without the HF modules that only mirror an embedding adapter onto a tied output head, and the
+    selection PEFT adapts with the tied heads the model holds as parameters of their own.
 
     With ``ensure_weight_tying`` PEFT saves the tied head's LoRA as a Linear adapter whose factors are the
     embedding's, transposed. A model without such a parameter (its head *is* the embedding, ``nn.Embed.attend``)
     gets the same effect from the embedding adapter in ``jaxpeft.linen``, so exact copies are dropped. For DoRA the
-    two differ, so such a file is refused.
+    two differ, so such a file is refused. A model with the head as a parameter (an untied copy of a tied model)
+    imports it as that head's adapter, as PEFT runs it: PEFT adds tied heads to its targets itself, so the
+    selection is widened to them.
     """
     from jaxpeft.hf._common import hf_modules, split_keys
 
     if not fields.ensure_weight_tying:
-        return tensors, []
+        return tensors, fields.selection
     assert req.module_name is not None
     index = hf_modules(req.params, req.module_name)
     modules = split_keys(tensors, _SUFFIXES, "LoRA or DoRA tensors (lora_A/lora_B, lora_embedding_A/B, magnitudes)")
@@ -347,7 +351,18 @@ def _drop_tied_copies(
     if copies and fields.use_dora:
         raise ValueError(f"HF module {copies[0]!r} is a tied output head's copy of a DoRA embedding; {_TIED_DORA}.")
     keep = {k: v for k, v in tensors.items() if not any(k.removeprefix(PREFIX).startswith(c + ".") for c in copies)}
-    return keep, copies
+    heads = [n for n, e in modules.items() if n in index and is_copy(e) and not fields.selection.selects(n)]
+    return keep, _also_selecting(fields.selection, heads)
+
+
+def _also_selecting(selection: Selection, names: Sequence[str]) -> Selection:
+    """``selection`` that also selects the HF modules ``names``."""
+    if not names:
+        return selection
+    targets = selection.target_modules
+    if isinstance(targets, str):
+        return dataclasses.replace(selection, target_modules="|".join([f"(?:{targets})", *map(re.escape, names)]))
+    return dataclasses.replace(selection, target_modules=(*targets, *names))
 
 
 def _to_ours(name: str, entry: Mapping[str, Any], kind: str) -> dict[str, np.ndarray]:
@@ -413,9 +428,9 @@ def _kind_rank_alpha(fields: LoraFields, group: Group) -> tuple[str, int, float]
 
 def _from_hf(req: Import, config_cls: type) -> tuple[Any, dict[str, Any]]:
     fields = read_lora(req.config)
-    tensors, _ = _drop_tied_copies(req.tensors, req, fields)
+    tensors, selection = _drop_tied_copies(req.tensors, req, fields)
     what = "LoRA or DoRA tensors (lora_A/lora_B, lora_embedding_A/B, magnitudes)"
-    groups = read_groups(req, fields.selection, _SUFFIXES, what, fields.identity_init, "init_lora_weights", tensors)
+    groups = read_groups(req, selection, _SUFFIXES, what, fields.identity_init, "init_lora_weights", tensors)
     layouts = dict(req.layouts or {})
     arrays, used_layouts, ranks, alphas = {}, {}, {}, {}
     for group in groups:

@@ -15,6 +15,14 @@ passed at call time (``jaxpeft.linen.apply(..., adapter_ids=ids)``, ``jaxpeft.nn
 
 To serve the base model to some examples, stack a fresh ``jaxpeft.init`` tree as one of the adapters: every built-in
 method is the identity at init.
+
+**Ids that name no adapter never run another one.** Outside ``jit`` an id out of ``[0, n)`` is a ``ValueError``.
+Under ``jit`` (values unknown at trace time) the rows whose id is out of range, negative ids included, get NaN
+outputs: the bad adapter is read as NaN, never clipped or wrapped to a neighbour, so the loss and every gradient
+turn NaN and the fault is loud. For an error naming the ids instead, run the jitted function under
+``jax.experimental.checkify``: ``checkify.checkify(step, errors=checkify.user_checks)`` reports "`adapter_ids`
+[...] holds ids outside [0, n) ...". A tree of banks has one name order (checked wherever a tree of banks is read),
+so an id means the same adapter in every layer.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any, ClassVar, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from jaxpeft._paths import path_str, set_path
 from jaxpeft._select import Layout
@@ -45,7 +54,24 @@ __all__ = ["AdapterBank", "adapter_ids", "select_adapter", "stack_adapters", "un
 
 
 def _take(leaf: jax.Array, index: Any, axis: int) -> jax.Array:
-    return jnp.take(leaf, index, axis=axis, mode="clip")
+    """Entries ``index`` of ``leaf`` along ``axis``; an index out of range (the caller maps negatives there) reads NaN
+    for floating arrays, never a clipped or wrapped neighbour."""
+    return jnp.take(leaf, index, axis=axis, mode="fill")
+
+
+def name_order(banks: Mapping[str, Any]) -> tuple[str, ...]:
+    """The one name order of the banks of a tree (``{path: AdapterBank}``); refuses banks that order names differently
+    (an id would then run different adapters in different layers)."""
+    orders = {path: tuple(bank.names) for path, bank in banks.items()}
+    first_path, first = next(iter(orders.items()))
+    for path, order in orders.items():
+        if order != first:
+            raise ValueError(
+                f"the adapter banks of this tree order their adapters differently: {first_path!r} holds "
+                f"{list(first)}, {path!r} holds {list(order)}, so one id would run different adapters in different "
+                "layers. Stack every layer from one {name: adapter tree} mapping: jaxpeft.stack_adapters(named)."
+            )
+    return first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +153,7 @@ class AdapterBank(LayerAdapter):
                 "jaxpeft.linen.apply(..., adapter_ids=ids) or call jaxpeft.nnx.set_adapter_ids(model, ids); ids of "
                 "shape () pick one adapter for the call, shape (batch,) one per example."
             )
-        ids = jnp.asarray(ids)
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"`adapter_ids` has dtype {ids.dtype}; expected integers (jaxpeft.adapter_ids(...)).")
+        ids = self._checked(jnp.asarray(ids))
         inner_call = dataclasses.replace(call, adapter_ids=None)
         if ids.ndim == 0:
             return cast(Any, self.pick(ids)).forward(inner_call)
@@ -149,6 +173,21 @@ class AdapterBank(LayerAdapter):
 
         out: jax.Array = jax.vmap(one, in_axes=(self.layout.stack, 0, 0))(picked, call.x, jnp.arange(batch))
         return out
+
+    def _checked(self, ids: jax.Array) -> jax.Array:
+        """``ids`` with every id outside ``[0, n)`` (negatives included) mapped to ``n``, which reads NaN adapters; a
+        ``checkify`` error names them when the caller runs under ``checkify.checkify``."""
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"`adapter_ids` has dtype {ids.dtype}; expected integers (jaxpeft.adapter_ids(...)).")
+        n = len(self.names)
+        valid = (ids >= 0) & (ids < n)
+        shown = str(list(self.names)).replace("{", "{{").replace("}", "}}")  # the message is a format string
+        message = (
+            f"`adapter_ids` {{ids}} holds ids outside [0, {n}): the bank holds {n} adapters {shown}; those rows ran "
+            "NaN adapters. Make ids with jaxpeft.adapter_ids(bank, names)."
+        )
+        checkify.debug_check(jnp.all(valid), message, ids=ids)
+        return jnp.where(valid, ids, n)
 
 
 def _flatten(bank: AdapterBank) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
@@ -199,9 +238,9 @@ def _stack_path(path: str, names: Sequence[str], nodes: Sequence[Any]) -> Adapte
         normalised = _lora_common(nodes)
         if normalised is None:
             raise ValueError(
-                f"adapters {names[0]!r} and {names[odd]!r} differ at {path!r} ({_show(nodes[0])} vs "
-                f"{_show(nodes[odd])}); a bank stacks adapters of one method with equal hyper-parameters and shapes "
-                "(LoRA ranks and scales may differ). Make them with the same config."
+                f"adapters {names[0]!r} and {names[odd]!r} differ at {path!r}: {_difference(nodes[0], nodes[odd])}; "
+                "a bank stacks adapters of one method with equal hyper-parameters and shapes (LoRA ranks and scales "
+                "may differ). Make them with the same config."
             )
         nodes = normalised
     axis = nodes[0].layout.stack
@@ -209,8 +248,21 @@ def _stack_path(path: str, names: Sequence[str], nodes: Sequence[Any]) -> Adapte
     return AdapterBank(stacked, tuple(names), layout=nodes[0].layout)
 
 
-def _show(node: Any) -> str:
-    return f"{type(node).__name__} {node.describe()}".rstrip()
+def _difference(a: Any, b: Any) -> str:
+    """What differs between two nodes: their types, else each differing field (array shapes, static values)."""
+    if type(a) is not type(b):
+        return f"{type(a).__name__} vs {type(b).__name__}"
+    parts = []
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if hasattr(x, "shape") or hasattr(y, "shape"):
+            x, y = getattr(x, "shape", x), getattr(y, "shape", y)
+            label = f"{field.name}.shape"
+        else:
+            label = field.name
+        if x != y:
+            parts.append(f"{label} {x!r} vs {y!r}")
+    return f"{type(a).__name__} " + (", ".join(parts) or "(equal fields, different structure)")
 
 
 def stack_adapters(named: Mapping[str, Any]) -> dict[str, Any]:
@@ -219,7 +271,10 @@ def stack_adapters(named: Mapping[str, Any]) -> dict[str, Any]:
     The trees must adapt the same paths with the same method and shapes; LoRA adapters may differ in rank and
     scale (ranks are zero-padded to the largest and each scale folded into its B, which is exact; the banked LoRA
     nodes have scale 1). Run the result with ``adapter_ids`` (see the module docstring); it trains like any
-    adapter tree (each adapter gets the gradient of the examples that used it) and checkpoints as one.
+    adapter tree (each adapter gets the gradient of the examples that used it; wrap the optimizer in
+    ``jaxpeft.skip_unused_adapters`` so an adapter no example used stays bit-identical). On disk a bank is a set,
+    one checkpoint per adapter: ``jaxpeft.adapter_sets.save_adapter_set(dir, jaxpeft.unstack_adapters(bank), cfg,
+    params, step=n)`` (``jaxpeft.checkpoint`` refuses a bank with that fix).
 
     Raises:
       ValueError: fewer than one adapter, a name that is not a string, adapters over different paths (names the
@@ -258,12 +313,17 @@ def _banks(bank: Any) -> dict[str, AdapterBank]:
     table = dict(adapter_items(bank))
     if not table or not all(_is_bank(n) for n in table.values()):
         raise ValueError("expected an adapter tree of banks (from jaxpeft.stack_adapters).")
+    name_order(table)
     return table  # type: ignore[return-value]
 
 
 def bank_names(bank: Any) -> tuple[str, ...]:
-    """The adapters' names in a bank tree, in stacking order (their ids are their positions)."""
-    return next(iter(_banks(bank).values())).names
+    """The adapters' names in a bank tree, in stacking order (their ids are their positions).
+
+    Raises:
+      ValueError: not a tree of banks; banks that order the names differently.
+    """
+    return name_order(_banks(bank))
 
 
 def adapter_ids(bank: Any, names: str | Sequence[str]) -> jax.Array:

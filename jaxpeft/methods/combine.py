@@ -100,9 +100,12 @@ def add_weighted_adapter(
     - ``"linear"`` (HF's cheap approximation, all ranks equal): ``A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ``,
       ``B = Σ √|wᵢsᵢ|·Bᵢ``; the product carries cross terms ``AᵢBⱼ``, so it is **not** ``Σ wᵢ·ΔWᵢ``.
 
-    As in HF the result has scale 1: its config is ``cfg`` (default ``LoraConfig()`` over the same targets) with
-    ``rank = alpha =`` the new rank and no per-path patterns; ranks smaller than that (cat of a path with smaller
-    adapters, svd beyond a layer's size) are zero-padded.
+    As in HF the result has scale 1: its config is ``cfg`` (default ``LoraConfig()`` over the same targets, with
+    the first adapter's dropout and dtype) with ``rank = alpha =`` the new rank, ``use_rslora=False`` and no
+    per-path patterns; ranks smaller than that (cat of a path with smaller adapters, svd beyond a layer's size) are
+    zero-padded. The new nodes carry that config's scale (1), dropout and dtype, so the returned pair is exactly
+    what the config makes (``jaxpeft.checkpoint`` saves it, ``jaxpeft.hf.export_adapters`` writes it), whatever
+    the inputs' ranks, alphas or ``use_rslora``.
 
     Args:
       named: ``{name: LoRA adapter tree}`` over the same paths.
@@ -110,7 +113,8 @@ def add_weighted_adapter(
       combination: ``"linear"``, ``"cat"`` or ``"svd"``.
       rank: the new rank for ``svd``.
       clamp: ``svd`` only: the quantile to clip the new factors at.
-      cfg: the config to derive the returned one from (its targets, dropout, dtype).
+      cfg: the config to derive the returned one from (its targets, dropout, dtype, init); its rank, alpha,
+        ``use_rslora`` and patterns are replaced.
 
     Returns:
       ``(adapters, config)``.
@@ -132,35 +136,55 @@ def add_weighted_adapter(
     if clamp is not None and (combination != "svd" or not 0.0 < clamp <= 1.0):
         raise ValueError(f"`clamp`={clamp!r} applies to combination='svd' only and must be a quantile in (0, 1].")
     new_rank = {"linear": ranks[names[0]], "cat": sum(ranks.values()), "svd": rank or max(ranks.values())}[combination]
+    new_cfg = _combined_config(cfg, tables[names[0]], new_rank)
     out: dict[str, Any] = {}
     for path in sorted(tables[names[0]]):
         nodes = [tables[n][path] for n in names]
-        first = nodes[0]
-        stack = first.layout.stack
-        if combination == "cat":
-            a = jnp.concatenate([nd.a * (w * nd.scale) for nd, w in zip(nodes, ws, strict=True)], axis=-1)
-            b = jnp.concatenate([nd.b for nd in nodes], axis=stack)
-            a, b = _pad_rank(a, b, new_rank, stack)
-        elif combination == "linear":
-            signs = [math.copysign(1.0, w * nd.scale) for nd, w in zip(nodes, ws, strict=True)]
-            roots = [math.sqrt(abs(w * nd.scale)) for nd, w in zip(nodes, ws, strict=True)]
-            a = sum(s * r * nd.a for s, r, nd in zip(signs, roots, nodes, strict=True))
-            b = sum(r * nd.b for r, nd in zip(roots, nodes, strict=True))
-        else:
-            shape = (*first.a.shape[:-1], *first.b.shape[stack + 1 :])
-            delta = jnp.sum(
-                jnp.stack(
-                    [w * factors_delta(nd.a, nd.b, nd.scale, nd.layout, shape) for nd, w in zip(nodes, ws, strict=True)]
-                ),
-                axis=0,
-            )
-            a, b = _svd_factors(delta, first, new_rank, clamp)
-        dtype = first.a.dtype
-        node = dataclasses.replace(first, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), scale=1.0)
+        a, b = _combined_factors(combination, nodes, ws, new_rank, clamp)
+        scale = new_cfg.scale_for(path)  # 1.0: the factors above carry every adapter's own scale
+        node = dataclasses.replace(
+            nodes[0],
+            a=jnp.asarray(a, new_cfg.dtype),
+            b=jnp.asarray(b, new_cfg.dtype),
+            scale=scale,
+            dropout=new_cfg.dropout,
+        )
         out = set_path(out, path, node)
-    exact = "^(" + "|".join(re.escape(p) for p in sorted(tables[names[0]])) + ")$"
-    base = cfg if cfg is not None else LoraConfig(targets=exact)
-    if not isinstance(base, LoraConfig):
-        raise ValueError(f"`cfg` is a {type(base).__name__}; expected a jaxpeft.LoraConfig.")
-    new_cfg = dataclasses.replace(base, rank=new_rank, alpha=float(new_rank), rank_pattern=(), alpha_pattern=())
     return out, new_cfg
+
+
+def _combined_config(cfg: LoraConfig | None, table: Mapping[str, LoraWeights], new_rank: int) -> LoraConfig:
+    """The returned config: scale exactly 1 at every path (``alpha = rank``, no rsLoRA, no patterns)."""
+    first = table[min(table)]
+    if cfg is None:
+        exact = "^(" + "|".join(re.escape(p) for p in sorted(table)) + ")$"
+        cfg = LoraConfig(targets=exact, dropout=first.dropout, dtype=jnp.dtype(first.a.dtype).name)
+    if not isinstance(cfg, LoraConfig):
+        raise ValueError(f"`cfg` is a {type(cfg).__name__}; expected a jaxpeft.LoraConfig.")
+    return dataclasses.replace(
+        cfg, rank=new_rank, alpha=float(new_rank), use_rslora=False, rank_pattern=(), alpha_pattern=()
+    )
+
+
+def _combined_factors(
+    combination: str, nodes: list[LoraWeights], ws: list[float], new_rank: int, clamp: float | None
+) -> tuple[jax.Array, jax.Array]:
+    """The new ``(A, B)`` at one path, with each adapter's scale folded in (so the new scale is 1)."""
+    first = nodes[0]
+    stack = first.layout.stack
+    if combination == "cat":
+        a = jnp.concatenate([nd.a * (w * nd.scale) for nd, w in zip(nodes, ws, strict=True)], axis=-1)
+        b = jnp.concatenate([nd.b for nd in nodes], axis=stack)
+        return _pad_rank(a, b, new_rank, stack)
+    if combination == "linear":
+        signs = [math.copysign(1.0, w * nd.scale) for nd, w in zip(nodes, ws, strict=True)]
+        roots = [math.sqrt(abs(w * nd.scale)) for nd, w in zip(nodes, ws, strict=True)]
+        a = sum(s * r * nd.a for s, r, nd in zip(signs, roots, nodes, strict=True))
+        b = sum(r * nd.b for r, nd in zip(roots, nodes, strict=True))
+        return a, b
+    shape = (*first.a.shape[:-1], *first.b.shape[stack + 1 :])
+    delta = jnp.sum(
+        jnp.stack([w * factors_delta(nd.a, nd.b, nd.scale, nd.layout, shape) for nd, w in zip(nodes, ws, strict=True)]),
+        axis=0,
+    )
+    return _svd_factors(delta, first, new_rank, clamp)

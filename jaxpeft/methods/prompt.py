@@ -52,6 +52,7 @@ from jaxpeft._paths import leaves_with_paths, set_path
 from jaxpeft._select import Layout, TargetSpec
 from jaxpeft.hf import codec as hfc
 from jaxpeft.methods._factors import check_dtype
+from jaxpeft.methods.bank import AdapterBank
 from jaxpeft.protocol import STATIC, Adapter, InputAdapter, MethodConfig, adapter_items
 
 __all__ = [
@@ -328,36 +329,136 @@ class PrefixTuningConfig(MethodConfig):
 # ------------------------------------------------------------------------------------------------ the hook
 
 
-def _node(tree: Any, cls: type[Adapter], what: str) -> Any:
-    """``tree`` itself when it is a ``cls`` node, else the one ``cls`` node of an adapter tree."""
-    if isinstance(tree, cls):
-        return tree
+_CONFIG_OF = {"PromptWeights": "PromptTuningConfig", "PrefixWeights": "PrefixTuningConfig"}
+
+
+def _static_int(name: str, value: Any, least: int, meaning: str) -> int:
+    """``value`` as an ``int`` when it is a Python (or NumPy) integer ``>= least``; ``ValueError`` naming ``name``
+    otherwise, a ``jax.Array`` included (it would be traced under ``jit``, and it fixes an array shape)."""
+    kind = "a positive" if least == 1 else "a non-negative"
+    if isinstance(value, jax.Array):
+        fault = f"is a jax.Array ({value.dtype}{list(value.shape)}), but it fixes a shape (a traced value cannot)"
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        fault = f"is a {type(value).__name__}"
+    elif value < least:
+        fault = "is negative" if value < 0 else "is zero"
+    else:
+        return int(value)
+    shown = "" if isinstance(value, jax.Array) else f"={value!r}"
+    raise ValueError(f"`{name}`{shown} {fault}; expected {kind} static Python int ({meaning}).")
+
+
+def _need_array(name: str, value: Any, expected: str) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an array (has ``shape`` and ``dtype``)."""
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise ValueError(f"`{name}` is a {type(value).__name__}; expected an array {expected}, e.g. jnp.asarray(...).")
+
+
+def _one_of_bank(what: str, shape: tuple[int, ...], names: Sequence[str] = ()) -> ValueError:
+    """The error for a bank of prompts/prefixes (a leading adapter axis) where the hook takes one."""
+    plural = "prompts" if what == "prompt" else "prefixes"
+    named = f" {list(names)}" if names else ""
+    pick = f"jaxpeft.select_adapter({what}, {names[0]!r})" if names else f"jax.tree.map(lambda x: x[i], {what})"
+    return ValueError(
+        f"`{what}` holds a bank of {shape[0]} {plural}{named} (leading axis: embeddings {shape}); {what} tuning "
+        f"takes one {what}: select one with {pick}."
+    )
+
+
+def _found(tree: Any, cls: type[Adapter], what: str) -> list[Adapter]:
+    """The ``cls`` nodes of an adapter tree; ``ValueError`` naming what it holds instead when there is not one."""
     try:
-        found = [node for _, node in adapter_items(tree) if isinstance(node, cls)]
-    except ValueError:
-        found = []
-    if len(found) != 1:
+        items = list(adapter_items(tree))
+    except ValueError as err:
+        held = f"0 {cls.__name__} nodes ({str(err).split(';')[0]})"
+    else:
+        found = [node for _, node in items if isinstance(node, cls)]
+        if len(found) == 1:
+            return found
+        banks = [n for _, n in items if isinstance(n, AdapterBank) and isinstance(n.adapters, cls)]
+        if banks:
+            raise _one_of_bank(what, tuple(banks[0].adapters.embeddings.shape), banks[0].names)
+        shown = [(p, type(n).__name__ + (f" (for {n.hook})" if hasattr(n, "hook") else "")) for p, n in items]
+        held = f"{len(found)} {cls.__name__} nodes" + (f" among {shown[:4]}" if shown else "")
+    raise ValueError(
+        f"`{what}` is a {type(tree).__name__} holding {held}; expected a {cls.__name__} or the adapter tree "
+        f"jaxpeft.init made with one {_CONFIG_OF[cls.__name__]}: pass those adapters (one model's, unbanked)."
+    )
+
+
+def _node(tree: Any, cls: type[Adapter], what: str) -> Any:
+    """``tree`` itself when it is a ``cls`` node, else the one ``cls`` node of an adapter tree; its embeddings are
+    checked to be one prompt/prefix ``(num_virtual_tokens, width)``, not a bank of them."""
+    node = tree if isinstance(tree, cls) else _found(tree, cls, what)[0]
+    shape = tuple(node.embeddings.shape)  # type: ignore[attr-defined]
+    if len(shape) == 3:
+        raise _one_of_bank(what, shape)
+    if len(shape) != 2:
         raise ValueError(
-            f"`{what}` is a {type(tree).__name__} holding {len(found)} {cls.__name__} nodes; expected a "
-            f"{cls.__name__} or the adapter tree jaxpeft.init made with a "
-            f"{'PromptTuningConfig' if cls is PromptWeights else 'PrefixTuningConfig'}."
+            f"`{what}` ({cls.__name__}) has embeddings of shape {shape}; expected (num_virtual_tokens, width): make "
+            f"it with jaxpeft.init and a {_CONFIG_OF[cls.__name__]}."
         )
-    return found[0]
+    return node
 
 
-def extend_attention_mask(attention_mask: jax.Array, num_virtual_tokens: int) -> jax.Array:
-    """``attention_mask`` ``(batch, seq)`` with ``num_virtual_tokens`` ones (visible slots) put in front.
-
-    Raises:
-      ValueError: the mask is not 2-D.
-    """
+def _check_mask(attention_mask: Any) -> None:
+    """``ValueError`` unless ``attention_mask`` is a 2-D boolean, integer or floating array."""
+    _need_array("attention_mask", attention_mask, "(batch, seq)")
     if attention_mask.ndim != 2:
         raise ValueError(
             f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch, seq): 1 for real tokens, "
             "0 for padding."
         )
-    ones = jnp.ones((attention_mask.shape[0], num_virtual_tokens), attention_mask.dtype)
+    dtype = jnp.dtype(attention_mask.dtype)
+    if not any(jnp.issubdtype(dtype, kind) for kind in (jnp.bool_, jnp.integer, jnp.floating)):
+        raise ValueError(
+            f"`attention_mask` has dtype {dtype.name}; expected bool, integer or floating (1 for real tokens, 0 "
+            "for padding): pass e.g. mask.astype(jnp.int32)."
+        )
+
+
+def extend_attention_mask(attention_mask: jax.Array, num_virtual_tokens: int) -> jax.Array:
+    """``attention_mask`` ``(batch, seq)`` with ``num_virtual_tokens`` ones (visible slots) put in front.
+
+    Guarantees: the result is ``(batch, num_virtual_tokens + seq)`` in the mask's dtype, the mask unchanged after
+    the ones.
+
+    Raises:
+      ValueError: the mask is not a 2-D bool, integer or floating array; ``num_virtual_tokens`` is not a
+        non-negative Python int (a ``jax.Array`` included: it fixes the result's shape).
+    """
+    _check_mask(attention_mask)
+    n = _static_int("num_virtual_tokens", num_virtual_tokens, 0, "the prefix length, e.g. keys.shape[2]")
+    ones = jnp.ones((attention_mask.shape[0], n), attention_mask.dtype)
     return jnp.concatenate([ones, attention_mask], axis=1)
+
+
+def _prompt_table(prompt: Any) -> jax.Array:
+    """The ``(n, width)`` floating prompt of a node, an adapter tree or an array, checked not to be a bank."""
+    if isinstance(prompt, (Adapter, Mapping)):
+        table = _node(prompt, PromptWeights, "prompt").embeddings
+    else:
+        _need_array("prompt", prompt, "(num_virtual_tokens, width), a PromptWeights or an adapter tree")
+        if prompt.ndim == 3:
+            raise _one_of_bank("prompt", tuple(prompt.shape))
+        table = prompt
+    if not jnp.issubdtype(table.dtype, jnp.floating):
+        raise ValueError(
+            f"the prompt has dtype {jnp.dtype(table.dtype).name}; expected floating virtual token embeddings "
+            "(num_virtual_tokens, width): token ids must be embedded first, e.g. table[ids]."
+        )
+    return jnp.asarray(table)
+
+
+def _check_embeds(embeds: Any) -> None:
+    _need_array("embeds", embeds, "(batch, seq, width)")
+    if embeds.ndim != 3:
+        raise ValueError(f"`embeds` has shape {tuple(embeds.shape)}; expected (batch, seq, width).")
+    if not jnp.issubdtype(embeds.dtype, jnp.floating):
+        raise ValueError(
+            f"`embeds` has dtype {jnp.dtype(embeds.dtype).name}; expected the floating input embeddings "
+            "(batch, seq, width), not token ids: embed them first, e.g. model.embed(ids)."
+        )
 
 
 def prepend_prompt(
@@ -367,42 +468,74 @@ def prepend_prompt(
 
     Guarantees: the result is ``concat([prompt] * batch, embeds)`` along the sequence axis with the prompt cast to
     ``embeds.dtype``, and ``extend_attention_mask(attention_mask, n)`` (None stays None), as HF PEFT's
-    ``PeftModelForCausalLM`` does; the gradient reaches the prompt only through those ``n`` rows.
+    ``PeftModelForCausalLM`` does; the gradient reaches the prompt only through those ``n`` rows. Every argument is
+    checked before anything is computed.
 
     Args:
-      embeds: the input embeddings ``(batch, seq, width)``.
-      attention_mask: ``(batch, seq)`` (1 real, 0 padding) or None.
-      prompt: a :class:`PromptWeights`, the adapter tree holding one (``jaxpeft.init``), or an array
+      embeds: the input embeddings ``(batch, seq, width)``, floating.
+      attention_mask: ``(batch, seq)`` (1 real, 0 padding; bool, integer or floating) or None.
+      prompt: a :class:`PromptWeights`, the adapter tree holding one (``jaxpeft.init``), or a floating array
         ``(n, width)``.
 
     Returns:
       ``(embeds (batch, n + seq, width), mask (batch, n + seq) or None)``.
 
     Raises:
-      ValueError: a prompt of another width than ``embeds`` (made for another model), ``embeds`` not 3-D, a mask
-        that is not ``(batch, seq)``.
+      ValueError: a prompt of another width than ``embeds`` (made for another model), a bank of prompts (a leading
+        adapter axis), a tree without exactly one prompt, non-floating ``embeds`` or prompt, ``embeds`` not 3-D, a
+        mask that is not ``(batch, seq)`` or of a non-numeric dtype.
     """
-    if isinstance(prompt, (Adapter, dict)):
-        table = _node(prompt, PromptWeights, "prompt").embeddings
-    else:
-        table = jnp.asarray(prompt)
-    if embeds.ndim != 3:
-        raise ValueError(f"`embeds` has shape {tuple(embeds.shape)}; expected (batch, seq, width).")
+    _check_embeds(embeds)
+    table = _prompt_table(prompt)
     batch, seq, width = embeds.shape
     if table.ndim != 2 or table.shape[1] != width:
         raise ValueError(
             f"the prompt has shape {tuple(table.shape)} but `embeds` are {width} wide; expected "
             f"(num_virtual_tokens, {width}). Was the PromptTuningConfig initialised on this model's embedding table?"
         )
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
-        raise ValueError(
-            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch, seq) = {(batch, seq)}, the "
-            "mask of the real tokens (the virtual tokens' ones are added here)."
-        )
+    if attention_mask is not None:
+        _check_mask(attention_mask)
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch, seq) = {(batch, seq)}, "
+                "the mask of the real tokens (the virtual tokens' ones are added here)."
+            )
     virtual = jnp.broadcast_to(table.astype(embeds.dtype)[None], (batch, *table.shape))
     out = jnp.concatenate([virtual, embeds], axis=1)
     mask = None if attention_mask is None else extend_attention_mask(attention_mask, table.shape[0])
     return out, mask
+
+
+def _check_prefix_arrays(node: PrefixWeights) -> None:
+    """``ValueError`` unless the node's arrays have the shapes its static parts (and its own widths) imply."""
+    n, width = node.embeddings.shape
+    flat = node.num_layers * 2 * node.num_kv_heads * node.head_dim
+    want: dict[str, tuple[int, ...]] = {"embeddings": (n, flat)}
+    if node.w1 is not None and node.w1.ndim == 2:
+        hidden = node.w1.shape[1]
+        want = {"embeddings": (n, width), "w1": (width, hidden), "b1": (hidden,), "w2": (hidden, flat), "b2": (flat,)}
+    have = {p: tuple(x.shape) for p, x in leaves_with_paths(node)}
+    if have != want:
+        raise ValueError(
+            f"`prefix` (PrefixWeights) has arrays {have}; its num_layers={node.num_layers}, "
+            f"num_kv_heads={node.num_kv_heads}, head_dim={node.head_dim} (a flat prefix "
+            f"num_layers·2·num_kv_heads·head_dim = {flat} wide) expect {want}. Make it with jaxpeft.init and a "
+            "PrefixTuningConfig rather than by hand."
+        )
+
+
+def _float_dtype(name: str, value: Any) -> Any:
+    """``jnp.dtype(value)`` when it names a floating dtype; ``ValueError`` naming ``name`` otherwise."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        raise ValueError(f"`{name}`={value!r} is not a dtype; expected a floating dtype, e.g. jnp.bfloat16.") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"`{name}`={dtype.name} is not floating; expected the model's compute dtype, e.g. jnp.bfloat16 "
+            "(keys and values are activations)."
+        )
+    return dtype
 
 
 def prefix_kv(prefix: Any, batch_size: int, dtype: Any = None) -> tuple[jax.Array, jax.Array]:
@@ -411,22 +544,32 @@ def prefix_kv(prefix: Any, batch_size: int, dtype: Any = None) -> tuple[jax.Arra
     Guarantees: HF PEFT's layout: the flat prefix ``(n, num_layers·2·num_kv_heads·head_dim)`` is read as
     ``(n, layer, key|value, head, head_dim)``, so ``keys[l]`` and ``values[l]`` are what PEFT puts in layer ``l``'s
     cache (there ``(batch, heads, n, head_dim)``, here ``(batch, n, heads, head_dim)``); with the projection it is
-    computed from the token embeddings first. Pure and differentiable in the prefix's arrays.
+    computed from the token embeddings first. Pure and differentiable in the prefix's arrays. Every argument is
+    checked before anything is computed.
 
     Args:
       prefix: a :class:`PrefixWeights`, or the adapter tree holding one (``jaxpeft.init``).
-      batch_size: the batch the prefix is broadcast to.
-      dtype: the result dtype (the model's compute dtype, as HF casts to the base model's); default the prefix's.
+      batch_size: the batch the prefix is broadcast to: a positive Python int (static, e.g. ``ids.shape[0]``).
+      dtype: the result dtype (the model's compute dtype, as HF casts to the base model's), floating; default the
+        prefix's.
 
     Returns:
       ``(keys, values)``, each ``(num_layers, batch_size, n, num_kv_heads, head_dim)``.
+
+    Raises:
+      ValueError: a tree without exactly one prefix, a bank of prefixes (a leading adapter axis), a node whose
+        arrays disagree with its ``num_layers``/``num_kv_heads``/``head_dim``, ``batch_size`` not a positive Python
+        int (a ``jax.Array`` included), ``dtype`` not a floating dtype.
     """
     node = _node(prefix, PrefixWeights, "prefix")
+    _check_prefix_arrays(node)
+    batch = _static_int("batch_size", batch_size, 1, "the batch to broadcast to, e.g. ids.shape[0]")
+    dtype = None if dtype is None else _float_dtype("dtype", dtype)
     flat = node.flat()
     n = flat.shape[0]
     kv = flat.reshape(n, node.num_layers, 2, node.num_kv_heads, node.head_dim)
     kv = jnp.transpose(kv, (2, 1, 0, 3, 4))  # (key|value, layer, n, head, head_dim)
-    kv = jnp.broadcast_to(kv[:, :, None], (2, node.num_layers, batch_size, *kv.shape[2:]))
+    kv = jnp.broadcast_to(kv[:, :, None], (2, node.num_layers, batch, *kv.shape[2:]))
     if dtype is not None:
         kv = kv.astype(dtype)
     return kv[0], kv[1]
@@ -485,14 +628,41 @@ def _the_node(adapters: Any, cfg: PromptTuningConfig | PrefixTuningConfig, param
         )
     node = found[0][1]
     planned = jax.eval_shape(lambda: cfg.init_target(path, table, node.layout, jax.random.key(0)))
-    want = {p: tuple(x.shape) for p, x in leaves_with_paths(planned)}
-    have = {p: tuple(x.shape) for p, x in leaves_with_paths(node)}
-    if want != have:
-        raise ValueError(
-            f"the adapter at {path!r} has arrays {have}; this {type(cfg).__name__} makes {want}. Pass the "
-            "config the adapters were made with."
-        )
+    _check_made_by(path, node, planned, cfg)
     return node
+
+
+#: What a node's array shapes stand for, in the export's refusals.
+_SHAPES = {
+    "PromptWeights": "embeddings are (num_virtual_tokens, token_dim = the embedding table's width)",
+    "PrefixWeights": "embeddings are (num_virtual_tokens, num_layers·2·num_kv_heads·head_dim), or with "
+    "prefix_projection (num_virtual_tokens, num_kv_heads·head_dim) and the MLP w1, b1, w2, b2",
+}
+
+
+def _check_made_by(path: str, node: Adapter, planned: Adapter, cfg: MethodConfig) -> None:
+    """Raise unless ``node`` is what ``cfg`` makes (``planned``): the array shapes (``num_virtual_tokens``, the
+    width) and the static parts (``num_layers``, ``num_kv_heads``, ``head_dim``) that a flat prefix's shape alone
+    cannot tell apart (``2·8`` heads·head_dim is as wide as ``8·2``).
+
+    The comparison is the checkpoint restore's own (``node_table``/``node_diff``), dtypes aside: an export writes
+    the arrays in their own dtype.
+    """
+    from jaxpeft.checkpoint._tables import listed, node_diff, node_table  # lazily: checkpoint imports the methods
+
+    def table(tree_node: Adapter) -> dict[str, Any]:
+        entries = node_table(set_path({}, path, tree_node))
+        return {p: {**e, "arrays": {k: v[0] for k, v in e["arrays"].items()}} for p, e in entries.items()}
+
+    shapes, statics = node_diff(table(node), table(planned), (), "adapter", "adapters", "config")
+    if shapes or statics:
+        lines = [line[len(repr(path)) :].lstrip(" .") for line in shapes or statics]  # the path is named once
+        legend = f" ({_SHAPES[type(planned).__name__]})" if shapes else ""
+        raise ValueError(
+            f"the adapters at {path!r} are not what this {type(cfg).__name__} makes on these params: "
+            f"{listed(lines)}{legend}. Nothing was written: pass the config the adapters were made with (a "
+            "checkpoint's: jaxpeft.checkpoint.read_config)."
+        )
 
 
 def _common_fields(cfg: PromptTuningConfig | PrefixTuningConfig, peft_type: str) -> dict[str, Any]:
