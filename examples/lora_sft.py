@@ -2,8 +2,9 @@
 
 The script a user copies to a TPU VM. One file runs on CPU, one GPU, a TPU VM or a TPU pod slice: the mesh is a
 flag (``--mesh data=2,fsdp=2,tp=2``, ``-1`` takes the devices that are left), the base weights are sharded FSDP ×
-tensor-parallel, the adapters are born sharded like their base weights (``jaxpeft.sharding``), the batch is split
-over ``data`` × ``fsdp``, and on several hosts each host reads only the rows its own devices hold.
+tensor-parallel as their layouts say (``jaxpeft.sharding.base_specs``), the adapters are born sharded like their base
+weights (``jaxpeft.sharding``), the batch is split over ``data`` × ``fsdp``, and on several hosts each host reads only
+the rows its own devices hold.
 
 What one run does:
 
@@ -15,10 +16,27 @@ What one run does:
    ``chatterbot-corpus`` package, loss on the answers), or your own ``.jsonl`` / ``.txt``.
 3. Evaluate the held-out loss and print a few greedy generations (KV-cache decoding), both *before* training.
 4. Train the method's adapters only (AdamW, warm-up then cosine/linear/constant, gradient clipping, gradient
-   accumulation), with a progress bar (loss, tokens/s) and one JSON line of metrics per step.
+   accumulation), with a progress bar (loss, tokens/s) and one JSON line of metrics per step. ``--method`` is any
+   method of jaxpeft's method table: lora, dora, lora_fa (A frozen: no gradient, no optimizer state), pissa and
+   olora (the base becomes the residual ``W - s·A·B``, rebuilt from ``--seed`` when a run resumes), loha, lokr,
+   vera, ia3, ln_tuning, bitfit (a Llama with biases), and prompt / prefix (``--num-virtual-tokens``: inputs fed to
+   the Llama's ``prompt=`` / ``prefix=`` hooks; no generations for these, ``generate.py`` feeds no virtual tokens).
 5. Checkpoint the adapters and optimizer state (``jaxpeft.checkpoint``; ``--ckpt-dir`` resumes when it already
    holds a step, continuing the same loss curve: batches and dropout keys are functions of the step).
-6. Evaluate and generate again, and export the adapters as a Hugging Face PEFT directory (``--export-hf``).
+6. Evaluate and generate again, and export the adapters as a Hugging Face PEFT directory (``--export-hf``;
+   PiSSA/OLoRA as the equivalent rank-2r LoRA over the original weights, ``jaxpeft.to_plain_lora``; PEFT has no
+   BitFit). Its ``base_model_name_or_path`` names a base that transformers loads offline, and its ``README.md``
+   holds the lines that load the pair (the script prints them too):
+
+   - a HF directory: that directory (``AutoPeftModelForCausalLM.from_pretrained(EXPORT)`` loads both);
+   - a ``.gguf`` file (and ``smollm2``): the file's directory; transformers reads the GGUF itself (``pip install
+     gguf``; it dequantises to float32)::
+
+         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
+         model = PeftModel.from_pretrained(model, EXPORT)   # with --layers N: from_pretrained(..., num_hidden_layers=N)
+
+   - ``tiny``: the random base itself, written as a HF Llama directory to ``EXPORT/base``
+     (``AutoPeftModelForCausalLM.from_pretrained(EXPORT)``).
 
 Commands (more in the README, "Fine-tuning a causal LM"):
 
@@ -69,12 +87,40 @@ from examples.models import llama
 
 MESH_AXES = ("data", "fsdp", "tp")
 BATCH_AXES = ("data", "fsdp")
-METHODS = ("lora", "dora", "ia3")
-DEFAULT_TARGETS = {
-    "lora": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-    "dora": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-    "ia3": "k_proj,v_proj,down_proj",
+LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What ``--method NAME`` trains: its default ``--targets`` and the method flags it reads."""
+
+    targets: str  # the default --targets ("embed_tokens": the input embedding table, not a flag of this method)
+    flags: tuple[str, ...] = ()  # of rank, alpha, dropout, num_virtual_tokens
+    what: str = ""
+
+
+LORA_FLAGS = ("rank", "alpha", "dropout")
+#: Every method of the README's method table, with prompt and prefix tuning (through the Llama's ``prompt=`` and
+#: ``prefix=`` hooks). PiSSA and OLoRA are LoRA whose init moves the top singular directions (or a QR of the weight)
+#: out of the base: the base becomes the residual (``jaxpeft.init_adjusted``), rebuilt from ``--seed`` on resume.
+METHODS: dict[str, Method] = {
+    "lora": Method(LINEAR, LORA_FLAGS, "LoRA"),
+    "dora": Method(LINEAR, LORA_FLAGS, "DoRA (LoRA + a learned magnitude per output)"),
+    "lora_fa": Method(LINEAR, LORA_FLAGS, "LoRA-FA (A frozen at init, only B trains)"),
+    "pissa": Method(LINEAR, LORA_FLAGS, "PiSSA (LoRA on the top singular directions; the base becomes the residual)"),
+    "olora": Method(LINEAR, LORA_FLAGS, "OLoRA (LoRA on a QR of the weight; the base becomes the residual)"),
+    "loha": Method(LINEAR, ("rank", "alpha"), "LoHa (Hadamard product of two low-rank products)"),
+    "lokr": Method(LINEAR, ("rank", "alpha"), "LoKr (Kronecker product, low-rank factor)"),
+    "vera": Method(LINEAR, ("rank", "dropout"), "VeRA (shared frozen random projections, trained vectors)"),
+    "ia3": Method("k_proj,v_proj,down_proj", (), "IA3 (learned rescaling vectors; down_proj on its input)"),
+    "ln_tuning": Method("all", (), "LN tuning (the RMSNorm scales)"),
+    "bitfit": Method("all", (), "BitFit (the biases; a Llama with attention_bias or mlp_bias)"),
+    "prompt": Method("embed_tokens", ("num_virtual_tokens",), "prompt tuning (virtual input tokens)"),
+    "prefix": Method("embed_tokens", ("num_virtual_tokens",), "prefix tuning (virtual keys/values in every layer)"),
 }
+DEFAULT_TARGETS = {name: m.targets for name, m in METHODS.items()}
+INPUT_METHODS = ("prompt", "prefix")  # adapters that are model inputs (the Llama's hooks), not adapted layers
+DEFAULT_VIRTUAL_TOKENS = 16
 
 
 # ---------------------------------------------------------------------------------------------------- the command
@@ -91,11 +137,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--max-rows", type=int, default=None, help="use at most this many rows of the data")
     g.add_argument("--eval-rows", type=int, default=64, help="held-out rows to evaluate")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="lora", choices=METHODS)
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=16.0)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--targets", default=None, help="comma-separated module names (default: the method's)")
+    g.add_argument(
+        "--method",
+        default="lora",
+        choices=METHODS,
+        metavar="METHOD",
+        help="\n".join(f"{name}: {m.what}" for name, m in METHODS.items()),
+    )
+    g.add_argument("--rank", type=int, default=8, help="lora, dora, lora_fa, pissa, olora, loha, lokr, vera")
+    g.add_argument("--alpha", type=float, default=16.0, help="lora, dora, lora_fa, pissa, olora, loha, lokr")
+    g.add_argument("--dropout", type=float, default=0.0, help="lora, dora, lora_fa, pissa, olora, vera")
+    g.add_argument(
+        "--num-virtual-tokens",
+        type=int,
+        default=None,
+        help=f"prompt, prefix: virtual tokens (default {DEFAULT_VIRTUAL_TOKENS})",
+    )
+    g.add_argument(
+        "--targets", default=None, help="comma-separated module names, or all-linear / all (default: the method's)"
+    )
     g.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"], help="QLoRA: quantised base")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=100)
@@ -139,6 +199,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.lr = 1e-2 if args.model == "tiny" else 1e-3
     if args.warmup is None:
         args.warmup = max(args.steps // 20, 0)
+    if args.num_virtual_tokens is None and args.method in INPUT_METHODS:
+        args.num_virtual_tokens = DEFAULT_VIRTUAL_TOKENS
     return args
 
 
@@ -151,6 +213,7 @@ FLAG_RANGES: dict[str, tuple[float, bool, float | None, str]] = {
     "rank": (1, True, None, "an adapter rank of 1 or more"),
     "alpha": (0, False, None, "a LoRA scale numerator above 0 (the scale is alpha / rank)"),
     "dropout": (0, True, 1, "an adapter dropout probability in [0, 1) (0: none)"),
+    "num_virtual_tokens": (1, True, None, "1 or more virtual tokens"),
     "steps": (1, True, None, "1 or more optimizer steps"),
     "batch": (1, True, None, "1 or more rows per optimizer step"),
     "grad_accum": (1, True, None, "1 or more micro-batches per step"),
@@ -200,10 +263,44 @@ def flag_problems(args: argparse.Namespace) -> Iterator[str]:
             f"--stop-at={args.stop_at} is not below --steps={args.steps}; expected a step in 0..{args.steps - 1} "
             "(leave it out to run every step)"
         )
+    yield from method_problems(args)
     if args.process_id is not None and args.num_processes is not None and args.process_id >= args.num_processes:
         yield (
             f"--process-id={args.process_id} is not below --num-processes={args.num_processes}; expected 0 to "
             f"{args.num_processes - 1}"
+        )
+
+
+def method_problems(args: argparse.Namespace) -> Iterator[str]:
+    """A message for each flag that ``--method`` cannot use."""
+    method = METHODS[args.method]
+    others = [n for n, m in METHODS.items() if "num_virtual_tokens" in m.flags]
+    if args.num_virtual_tokens is not None and "num_virtual_tokens" not in method.flags:
+        yield (
+            f"--num-virtual-tokens={args.num_virtual_tokens} is a flag of {' and '.join(others)} tuning; "
+            f"--method {args.method} has no virtual tokens: leave it out, or use --method prompt|prefix"
+        )
+    if args.dropout and "dropout" not in method.flags:
+        takes = ", ".join(n for n, m in METHODS.items() if "dropout" in m.flags)
+        yield (
+            f"--dropout={args.dropout}: --method {args.method} has no dropout; leave it out (methods with one: {takes})"
+        )
+    if args.targets is not None and args.method in INPUT_METHODS:
+        yield (
+            f"--targets={args.targets}: --method {args.method} adds virtual tokens at the input embedding table "
+            "(embed_tokens) and adapts no layer; leave --targets out"
+        )
+    if args.quantize != "none" and args.method in (*INPUT_METHODS, "ln_tuning", "bitfit", "pissa", "olora"):
+        why = (
+            "its init rewrites the base weights (the residual W - s·A·B), which a quantised base cannot hold"
+            if args.method in ("pissa", "olora")
+            else "--quantize stores the adapted linear layers' weights quantised (QLoRA), and it adapts none"
+        )
+        yield f"--quantize={args.quantize} with --method {args.method}: {why}; leave --quantize out"
+    if args.method == "bitfit" and args.export_hf:
+        yield (
+            f"--export-hf={args.export_hf} with --method bitfit: Hugging Face PEFT has no BitFit format; leave "
+            "--export-hf out (the checkpoint in --ckpt-dir keeps the trained biases)"
         )
 
 
@@ -287,28 +384,6 @@ def make_mesh(sizes: dict[str, int]) -> Mesh:
 # ------------------------------------------------------------------------------------------------ model and data
 
 
-def base_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """FSDP × tensor-parallel spec of a Llama param (axes the mesh does not divide are replicated).
-
-    Column-parallel q/k/v/gate/up ``[layers, hidden, out]``: hidden over ``fsdp``, out over ``tp``; row-parallel
-    o/down ``[layers, in, hidden]`` the other way round; the embedding ``[vocab, hidden]`` and an untied head
-    ``[hidden, vocab]`` put vocab over ``tp``; norms are replicated.
-    """
-    name = path.split("/")
-    if name[-1] == "kernel" and name[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-        axes: tuple[Any, ...] = (None, "fsdp", "tp")
-    elif name[-1] == "kernel" and name[-2] in ("o_proj", "down_proj"):
-        axes = (None, "tp", "fsdp")
-    elif name[-1] == "embedding":
-        axes = ("tp", "fsdp")
-    elif name[-2:] == ["lm_head", "kernel"]:
-        axes = ("fsdp", "tp")
-    else:
-        axes = ()
-    axes = axes[len(axes) - len(shape) :] if len(axes) > len(shape) else axes
-    return P(*(a if a is None or size % mesh.shape[a] == 0 else None for a, size in zip(axes, shape, strict=False)))
-
-
 def place(x: Any, sharding: NamedSharding) -> jax.Array:
     """A host array (the same on every process) as a global array: each process fills only its own shards."""
     host = np.asarray(x)
@@ -339,6 +414,8 @@ class Loaded:
     params: Any
     tokenizer: sft_data.TextTokenizer | None
     name: str
+    base_path: str | None = None  # what the export's base_model_name_or_path names: a directory transformers loads
+    gguf_file: str | None = None  # the file in ``base_path`` (``from_pretrained(base_path, gguf_file=...)``)
 
 
 def load_model(args: argparse.Namespace) -> Loaded:
@@ -349,7 +426,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
         config = tiny_config(tok.vocab_size if tok else 256, args)
         init = jax.jit(llama.LlamaForCausalLM(config).init)  # one compilation, not one per op
         params = init(jax.random.key(args.seed + 1), jnp.zeros((1, 1), jnp.int32))
-        return Loaded(config, params["params"], tok, "jaxpeft/tiny-llama")
+        return Loaded(config, params["params"], tok, "tiny (random)")
     if args.model == "smollm2" or args.model.endswith(".gguf"):
         from examples.models import gguf
 
@@ -359,11 +436,12 @@ def load_model(args: argparse.Namespace) -> Loaded:
         config, params = gguf.load_gguf(reader, num_layers=layers, dtype=args.dtype)
         config = dataclasses.replace(config, remat=args.remat)
         gguf_tok = gguf.load_tokenizer(reader)
-        name = "HuggingFaceTB/SmolLM2-135M-Instruct" if args.model == "smollm2" else os.path.basename(path)
+        name = "SmolLM2-135M-Instruct (GGUF)" if args.model == "smollm2" else os.path.basename(path)
+        directory, file = os.path.split(os.path.abspath(path))
         end = gguf_tok.tokenizer.token_to_id("<|im_end|>")
         # ChatML without a system message: SmolLM2's own default system message makes its answers worse.
         tok = sft_data.HFTokenizer(gguf_tok.tokenizer, end if end is not None else gguf_tok.eos_id, gguf_tok.pad_id)
-        return Loaded(config, params, tok, name)
+        return Loaded(config, params, tok, name, directory, file)
     if os.path.isdir(args.model):
         config, params = llama.load_hf_checkpoint(args.model, strict=False, **overrides)
         if args.layers:
@@ -378,7 +456,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
             hf_tok = Tokenizer.from_file(tok_file)
             eos = hf_tok.token_to_id("<|im_end|>") or hf_tok.token_to_id("</s>") or 0
             tok = sft_data.HFTokenizer(hf_tok, eos, eos)
-        return Loaded(config, params, tok, os.path.abspath(args.model))
+        return Loaded(config, params, tok, os.path.abspath(args.model), os.path.abspath(args.model))
     raise SystemExit(f"--model {args.model!r}: expected tiny, smollm2, a HF Llama directory or a .gguf file")
 
 
@@ -419,13 +497,38 @@ def load_examples(args: argparse.Namespace, tok: sft_data.TextTokenizer | None, 
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def method_config(args: argparse.Namespace) -> jaxpeft.MethodConfig:
-    """The ``--method`` config with ``--targets`` (or the method's default targets)."""
-    targets = (args.targets or DEFAULT_TARGETS[args.method]).split(",")
+def method_config(args: argparse.Namespace, model: llama.LlamaConfig | None = None) -> jaxpeft.MethodConfig:
+    """The ``--method`` config with ``--targets`` (or the method's default targets); prefix tuning takes its
+    attention shape from ``model``."""
+    spec = args.targets or DEFAULT_TARGETS[args.method]
+    targets: str | list[str] = spec if spec in ("all", "all-linear") else spec.split(",")
+    lora = {"rank": args.rank, "alpha": args.alpha, "targets": targets}
+    if args.method in ("lora", "pissa", "olora"):
+        init = "kaiming" if args.method == "lora" else args.method
+        return jaxpeft.LoraConfig(**lora, dropout=args.dropout, init=init)
+    if args.method in ("dora", "lora_fa"):
+        cls = jaxpeft.DoraConfig if args.method == "dora" else jaxpeft.LoraFAConfig
+        return cls(**lora, dropout=args.dropout)
+    if args.method in ("loha", "lokr"):
+        return (jaxpeft.LohaConfig if args.method == "loha" else jaxpeft.LokrConfig)(**lora)
+    if args.method == "vera":
+        return jaxpeft.VeraConfig(rank=args.rank, targets=targets, dropout=args.dropout)
     if args.method == "ia3":
         return jaxpeft.IA3Config(targets=targets, feedforward=[t for t in targets if t in ("down_proj",)])
-    cls = jaxpeft.DoraConfig if args.method == "dora" else jaxpeft.LoraConfig
-    return cls(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout)
+    if args.method == "ln_tuning":
+        return jaxpeft.LNTuningConfig(targets=targets)
+    if args.method == "bitfit":
+        return jaxpeft.BitFitConfig(targets=targets)
+    if args.method == "prompt":  # started from the embeddings of random vocabulary rows (HF's SAMPLE_VOCAB)
+        return jaxpeft.PromptTuningConfig(args.num_virtual_tokens, init="sample_vocab")
+    if model is None:
+        raise ValueError("prefix tuning needs the model's config (its layers, key/value heads and head width)")
+    return jaxpeft.PrefixTuningConfig(
+        args.num_virtual_tokens,
+        num_layers=model.num_hidden_layers,
+        num_kv_heads=model.num_key_value_heads,
+        head_dim=model.head_dim,  # type: ignore[arg-type]
+    )
 
 
 def make_optimizer(args: argparse.Namespace) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -443,61 +546,71 @@ def make_optimizer(args: argparse.Namespace) -> tuple[optax.GradientTransformati
     return optax.chain(*parts, optax.adamw(schedule, weight_decay=args.weight_decay)), schedule
 
 
+def logits(
+    model: Any, params: Any, adapters: Any, ids: jax.Array, key: jax.Array | None, method: str = "lora"
+) -> jax.Array:
+    """The model's next-token logits through the adapters: layer methods adapt the layer calls
+    (``jaxpeft.linen.apply``), prompt and prefix tuning feed the Llama's ``prompt=`` / ``prefix=`` hooks."""
+    if method == "prompt":
+        return model.apply({"params": params}, ids, prompt=adapters)
+    if method == "prefix":
+        return model.apply({"params": params}, ids, prefix=jaxpeft.prefix_kv(adapters, ids.shape[0]))
+    rngs = {"dropout": key} if key is not None else None
+    return jaxpeft.linen.apply(model, {"params": params}, adapters, ids, rngs=rngs)
+
+
 def token_loss_sums(
-    model: Any, params: Any, adapters: Any, batch: dict[str, jax.Array], key: jax.Array | None
+    model: Any,
+    params: Any,
+    adapters: Any,
+    batch: dict[str, jax.Array],
+    key: jax.Array | None,
+    method: str = "lora",
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of the masked next-token cross-entropies and the number of target tokens."""
-    rngs = {"dropout": key} if key is not None else None
-    logits = jaxpeft.linen.apply(model, {"params": params}, adapters, batch["inputs"], rngs=rngs)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    out = logits(model, params, adapters, batch["inputs"], key, method)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out, batch["targets"])
     mask = batch["mask"].astype(jnp.float32)
     return (ce * mask).sum(), mask.sum()
 
 
 def make_train_step(
-    model: Any, tx: optax.GradientTransformation, use_dropout: bool
+    model: Any, tx: optax.GradientTransformation, use_dropout: bool, method: str = "lora"
 ) -> Callable[..., tuple[Any, Any, jax.Array, jax.Array]]:
     """``step(adapters, opt_state, params, batch, key) -> (adapters, opt_state, loss, tokens)``.
 
     ``batch`` arrays are ``[grad_accum, micro_batch, seq]``; the micro-batches run in a ``lax.scan`` whose
     gradients are summed per token and divided once by the step's target-token count (so accumulation gives the
-    same update as one large batch). Only the adapters are differentiated: no base-weight gradient exists.
+    same update as one large batch). Only the adapters' trainable leaves are differentiated: no base-weight
+    gradient exists, and a method's frozen fields (LoRA-FA's A) get none either; ``tx`` sees zeros there (wrap it
+    in ``jaxpeft.freeze`` for such methods, which gives them no update and no optimizer state).
     """
 
     def step(adapters: Any, opt_state: Any, params: Any, batch: dict[str, jax.Array], key: jax.Array) -> Any:
+        trainable, fixed = jaxpeft.partition(adapters, True)
+
         def micro(carry: Any, xs: Any) -> Any:
             grads, loss_sum, count = carry
             mb, k = xs
 
-            def loss_fn(a: Any) -> tuple[jax.Array, jax.Array]:
-                return token_loss_sums(model, params, a, mb, k if use_dropout else None)
+            def loss_fn(t: Any) -> tuple[jax.Array, jax.Array]:
+                a = jaxpeft.combine(t, fixed)
+                return token_loss_sums(model, params, a, mb, k if use_dropout else None, method)
 
-            (s, n), g = jax.value_and_grad(loss_fn, has_aux=True)(adapters)
+            (s, n), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
             return (jax.tree.map(jnp.add, grads, g), loss_sum + s, count + n), None
 
         accum = batch["inputs"].shape[0]
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), adapters)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), trainable)
         carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, loss_sum, count), _ = jax.lax.scan(micro, carry, (batch, jax.random.split(key, accum)))
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, a: (g / denom).astype(a.dtype), grads, adapters)
+        grads = jax.tree.map(lambda g, a: (g / denom).astype(a.dtype), grads, trainable)
+        grads = jaxpeft.combine(grads, jax.tree.map(jnp.zeros_like, fixed))  # frozen leaves: zeros, never computed
         updates, opt_state = tx.update(grads, opt_state, adapters)
         return optax.apply_updates(adapters, updates), opt_state, loss_sum / denom, count
 
     return step
-
-
-def host_rows(sharding: NamedSharding, global_rows: int) -> slice:
-    """The rows of a global batch that this process's devices hold (all of them on one host)."""
-    index_map = sharding.addressable_devices_indices_map((global_rows,))
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [global_rows if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
-    return slice(min(starts), max(stops))
-
-
-def global_batch(arrays: dict[str, np.ndarray], sharding: NamedSharding, shape: tuple[int, ...]) -> dict[str, Any]:
-    """Process-local rows → global arrays of ``shape`` (``[accum, micro, seq]``) split over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in arrays.items()}
 
 
 class Batches:
@@ -510,7 +623,7 @@ class Batches:
         self.shape = (self.accum, self.micro, args.seq_len)
         self.sharding = NamedSharding(mesh, P(None, BATCH_AXES))
         # Which rows of each micro-batch are local: the rows axis is axis 1 of the [accum, micro, seq] arrays.
-        self.local = host_rows(NamedSharding(mesh, P(BATCH_AXES)), self.micro)
+        self.local = jaxpeft.sharding.host_rows(self.sharding, self.micro, axis=1)
 
     def __call__(self, step: int) -> dict[str, Any]:
         """The global batch of ``step``."""
@@ -518,7 +631,7 @@ class Batches:
         mine = index[:, self.local].reshape(-1)
         packed = sft_data.pack_rows([self.rows[int(i)] for i in mine], self.args.seq_len, self.pad_id)
         local = {k: v.reshape(self.accum, -1, self.args.seq_len) for k, v in packed.items()}
-        return global_batch(local, self.sharding, self.shape)
+        return jaxpeft.sharding.host_batch(local, self.sharding, self.micro, axis=1)
 
 
 def evaluate(
@@ -532,7 +645,7 @@ def evaluate(
 ) -> float:
     """Mean masked next-token loss over ``rows`` (nats per target token), in batches of ``--batch``."""
     sharding = NamedSharding(mesh, P(BATCH_AXES))
-    local = host_rows(sharding, args.batch)
+    local = jaxpeft.sharding.host_rows(sharding, args.batch)
     total, count = 0.0, 0.0
     for start in range(0, len(rows), args.batch):
         chunk = list(rows[start : start + args.batch])
@@ -540,10 +653,7 @@ def evaluate(
         full = {k: np.zeros((args.batch, args.seq_len), np.int32) for k in packed}
         for k, v in packed.items():
             full[k][: len(chunk)] = v  # padding rows have mask 0
-        batch = {
-            k: jax.make_array_from_process_local_data(sharding, v[local], (args.batch, args.seq_len))
-            for k, v in full.items()
-        }
+        batch = jaxpeft.sharding.host_batch({k: v[local] for k, v in full.items()}, sharding, args.batch)
         s, n = eval_fn(adapters, params, batch)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
@@ -614,8 +724,8 @@ def curve_settings(args: argparse.Namespace) -> dict[str, Any]:
     digest of a ``--data`` file. The mesh is not one: a checkpoint restores onto another mesh."""
     settings: dict[str, Any] = {name: getattr(args, name) for name in CURVE_FLAGS}
     settings["targets"] = args.targets or DEFAULT_TARGETS[args.method]
-    if args.method != "ia3":  # IA3 has no rank, scale or dropout
-        settings.update(rank=args.rank, alpha=args.alpha, dropout=args.dropout)
+    # the method's own flags only (IA3 has no rank, scale or dropout; prompt tuning only virtual tokens)
+    settings.update({name: getattr(args, name) for name in METHODS[args.method].flags})
     if os.path.isfile(args.data):
         digest = hashlib.sha256()
         with open(args.data, "rb") as f:
@@ -814,10 +924,15 @@ def say(*parts: Any) -> None:
 
 
 def jit_train_step(
-    model: Any, tx: optax.GradientTransformation, use_dropout: bool, shardings: Any, opt_shardings: Any
+    model: Any,
+    tx: optax.GradientTransformation,
+    use_dropout: bool,
+    shardings: Any,
+    opt_shardings: Any,
+    method: str = "lora",
 ) -> Callable[..., tuple[Any, Any, jax.Array, jax.Array]]:
     """``make_train_step`` jitted, the adapters and optimizer state donated and kept on their shardings."""
-    step_fn = make_train_step(model, tx, use_dropout)
+    step_fn = make_train_step(model, tx, use_dropout, method)
     return jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(shardings, opt_shardings, None, None))
 
 
@@ -851,6 +966,28 @@ def open_checkpoint(
         raise
     say(f"resumed from {args.ckpt_dir} at step {latest}")
     return ckpt, restored.adapters, restored.opt_state, latest + 1
+
+
+def make_adapters(
+    cfg: jaxpeft.MethodConfig, params: Any, layouts: Any, specs: Any, mesh: Mesh, seed: int
+) -> tuple[Any, Any, Any]:
+    """``(params, adapters, initial)``: the adapters born sharded like their base weights. A config that adjusts
+    the base (PiSSA, OLoRA) also returns the residual base that replaces ``params`` (sharded as they were) and a copy
+    of the adapters at init (``initial``, for the export's ``jaxpeft.to_plain_lora``); both are functions of
+    ``seed``, so a resumed run rebuilds the very base its checkpoint was trained over. Otherwise ``initial`` is
+    None."""
+    key = jax.random.key(seed)
+    if not cfg.adjusts_base:
+        adapters = jaxpeft.sharding.init(cfg, params, key=key, layouts=layouts, shardings=specs, mesh=mesh)
+        return params, adapters, None
+
+    def make(p: Any, k: jax.Array) -> Any:
+        return jaxpeft.init_adjusted(cfg, p, key=k, layouts=layouts, check_identity=False)
+
+    abstract = jax.eval_shape(make, params, key)[1]
+    out = (jax.tree.map(lambda x: x.sharding, params), jaxpeft.sharding.adapter_shardings(abstract, specs, mesh=mesh))
+    residual, adapters = jax.jit(make, out_shardings=out)(params, key)
+    return residual, adapters, jax.tree.map(jnp.copy, adapters)  # a copy: the train step donates the adapters
 
 
 @dataclasses.dataclass
@@ -965,32 +1102,47 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{config.vocab_size}; data: {args.data}, {len(train_rows)} train / {len(eval_rows)} held-out rows"
     )
 
-    # Base params: sharded FSDP × TP (or quantised and replicated: QLoRA keeps the base small instead).
-    cfg = method_config(args)
+    # Base params: sharded FSDP × TP (a quantised base too: its codes and scales along the weight's axes).
+    cfg = method_config(args, config)
     sample = jax.ShapeDtypeStruct((1, args.seq_len), jnp.int32)
     layouts = jaxpeft.linen.infer_layouts(model, sample)
-    specs = jax.tree_util.tree_map_with_path(
-        lambda kp, x: base_spec(jaxpeft.path_str(kp), np.shape(x), mesh), loaded.params
-    )
+    # FSDP × TP from the layouts: q/k/v/gate/up column-parallel, o/down row-parallel, vocab over tp, norms replicated
+    specs = jaxpeft.sharding.base_specs(loaded.params, layouts, mesh=mesh)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), loaded.params)
     if args.quantize != "none":
         host = jaxpeft.quantize(loaded.params, cfg, kind=args.quantize, layouts=layouts)
-        params = jax.tree.map(lambda x: place(x, NamedSharding(mesh, P())), host)
+        qspecs = jaxpeft.sharding.base_specs(host, layouts, mesh=mesh)  # codes and scales along the weight's axes
+        params = jax.tree.map(lambda x, s: place(x, NamedSharding(mesh, s)), host, qspecs)
     else:
         params = jax.tree.map(lambda x, s: place(x, NamedSharding(mesh, s)), loaded.params, specs)
+    base = loaded.params if args.model == "tiny" and args.export_hf else None  # random: exported beside the adapter
     del loaded.params
 
-    adapters = jaxpeft.sharding.init(
-        cfg, params, key=jax.random.key(args.seed), layouts=layouts, shardings=specs, mesh=mesh
-    )
+    # PiSSA/OLoRA: params become the residual base (rebuilt from --seed on resume, before the checkpoint opens)
+    try:
+        params, adapters, initial = make_adapters(cfg, params, layouts, specs, mesh, args.seed)
+    except ValueError as err:  # a selection that matches nothing: --targets, or a model without biases (bitfit)
+        targets = args.targets or DEFAULT_TARGETS[args.method]
+        hint = ""
+        if args.method == "bitfit":
+            hint = (
+                " A Llama has biases only with attention_bias or mlp_bias in its config.json (Qwen2-style "
+                "checkpoints; the tiny model has none): choose such a --model, or another --method (e.g. ln_tuning)"
+            )
+        raise SystemExit(
+            f"--method {args.method} with --targets {targets} on --model {args.model}: {err}{hint}"
+        ) from None
     shardings = jaxpeft.sharding.adapter_shardings(adapters, specs, mesh=mesh)
     tx, schedule = make_optimizer(args)
+    if jax.tree.leaves(jaxpeft.partition(adapters, True)[1]):  # frozen fields (LoRA-FA's A): no update, no state
+        tx = jaxpeft.freeze(tx, True)
     opt_state = jaxpeft.sharding.init_optimizer(tx, adapters, shardings)
     summary = jaxpeft.summary(params, adapters, tx)
     say(summary)
 
-    train_step = jit_train_step(model, tx, args.dropout > 0, shardings, jax.tree.map(lambda x: x.sharding, opt_state))
-    eval_fn = jax.jit(lambda a, p, b: token_loss_sums(model, p, a, b, None))
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    train_step = jit_train_step(model, tx, args.dropout > 0, shardings, opt_shardings, args.method)
+    eval_fn = jax.jit(lambda a, p, b: token_loss_sums(model, p, a, b, None, args.method))
     batches = Batches(train_rows, args, pad_id, mesh)
 
     # (what to show, the model's input): held-out questions in the chat format, and for SmolLM2 a plain completion
@@ -999,7 +1151,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompts = prompts[: args.generate]
     if args.model == "smollm2" and args.generate:
         prompts.append(("The capital of France is", "The capital of France is"))
-    result: dict[str, Any] = {"losses": {}, "eval": {}}
+    if prompts and args.method in INPUT_METHODS:
+        say(
+            f"generations: skipped for --method {args.method}: examples/models/generate.py decodes through adapted "
+            "layers, and feeds no virtual tokens (the held-out loss shows the training)"
+        )
+        prompts = []
+    first_device = mesh.devices.flat[0]
+    on_first = [
+        s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards if s.device == first_device
+    ]
+    result: dict[str, Any] = {"losses": {}, "eval": {}, "base_bytes_first_device": int(sum(on_first))}
+    result["base_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves(params)))
     apply_fn = adapted_apply(model)
     stop = min(args.steps, args.stop_at + 1) if args.stop_at is not None else args.steps
 
@@ -1047,20 +1210,96 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for (q, _), a in zip(prompts, result["generations_after"], strict=True):
             say(f"  after  | {q!r} -> {a!r}")
     if args.export_hf:
-        host_adapters = gather(adapters)
-        if jax.process_index() == 0:
-            path = jaxpeft.hf.export_adapters(
-                args.export_hf,
-                host_adapters,
-                cfg,
-                shapes,
-                llama.hf_module_name,
-                task_type="CAUSAL_LM",
-                base_model_name_or_path=loaded.name,
-            )
-            result["export"] = path
-            say(f"HF PEFT adapter written to {path}")
+        result["export"] = export_hf(args, cfg, adapters, initial, params, shapes, loaded, base)
     return result
+
+
+def export_hf(
+    args: argparse.Namespace,
+    cfg: jaxpeft.MethodConfig,
+    adapters: Any,
+    initial: Any,
+    params: Any,
+    shapes: Any,
+    loaded: Loaded,
+    base: Any,
+) -> str:
+    """Writes ``--export-hf``: the PEFT adapter directory, whose ``base_model_name_or_path`` names a base that
+    transformers loads offline (an HF directory, the GGUF file's directory, or for ``--model tiny`` the random base
+    itself, written to ``<export>/base``), and a ``README.md`` with the lines that load the pair. Every process
+    gathers (a collective); process 0 writes. Returns the directory.
+
+    PiSSA/OLoRA adapters are exported as the rank-2r plain LoRA over the original weights
+    (``jaxpeft.to_plain_lora``); LN tuning writes each norm as base + delta, so its norms are gathered too.
+    """
+    host = gather(adapters)
+    if initial is not None:
+        cfg, host = jaxpeft.to_plain_lora(cfg, host, gather(initial))
+    like = shapes
+    if isinstance(cfg, jaxpeft.PromptTuningConfig) and cfg.init != "random":
+        # The init is not part of a trained adapter (PEFT never re-runs it), and the export's check of the node
+        # re-plans it: "sample_vocab" would read the embedding table's values, which shapes do not have.
+        cfg = dataclasses.replace(cfg, init="random")
+    if isinstance(cfg, jaxpeft.LNTuningConfig):
+        # The written norms are base + delta: their values are gathered. The other leaves are read for their shapes
+        # only, but must be arrays: zero-stride views of one zero, no memory.
+        adapted = {p for p, _ in jaxpeft.adapter_items(host)}
+
+        def value(kp: Any, x: Any, s: Any) -> Any:
+            return gather(x) if jaxpeft.path_str(kp) in adapted else np.broadcast_to(np.zeros((), s.dtype), s.shape)
+
+        like = jax.tree_util.tree_map_with_path(value, params, shapes)
+    directory = os.path.abspath(args.export_hf)
+    if jax.process_index() != 0:
+        return directory
+    base_path = loaded.base_path
+    if base is not None:
+        base_path = write_hf_base(os.path.join(directory, "base"), loaded.config, base)
+    path = jaxpeft.hf.export_adapters(
+        directory,
+        host,
+        cfg,
+        like,
+        llama.hf_module_name,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_path,
+    )
+    recipe = load_recipe(path, base_path, loaded.gguf_file, args.layers)
+    write_atomic(
+        os.path.join(path, "README.md"), f"# A PEFT adapter from examples/lora_sft.py\n\n```python\n{recipe}```\n"
+    )
+    say(f"HF PEFT adapter written to {path}; load it in transformers + PEFT (also in its README.md):\n{recipe}")
+    return path
+
+
+def write_hf_base(directory: str, config: llama.LlamaConfig, params: Any) -> str:
+    """The base as a Hugging Face Llama directory (``config.json`` + ``model.safetensors``); returns its path."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    state = {k: np.ascontiguousarray(v) for k, v in llama.to_hf_state_dict(jax.device_get(params)).items()}
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {**config.to_hf_dict(), "torch_dtype": str(next(iter(state.values())).dtype)}
+    write_atomic(os.path.join(directory, "config.json"), json.dumps(hf_config, indent=1) + "\n")
+    return directory
+
+
+def load_recipe(export: str, base_path: str | None, gguf_file: str | None, layers: int | None) -> str:
+    """The Python lines that load the exported adapter onto its base in transformers + PEFT, offline."""
+    if gguf_file is None:
+        return (
+            "from peft import AutoPeftModelForCausalLM\n\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({export!r})  # the base: {base_path}\n"
+        )
+    keep = f", num_hidden_layers={layers}" if layers else ""  # trained on the first N layers only
+    return (
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"base, gguf_file = {base_path!r}, {gguf_file!r}  # transformers dequantises the GGUF (pip install gguf)\n"
+        f"model = AutoModelForCausalLM.from_pretrained(base, gguf_file=gguf_file{keep})\n"
+        "tokenizer = AutoTokenizer.from_pretrained(base, gguf_file=gguf_file)\n"
+        f"model = PeftModel.from_pretrained(model, {export!r})\n"
+    )
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

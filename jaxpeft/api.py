@@ -501,8 +501,15 @@ def _fold(params: Any, adapters: Any, sign: int) -> Any:
     return map_with_paths(lambda path, w: folded.get(path, w), params, is_leaf=quant.is_quantized)
 
 
-def merge(params: Any, adapters: Any) -> Any:
+def merge(params: Any, adapters: Any, *, dequantize: Any = None) -> Any:
     """The params with every adapter folded into its weight (and bias, for methods that scale outputs).
+
+    ``dequantize=jnp.bfloat16`` (any float dtype) first dequantises every quantised weight of ``params`` to that
+    dtype (``jaxpeft.dequantize``) and folds there: the result holds no quantised array (``model.apply`` reads it
+    directly) and keeps the whole adapter, where the default requantising merge loses part of it to rounding
+    (measured on the example Llama in ``tests/test_quant.py``: the merged logits' error is 0.14 of the adapter's
+    effect for NF4 and 0.010 for int8, and 3e-7 when dequantised to float32; the smaller the adapter's update
+    against the quantisation step, the larger the part lost).
 
     Pure: returns new params and leaves the inputs untouched. The fold is computed in float32 and cast back to
     each weight's dtype, so the merged model's outputs match the adapted model's up to that rounding.
@@ -538,8 +545,19 @@ def merge(params: Any, adapters: Any) -> Any:
         int8) weight (the message names the path and why).
       ValueError: an adapter with no parameter or that does not fit it; outside ``jit``, a fold that overflows the
         weight's dtype (float16 beyond 65504; a quantised weight's logical dtype), naming the path, the dtype and
-        the largest merged value.
+        the largest merged value; ``dequantize`` that is not a floating dtype.
     """
+    if dequantize is not None:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(dequantize), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(
+                f"`dequantize`={dequantize!r}; expected a float dtype to merge quantised weights into, e.g. "
+                "jnp.bfloat16 or jnp.float32 (None requantises them)."
+            )
+        params = quant.dequantize(params, dequantize)
     return _fold(params, adapters, 1)
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpeft import _framework as core
 from jaxpeft import quant
@@ -20,6 +21,7 @@ from jaxpeft.api import init_adjusted as method_init_adjusted
 from jaxpeft.api import plan as method_plan
 from jaxpeft.optim import skip_unused_adapters
 from jaxpeft.protocol import Adapter, LayerCall, LeafAdapter, MethodConfig, adapter_items, check_fits
+from jaxpeft.sharding import adapter_specs
 
 __all__ = [
     "AdapterFrozen",
@@ -233,15 +235,90 @@ def _missing(wrapper: Any, name: str, what: str, adapter: str) -> AttributeError
     )
 
 
+def _axis_names(spec: PartitionSpec) -> set[str]:
+    return {n for e in spec for n in (e if isinstance(e, tuple) else (e,)) if isinstance(n, str)}
+
+
+def _base_sharding(weight: nnx.Variable[Any], where: str) -> tuple[PartitionSpec, PartitionSpec, Mesh] | None:
+    """How a base weight lies on a mesh, as ``(names, spec, mesh)``; None when it is on no mesh.
+
+    The weight's NNX sharding metadata comes first (``nnx.with_partitioning``'s ``out_sharding``, logical names
+    resolved by the rules in effect, as ``nnx.get_partition_spec`` does): it is where flax places the weight, and
+    what an unplaced weight (eager sharding off) is meant to become. Otherwise the array's own ``NamedSharding``.
+    ``mesh`` is the array's, else the one in the metadata, else the current one (``jax.set_mesh``); ``names`` are
+    the metadata's own names (logical ones kept), or ``spec`` when it comes from the array.
+
+    Raises:
+      ValueError: the metadata names axes the mesh does not have and the array is not placed either.
+    """
+    value = weight.get_value()
+    sharding = None if quant.is_quantized(value) else getattr(value, "sharding", None)
+    placed = sharding if isinstance(sharding, NamedSharding) else None
+    meshes = (placed.mesh if placed else None, weight.get_metadata("mesh", None), jax.sharding.get_mesh())
+    mesh = next((m for m in meshes if isinstance(m, Mesh) and not m.empty), None)
+    raw = weight.get_metadata("out_sharding", None)
+    if mesh is None:  # one device, or an abstract mesh only (`nnx.eval_shape` under `jax.set_mesh`, used outside)
+        return None
+    if raw:
+        resolved = nnx.get_partition_spec(weight).get_value()
+        if _axis_names(resolved) <= set(mesh.axis_names):
+            return PartitionSpec(*raw), resolved, mesh
+        if placed is None:
+            raise ValueError(
+                f"{where} is annotated {tuple(raw)}, which resolves to {resolved}, naming axes "
+                f"{sorted(_axis_names(resolved) - set(mesh.axis_names))} that the mesh {tuple(mesh.axis_names)} does "
+                "not have. Logical axis names need their rules: call jaxpeft.nnx.adapt/attach inside "
+                "`with nnx.logical_axis_rules(rules):`, or place the weights with NamedShardings first."
+            )
+    return (placed.spec, placed.spec, mesh) if placed is not None else None
+
+
+def _placements(
+    node: Adapter, weight: nnx.Variable[Any], where: str
+) -> list[tuple[NamedSharding, dict[str, Any]]] | None:
+    """Per array of ``node`` (flattening order), its ``NamedSharding`` and NNX sharding metadata, derived from its
+    base weight's by ``jaxpeft.sharding.adapter_specs`` (an axis the mesh does not divide is replicated); None when
+    the weight is on no mesh (one device: the arrays stay as they are, without metadata).
+
+    The metadata (``out_sharding``, ``mesh``, and the weight's ``sharding_rules``) is what
+    ``nnx.with_partitioning`` gives a weight, so ``nnx.get_partition_spec``, ``nnx.Optimizer`` (its state is created
+    sharded like the adapters) and ``nnx.scan``/``nnx.vmap`` treat the adapters like the weights.
+    """
+    found = _base_sharding(weight, where)
+    if found is None:
+        return None
+    names, spec, mesh = found
+
+    def specs(base: PartitionSpec, on: Mesh | None) -> list[PartitionSpec]:
+        tree = adapter_specs({where: node}, {where: base}, mesh=on)  # `on=None`: no divisibility fallback
+        return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+    rules = weight.get_metadata("sharding_rules", None)
+    extra = {"sharding_rules": rules} if rules else {}
+    out = []
+    for placed, projected, named in zip(specs(spec, mesh), specs(spec, None), specs(names, None), strict=True):
+        # an entry dropped for divisibility is dropped from the names too; the others keep the weight's own names
+        out_sharding = tuple(n if p == q else None for n, p, q in zip(named, placed, projected, strict=True))
+        out.append((NamedSharding(mesh, placed), {"out_sharding": out_sharding, "mesh": mesh, **extra}))
+    return out
+
+
 class _NodeSlot(nnx.Module):
     """Holds one adapter node as variables named after its fields: ``AdapterParam`` for the trainable arrays,
     ``AdapterFrozen`` for the frozen ones, and its static part (``jaxpeft._framework.Stored``)."""
 
-    def _store(self, adapter: Adapter) -> None:
+    def _store(self, adapter: Adapter, weight: nnx.Variable[Any], where: str) -> None:
+        """Store ``adapter``'s arrays, each placed and annotated like ``weight`` (its base weight), see
+        ``_placements``."""
         self.stored = core.Stored.of(adapter, reserved=_RESERVED)
-        for name, value in zip(self.stored.names, jax.tree.leaves(adapter), strict=True):
+        placements = _placements(adapter, weight, where)
+        for i, (name, value) in enumerate(zip(self.stored.names, jax.tree.leaves(adapter), strict=True)):
             kind = AdapterFrozen if name in self.stored.frozen else AdapterParam
-            setattr(self, name, kind(jnp.asarray(value)))
+            if placements is None:
+                setattr(self, name, kind(jnp.asarray(value)))
+            else:
+                sharding, metadata = placements[i]
+                setattr(self, name, kind(jax.device_put(value, sharding), **metadata))
 
     def _leaves(self) -> list[Any]:
         return [getattr(self, n).get_value() for n in self.stored.names]
@@ -262,6 +339,7 @@ class AdapterLayer(_NodeSlot):
     The adapter's arrays are ``AdapterParam`` attributes named after its fields (``a``, ``b``, ``magnitude``,
     ``vector``, ...); its static part (class, scale, layout) is kept as graph metadata. Inside
     ``nnx.scan``/``nnx.vmap`` stacks the arrays carry the kernel's leading stack axes and are sliced with it.
+    When the kernel is on a mesh, the arrays are placed and annotated like it (see ``attach``).
 
     Attributes:
       base: the wrapped ``nnx.Linear``/``LinearGeneral``/``Einsum``/``Conv``/``Embed``.
@@ -278,7 +356,7 @@ class AdapterLayer(_NodeSlot):
         self.deterministic = False
         self.rngs = nnx.data(rngs)
         self.adapter_ids: AdapterIds | None = nnx.data(None)
-        self._store(adapter)
+        self._store(adapter, getattr(base, _weight_name(base)), f"the nnx.{type(base).__name__}'s weight")
 
     def __getattr__(self, name: str) -> Any:
         raise _missing(self, name, "weights", "adapter")
@@ -344,8 +422,8 @@ class QuantizedLayer(nnx.Module):
 class _LeafSlot(_NodeSlot):
     """The variables and static part of one leaf adapter (a slot of a ``LeafAdapterLayer``)."""
 
-    def __init__(self, adapter: Adapter) -> None:
-        self._store(adapter)
+    def __init__(self, adapter: Adapter, leaf: nnx.Variable[Any], where: str) -> None:
+        self._store(adapter, leaf, where)
 
 
 class LeafAdapterLayer(nnx.Module):
@@ -364,7 +442,12 @@ class LeafAdapterLayer(nnx.Module):
 
     def __init__(self, base: nnx.Module, adapters: Mapping[str, LeafAdapter]) -> None:
         self.base = base
-        self.leaves = nnx.Dict({name: _LeafSlot(node) for name, node in sorted(adapters.items())})
+        self.leaves = nnx.Dict(
+            {
+                name: _LeafSlot(node, getattr(base, name), f"the {type(base).__name__}'s {name!r}")
+                for name, node in sorted(adapters.items())
+            }
+        )
 
     def __getattr__(self, name: str) -> Any:
         raise _missing(self, name, "leaves", "adapters")
@@ -607,6 +690,15 @@ def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
     on a Linen model whose parameter paths agree. ``model`` is left untouched; the copy shares its base arrays
     (no memory is copied) and gets its own variables.
 
+    On a mesh, each adapter array is placed like its base weight (the specs of ``jaxpeft.sharding.adapter_specs``:
+    LoRA's A along the weight's fan-in axes, B along its fan-out axes, the rank replicated, an axis the mesh does
+    not divide replicated) and annotated with that spec (``out_sharding`` and ``mesh`` metadata, as
+    ``nnx.with_partitioning`` annotates a weight), so ``nnx.get_partition_spec(nnx.state(model, AdapterParam))``
+    gives the adapters' specs and ``jaxpeft.nnx.optimizer`` creates its state sharded alike. The weight's spec is
+    its ``out_sharding`` metadata (logical names resolved by the rules in effect, ``nnx.logical_axis_rules``) on
+    the array's mesh, the metadata's or the current one (``jax.set_mesh``), else its array's ``NamedSharding``. A
+    weight on no mesh leaves its adapters as before: unannotated, where ``jax`` puts them.
+
     Args:
       model: an NNX module without adapters.
       adapters: nested dicts with an adapter node at each adapted weight path.
@@ -617,10 +709,16 @@ def attach(model: M, adapters: Any, *, rngs: nnx.Rngs | None = None) -> M:
       The adapted model.
 
     Raises:
-      ValueError: the model is already adapted; an adapter path names no supported layer; shapes do not fit.
+      ValueError: the model is already adapted; an adapter path names no supported layer; shapes do not fit; a
+        weight's sharding metadata names axes the mesh does not have (logical names outside their rules) and its
+        array is not placed on the mesh either.
     """
     _check_unadapted(model, "jaxpeft.nnx.attach")
     table = _validated(model, adapters, "jaxpeft.nnx.attach")
+    weights = {_path_text(parts): getattr(m, _weight_name(m)) for parts, m in _Canon(model).layers()}
+    for path, var in sorted({**weights, **_leaf_params(model, table)}.items()):
+        if path in table:
+            _base_sharding(var, f"the base weight {path!r}")  # refuse here, by path, what the wrappers would
     streams = _dropout_streams(table, model, rngs)
     owners = _leaf_owners(model, table)
 
@@ -645,7 +743,10 @@ def adapt(
 
     Selection and initial values are exactly those of ``jaxpeft.init(cfg, base_params(model), key=key,
     layouts=infer_layouts(model))`` (same key, same adapters). Each targeted layer is wrapped in an
-    ``AdapterLayer``. ``model`` is left untouched; base arrays are shared.
+    ``AdapterLayer``. ``model`` is left untouched; base arrays are shared. On a mesh (weights placed with
+    ``NamedSharding``s or annotated by ``nnx.with_partitioning``) the adapters are placed and annotated like their
+    weights, as ``attach`` says; they are computed eagerly first (the identity check runs on concrete values), then
+    placed: ``attach(model, jaxpeft.sharding.init(...))`` creates them sharded under ``jit`` instead.
 
     Train the adapters with ``jaxpeft.nnx.optimizer(model, tx)``, or functionally with a three-way split::
 
@@ -682,7 +783,11 @@ def adapt(
     adapted = attach(model, adapters, rngs=rngs)
     weights = dict(leaves_with_paths(residual, is_leaf=quant.is_quantized))
     for path, wrapper in _Canon(adapted).adapted():  # the copy's own variables: `model` is not touched
-        getattr(wrapper.base, _weight_name(wrapper.base)).set_value(weights[path])
+        var = getattr(wrapper.base, _weight_name(wrapper.base))
+        old = var.get_value()
+        sharding = None if quant.is_quantized(old) else getattr(old, "sharding", None)
+        placed = isinstance(sharding, NamedSharding) and not quant.is_quantized(weights[path])  # stays where it was
+        var.set_value(jax.device_put(weights[path], sharding) if placed else weights[path])
     return adapted
 
 
@@ -731,6 +836,9 @@ def optimizer(model: Any, tx: optax.GradientTransformation) -> nnx.Optimizer:
     When the model holds adapter banks, ``tx`` is wrapped in ``jaxpeft.skip_unused_adapters`` so an adapter that no
     example of the batch used stays bit-identical (no weight decay, no momentum step).
 
+    On a mesh the optimizer state is sharded like the adapters (``mu``/``nu`` take each adapter variable's
+    ``out_sharding`` and ``mesh`` metadata, which ``adapt``/``attach`` set, and flax places them accordingly).
+
     The filter is the one place where a typo trains the wrong thing silently (``wrt=nnx.LoRAParam`` holds no
     state here, ``wrt=nnx.Param`` trains the base), so this builds it for you and checks the result.
 
@@ -749,6 +857,9 @@ def optimizer(model: Any, tx: optax.GradientTransformation) -> nnx.Optimizer:
 
 def load_adapters(model: Any, adapters: Any) -> None:
     """Set the adapters of an adapted model in place (values and static parts), from the pure form.
+
+    A variable whose array is placed with a ``NamedSharding`` (an adapter on a mesh) keeps that sharding: the new
+    values are put there, wherever they come from (a checkpoint restored on one device, another mesh).
 
     Raises:
       ValueError: the adapter paths differ from the model's adapted layers, or a node's type or shapes differ.
@@ -776,7 +887,10 @@ def load_adapters(model: Any, adapters: Any) -> None:
         node = table[path]
         wrapper.stored = core.Stored.of(node, reserved=_RESERVED)
         for name, value in zip(wrapper.stored.names, jax.tree.leaves(node), strict=True):
-            getattr(wrapper, name).set_value(jnp.asarray(value))
+            var = getattr(wrapper, name)
+            sharding = getattr(var.get_value(), "sharding", None)  # keep a sharded adapter where it is
+            placed = isinstance(sharding, NamedSharding)
+            var.set_value(jax.device_put(value, sharding) if placed else jnp.asarray(value))
 
 
 def remove(model: M) -> M:

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jaxpeft._paths import leaves_with_paths, map_with_paths
 from jaxpeft._select import Layout, LayoutEntry, TargetSpec, select_targets
@@ -83,15 +84,19 @@ _NF4_GROUP = 256
 class QuantizedArray:
     """A frozen weight stored as int8 or NF4 codes; ``dequantize`` gives the array back.
 
-    Layouts (``*stack`` are the weight's leading stack axes, ``n = prod(layer_shape)``):
+    Layouts (``*stack`` are the weight's leading stack axes). Every array keeps the weight's axes, in order, so a
+    weight's ``PartitionSpec`` is a spec for its arrays too (``array_specs``):
 
     - ``int8``: ``codes`` int8 ``(*stack, *layer_shape)``; ``scales`` float32 ``(*stack, *fan_out)``, one per
       output channel (``absmax / 127`` over the fan-in axes); ``group_scales`` is None. Value = code · scale.
-    - ``nf4``: ``codes`` uint8 ``(*stack, ceil(n / 64) · 32)``, two 4-bit indices into ``NF4_CODE`` a byte (high
-      nibble first), over the per-layer weight flattened in kernel order and cut into blocks of 64 values;
-      ``scales`` uint8 ``(*stack, n_blocks)``, each block's absolute maximum quantised to 8 bits relative to its
-      group of 256 blocks (rounded up, so no value is clipped); ``group_scales`` float32 ``(*stack, n_groups)``,
-      each group's largest absmax. Value = ``NF4_CODE[code] · scales / 255 · group_scale``.
+    - ``nf4``: blocks of ``block_size`` (64, or fewer where the axis is shorter or 64 does not divide it) run along
+      the *block axis*, the last fan-in axis, within each column of the other axes. ``codes`` uint8: the weight's
+      shape with the block axis ``d`` replaced by ``n_blocks · block_size / 2`` (``n_blocks = ceil(d / block_size)``,
+      zero padded), two 4-bit indices into ``NF4_CODE`` a byte (high nibble first, neighbours along the block
+      axis); ``scales`` uint8: the block axis replaced by ``n_blocks``, each block's absolute maximum quantised to
+      8 bits relative to its group of ``group_size`` (256) blocks along the last axis (rounded up, so no value is
+      clipped); ``group_scales`` float32: ``scales``' shape with the last axis replaced by its number of groups,
+      each group's largest absmax. Value = ``NF4_CODE[code] · scale / 255 · group_scale``.
 
     ``shape``, ``ndim``, ``size`` and ``dtype`` describe the logical (dequantised) array, so target selection,
     layouts and shape checks treat a quantised weight like the float one it replaced; ``nbytes`` is what is stored.
@@ -110,9 +115,8 @@ class QuantizedArray:
     @property
     def stack_shape(self) -> tuple[int, ...]:
         """The leading stack axes, read from the codes (they shrink when ``nn.scan`` slices the leaves)."""
-        per_layer = len(self.layer_shape) if self.kind == "int8" else 1
         shape = tuple(self.codes.shape)
-        return shape[: len(shape) - per_layer]
+        return shape[: len(shape) - len(self.layer_shape)]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -132,10 +136,76 @@ class QuantizedArray:
         leaves = jax.tree.leaves(self)
         return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
 
+    @property
+    def sharding(self) -> Any:
+        """The weight's sharding: the codes' (they keep the weight's axes), or None when they have none.
+
+        A ``NamedSharding`` here carries the weight's spec, so ``jaxpeft.sharding.adapter_specs`` and a checkpoint
+        restore derive adapter shardings from a sharded quantised base as from a float one.
+        """
+        return getattr(self.codes, "sharding", None)
+
+    def array_specs(self, weight_spec: PartitionSpec, mesh: Any) -> QuantizedArray:
+        """The ``PartitionSpec`` of each stored array for the weight sharded as ``weight_spec`` on ``mesh``.
+
+        Each array takes the weight's mesh axes on the weight axes it keeps (int8 scales: the stack and fan-out
+        axes). An entry whose mesh axes do not divide the weight's axis is dropped (replicated), and so is the
+        block axis's unless whole blocks fall on every shard (NF4: the mesh axes divide the number of blocks), and
+        the last axis's of ``group_scales`` unless whole groups do; so every device dequantises its own shard of
+        the weight without communication. The codes' spec is then also a valid spec of the weight.
+
+        Args:
+          weight_spec: the float weight's spec (e.g. from ``jaxpeft.sharding.base_specs`` on the float params).
+          mesh: a ``Mesh``, or its axis sizes (``{"fsdp": 2, "tp": 2}``).
+
+        Returns:
+          A ``QuantizedArray`` of ``PartitionSpec``s (``jax.tree.map`` it with the arrays to place them).
+        """
+        sizes = _axis_sizes(mesh)
+        shape = self.shape
+        if len(weight_spec) > len(shape):
+            raise ValueError(
+                f"`weight_spec`={weight_spec} has more entries than the quantised weight's {len(shape)} axes {shape}."
+            )
+        entries = [*weight_spec, *([None] * (len(shape) - len(weight_spec)))]
+        entries = [e if _divides(d, e, sizes) else None for d, e in zip(shape, entries, strict=True)]
+        n_stack = len(self.stack_shape)
+        if self.kind == "int8":
+            fan_out = entries[n_stack + self.fan_in :]
+            return dataclasses.replace(
+                self, codes=PartitionSpec(*entries), scales=PartitionSpec(*entries[:n_stack], *fan_out)
+            )
+        axis = n_stack + self.fan_in - 1
+        if not _divides(_blocks(shape[axis], self.block_size), entries[axis], sizes):
+            entries[axis] = None  # a block would straddle two shards
+        groups = list(entries)
+        if shape[-1] % (self.group_size * _count(groups[-1], sizes)) != 0:
+            groups[-1] = None  # a group would straddle two shards
+        return dataclasses.replace(
+            self, codes=PartitionSpec(*entries), scales=PartitionSpec(*entries), group_scales=PartitionSpec(*groups)
+        )
+
     def __repr__(self) -> str:
         if not hasattr(self.codes, "shape"):  # a tree.map'd copy holding something else than arrays
             return f"QuantizedArray(kind={self.kind!r}, codes={self.codes!r}, scales={self.scales!r})"
         return f"QuantizedArray(kind={self.kind!r}, shape={self.shape}, dtype={jnp.dtype(self.dtype).name})"
+
+
+def _axis_sizes(mesh: Any) -> dict[str, int]:
+    shape = mesh if isinstance(mesh, Mapping) else getattr(mesh, "shape", None)
+    if not isinstance(shape, Mapping):
+        raise ValueError(f"`mesh`={mesh!r} is not a Mesh or a mapping of axis sizes like {{'fsdp': 2, 'tp': 4}}.")
+    return {str(k): int(v) for k, v in shape.items()}
+
+
+def _count(entry: Any, sizes: Mapping[str, int]) -> int:
+    """How many shards the mesh axes of a spec entry (None, a name or several) cut an axis into."""
+    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(sizes[n] for n in names)
+
+
+def _divides(size: int, entry: Any, sizes: Mapping[str, int]) -> bool:
+    return size % _count(entry, sizes) == 0
 
 
 def is_quantized(x: Any) -> bool:
@@ -172,46 +242,63 @@ def _blocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def _nf4(w: jax.Array, stack: tuple[int, ...], block: int, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    n = math.prod(w.shape[len(stack) :])
-    n_blocks = _blocks(n, block)
-    n_groups = _blocks(n_blocks, group)
-    flat = jnp.reshape(w.astype(jnp.float32), (*stack, n))
-    flat = jnp.pad(flat, [(0, 0)] * len(stack) + [(0, n_blocks * block - n)])
-    values = jnp.reshape(flat, (*stack, n_blocks, block))
-    absmax = jnp.max(jnp.abs(values), axis=-1)
-    # Double quantisation: each block's absmax as 8 bits of its group's largest absmax, rounded up (less a
-    # 1/1024 step of slack, so that requantising dequantised values reproduces the same codes).
-    padded = jnp.pad(absmax, [(0, 0)] * len(stack) + [(0, n_groups * group - n_blocks)])
-    grouped = jnp.reshape(padded, (*stack, n_groups, group))
+def _block_length(d: int, block: int) -> int:
+    """The NF4 block length along an axis of ``d`` values: ``block`` where it divides ``d``, else the even length
+    of ``ceil(d / block)`` nearly equal blocks (so a short or odd axis pads at most one value a block)."""
+    length = -(-d // _blocks(d, block))
+    return length + length % 2
+
+
+def _nf4(w: jax.Array, axis: int, block: int, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(codes, block scale codes, group maxima)`` of ``w`` with blocks of ``block`` along ``axis``."""
+    shape = tuple(w.shape)
+    pre, d, post = shape[:axis], shape[axis], shape[axis + 1 :]
+    n_blocks = _blocks(d, block)
+    padded = jnp.pad(w.astype(jnp.float32), [(0, n_blocks * block - d) if i == axis else (0, 0) for i in range(w.ndim)])
+    values = jnp.reshape(padded, (*pre, n_blocks, block, *post))
+    absmax = jnp.max(jnp.abs(values), axis=axis + 1)  # (*pre, n_blocks, *post): the scales' shape
+    # Double quantisation: each block's absmax as 8 bits of the largest absmax of its group (``group`` blocks along
+    # the last axis), rounded up (less a 1/1024 step of slack, so that requantising dequantised values reproduces
+    # the same codes).
+    last = absmax.shape[-1]
+    n_groups = _blocks(last, group)
+    padded_max = jnp.pad(absmax, [(0, 0)] * (absmax.ndim - 1) + [(0, n_groups * group - last)])
+    grouped = jnp.reshape(padded_max, (*absmax.shape[:-1], n_groups, group))
     group_max = jnp.max(grouped, axis=-1)
     safe_max = jnp.where(group_max > 0, group_max, 1.0)[..., None]
     block_codes = jnp.clip(jnp.ceil(grouped / safe_max * 255.0 - 2.0**-10), 0, 255)
-    block_codes = jnp.reshape(block_codes, (*stack, n_groups * group))[..., :n_blocks].astype(jnp.uint8)
-    scale = _block_scales(block_codes, group_max, group)
-    normalised = values / jnp.where(scale > 0, scale, 1.0)[..., None]
+    block_codes = jnp.reshape(block_codes, (*absmax.shape[:-1], n_groups * group))[..., :last].astype(jnp.uint8)
+    scale = jnp.expand_dims(_block_scales(block_codes, group_max, group), axis + 1)
+    normalised = values / jnp.where(scale > 0, scale, 1.0)
     book = _code_book()
     codes = jnp.searchsorted((book[1:] + book[:-1]) / 2, normalised).astype(jnp.uint8)
-    pairs = jnp.reshape(codes, (*stack, n_blocks * block // 2, 2))
-    packed = (pairs[..., 0] << 4) | pairs[..., 1]
-    return packed, block_codes, group_max
+    pairs = jnp.reshape(codes, (*pre, n_blocks * block // 2, 2, *post))
+    high, low = jnp.take(pairs, 0, axis=axis + 1), jnp.take(pairs, 1, axis=axis + 1)
+    return (high << 4) | low, block_codes, group_max
 
 
 def _block_scales(block_codes: jax.Array, group_max: jax.Array, group: int) -> jax.Array:
-    """Each block's dequantised absmax, float32 ``(*stack, n_blocks)``."""
-    n_blocks = block_codes.shape[-1]
-    per_block = jnp.repeat(group_max, group, axis=-1)[..., :n_blocks]
+    """Each block's dequantised absmax, float32, shaped like ``block_codes`` (groups run along the last axis)."""
+    last = block_codes.shape[-1]
+    per_block = jnp.repeat(group_max, group, axis=-1)[..., :last]
     return block_codes.astype(jnp.float32) / 255.0 * per_block
 
 
+def _nf4_axis(q: QuantizedArray) -> int:
+    """The block axis of an NF4 weight: its last fan-in axis."""
+    return len(q.stack_shape) + q.fan_in - 1
+
+
 def _nf4_values(q: QuantizedArray) -> jax.Array:
-    stack = q.stack_shape
-    n = math.prod(q.layer_shape)
-    codes = jnp.stack([q.codes >> 4, q.codes & 15], axis=-1)
-    codes = jnp.reshape(codes, (*stack, -1, q.block_size))
-    scale = _block_scales(q.scales, q.group_scales, q.group_size)
-    values = jnp.take(_code_book(), codes.astype(jnp.int32), axis=0) * scale[..., None]
-    return jnp.reshape(jnp.reshape(values, (*stack, -1))[..., :n], (*stack, *q.layer_shape))
+    axis = _nf4_axis(q)
+    shape = q.shape
+    pre, d, post = shape[:axis], shape[axis], shape[axis + 1 :]
+    codes = jnp.stack([q.codes >> 4, q.codes & 15], axis=axis + 1)
+    codes = jnp.reshape(codes, (*pre, -1, q.block_size, *post))
+    scale = jnp.expand_dims(_block_scales(q.scales, q.group_scales, q.group_size), axis + 1)
+    values = jnp.take(_code_book(), codes.astype(jnp.int32), axis=0) * scale
+    values = jnp.reshape(values, (*pre, -1, *post))
+    return jax.lax.slice_in_dim(values, 0, d, axis=axis)
 
 
 # ------------------------------------------------------------------------------------------------ public functions
@@ -221,13 +308,14 @@ def _nf4_values(q: QuantizedArray) -> jax.Array:
 def _quantize_jit(
     w: jax.Array, kind: str, n_stack: int, fan_in: int, block: int, group: int, dtype: np.dtype
 ) -> QuantizedArray:
-    stack = tuple(w.shape[:n_stack])
     layer_shape = tuple(w.shape[n_stack:])
     if kind == "int8":
         codes, scale = _int8(w, n_stack, fan_in)
         return QuantizedArray(codes, scale, None, "int8", layer_shape, dtype, fan_in, block, group)
-    packed, block_codes, group_max = _nf4(w, stack, block, group)
-    return QuantizedArray(packed, block_codes, group_max, "nf4", layer_shape, dtype, fan_in, block, group)
+    axis = n_stack + fan_in - 1
+    length = _block_length(w.shape[axis], block)
+    packed, block_codes, group_max = _nf4(w, axis, length, group)
+    return QuantizedArray(packed, block_codes, group_max, "nf4", layer_shape, dtype, fan_in, length, group)
 
 
 def _check_kind(kind: str) -> str:

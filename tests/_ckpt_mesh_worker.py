@@ -4,6 +4,8 @@ restore onto other meshes given only the sharded params.
 Run as ``python tests/_ckpt_mesh_worker.py DIRECTORY``. Saves step 3 (adapters from ``jaxpeft.sharding.init``, the
 head as ``extra``, a sharded Adam state over both) in ``DIRECTORY/ckpt`` and every saved array in
 ``DIRECTORY/saved.safetensors``, restores it onto each mesh of ``MESHES`` and prints one JSON line of results.
+``nnx_case`` does the same for an NNX model: adapted on (2, 2, 2) with ``jaxpeft.nnx.adapt``, one optimizer step,
+saved from ``jaxpeft.nnx.adapters_of``, restored onto (1, 2, 4) given the NNX model rebuilt there and loaded into it.
 """
 
 import json
@@ -18,12 +20,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _ckpt_worker import build, expected_arrays  # noqa: E402
+from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxpeft  # noqa: E402
 import jaxpeft.checkpoint  # noqa: E402
 import jaxpeft.linen  # noqa: E402
+import jaxpeft.nnx  # noqa: E402
 import jaxpeft.sharding  # noqa: E402
 
 AXES = ("data", "fsdp", "tp")
@@ -158,6 +162,87 @@ def priority(directory: str) -> dict:
     }
 
 
+class NnxNet(nnx.Module):
+    """Two Linear layers, kernels FSDP x TP through ``nnx.with_partitioning`` (biases replicated), and a head."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        def part(*names):
+            return nnx.with_partitioning(nnx.initializers.normal(0.3), names)
+
+        self.up = nnx.Linear(8, 16, kernel_init=part("fsdp", "tp"), rngs=rngs)
+        self.down = nnx.Linear(16, 8, kernel_init=part("tp", "fsdp"), rngs=rngs)
+        self.head = nnx.Linear(8, 4, kernel_init=part("fsdp", None), rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(x + self.down(jnp.tanh(self.up(x))))
+
+
+NNX_CFG = jaxpeft.LoraConfig(rank=2, alpha=4.0, targets=["up", "down"])
+NNX_X = np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)
+
+
+def nnx_model(mesh: Mesh, key: int):
+    """The same base values on any mesh (kernels placed by their partitioning metadata), adapted with ``key``."""
+    with jax.set_mesh(mesh):
+        model = NnxNet(nnx.Rngs(0))
+    return jaxpeft.nnx.adapt(model, NNX_CFG, key=jax.random.key(key))
+
+
+def nnx_case(directory: str) -> dict:
+    """Save an NNX model's adapters (after one AdamW step) on (2, 2, 2); restore onto (1, 2, 4) given only the NNX
+    model rebuilt there (its ``base_params``), load them into it, and compare values, shardings and outputs."""
+    mesh = make_mesh("2x2x2")
+    model = nnx_model(mesh, 1)
+    optimizer = jaxpeft.nnx.optimizer(model, optax.adamw(1e-2))
+
+    @nnx.jit
+    def train_step(model, optimizer, x):
+        loss, grads = nnx.value_and_grad(
+            lambda m: jnp.mean((m(x) - 1.0) ** 2), argnums=nnx.DiffState(0, jaxpeft.nnx.AdapterParam)
+        )(model)
+        optimizer.update(model, grads)
+        return loss
+
+    train_step(model, optimizer, jax.device_put(NNX_X, NamedSharding(mesh, P("data"))))
+    adapters = jaxpeft.nnx.adapters_of(model)
+    saved = {p: np.asarray(x) for p, x in jaxpeft._paths.leaves_with_paths(adapters)}
+    saved_on_8 = all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(adapters))
+    nonzero = all(np.abs(saved[p]).min() > 0 for p in saved)  # B moved off zero: the step changed everything
+    jaxpeft.checkpoint.save_adapters(
+        os.path.join(directory, "nnx"), 1, adapters, NNX_CFG, jaxpeft.nnx.base_params(model)
+    )
+    expected = np.asarray(model(NNX_X))
+
+    mesh2 = make_mesh("1x2x4")
+    model2 = nnx_model(mesh2, 7)  # other adapter values: the load must replace them all
+    params2 = jaxpeft.nnx.base_params(model2)
+    restored = jaxpeft.checkpoint.restore_adapters(os.path.join(directory, "nnx"), NNX_CFG, params2)
+    got = {p: np.asarray(x) for p, x in jaxpeft._paths.leaves_with_paths(restored.adapters)}
+    specs = jaxpeft.sharding.adapter_specs(restored.adapters, params2)
+    derived = [NamedSharding(mesh2, s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))]
+    restored_shardings = [x.sharding for x in jax.tree.leaves(restored.adapters)]
+    jaxpeft.nnx.load_adapters(model2, restored.adapters)
+    loaded = jaxpeft.nnx.adapters_of(model2)
+    output = np.asarray(model2(NNX_X))
+    return {
+        "saved_on_8": saved_on_8,
+        "nonzero": nonzero,
+        "equal": got.keys() == saved.keys() and all(np.array_equal(got[k], saved[k]) for k in saved),
+        "restored_derived": restored_shardings == derived,
+        "loaded_derived": [x.sharding for x in jax.tree.leaves(loaded)] == derived,
+        "loaded_equal": all(
+            np.array_equal(np.asarray(x), saved[p]) for p, x in jaxpeft._paths.leaves_with_paths(loaded)
+        ),
+        "specs": {p: str(x.sharding.spec) for p, x in jaxpeft._paths.leaves_with_paths(restored.adapters)},
+        "output_close": bool(np.allclose(output, expected, rtol=1e-6, atol=1e-6)),
+        "output_max_diff": float(np.abs(output - expected).max()),
+        "base_equal": all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(jax.tree.leaves(jaxpeft.nnx.base_params(model)), jax.tree.leaves(params2), strict=True)
+        ),
+    }
+
+
 def main(directory: str) -> None:
     from safetensors.numpy import load_file
 
@@ -165,6 +250,7 @@ def main(directory: str) -> None:
     saved = load_file(os.path.join(directory, "saved.safetensors"))
     out = {name: restore_onto(directory, name, saved) for name in MESHES}
     out["priority"] = priority(directory)
+    out["nnx"] = nnx_case(directory)
     print(json.dumps(out))
     sys.stdout.flush()
 

@@ -5,10 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxpeft
 import jaxpeft.linen
+import jaxpeft.nnx
 
 D, F, V, B, T, STEPS = 8, 16, 12, 4, 5, 3
 
@@ -56,3 +58,41 @@ def step(adapters, opt, params, ids):
     loss, grads = jax.value_and_grad(loss_fn)(adapters)
     updates, opt = TX.update(grads, opt, adapters)
     return optax.apply_updates(adapters, updates), opt, loss
+
+
+class NnxNet(nnx.Module):
+    """``Net`` in NNX: the same parameter paths, each weight annotated with its spec of ``specs()``."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        def part(*names):
+            return nnx.with_partitioning(nnx.initializers.normal(0.5), names)
+
+        self.embed = nnx.Embed(V, D, embedding_init=part(None, None), rngs=rngs)
+        self.up = nnx.Linear(D, F, use_bias=False, kernel_init=part(None, "tp"), rngs=rngs)
+        self.down = nnx.Linear(F, D, use_bias=False, kernel_init=part("tp", None), rngs=rngs)
+        self.head = nnx.Linear(D, V, use_bias=False, kernel_init=part(None, None), rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        x = x + self.down(jnp.tanh(self.up(x)))
+        return self.head(x)
+
+
+def nnx_model(params: dict) -> NnxNet:
+    """``NnxNet`` holding ``params`` (the ``host_params()`` tree, as given: placed on a mesh or not)."""
+    with nnx.use_eager_sharding(False):  # no throwaway random init placed on the mesh; the values come next
+        model = NnxNet(nnx.Rngs(0))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        var.set_value(params[path[0]][path[1]])
+    return model
+
+
+@nnx.jit
+def nnx_step(model, opt, ids):
+    def loss_fn(m):
+        logits = m(ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, jaxpeft.nnx.AdapterParam))(model)
+    opt.update(model, grads)
+    return loss

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import jaxpeft
 from jaxpeft import adapter_sets
 from jaxpeft.checkpoint import AdapterCheckpointer
+from tests.test_hf_faults import _snapshot as file_bytes
 
 WORKER = os.path.join(os.path.dirname(__file__), "_set_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,13 +42,7 @@ def imported(directory):
 
 def snapshot(directory):
     """``{relative path: sha256}`` of every file under ``directory``."""
-    out = {}
-    for parent, _, files in os.walk(directory):
-        for file in files:
-            path = os.path.join(parent, file)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return out
+    return {path: hashlib.sha256(data).hexdigest() for path, data in file_bytes(directory).items()}
 
 
 def kill_worker(mode, directory, kill_at):

@@ -52,7 +52,7 @@ def test_summary_counts_a_quantised_base_by_logical_size_and_stored_bytes():
     assert quantised.optimizer_bytes_full == plain.optimizer_bytes_full  # full fine-tuning trains float weights
 
 
-def test_sharding_of_a_quantised_base_asks_for_the_float_specs():
+def test_sharding_of_a_quantised_base_reads_the_weights_spec_from_its_codes():
     from jax.sharding import PartitionSpec as P
 
     import jaxpeft.quant
@@ -62,8 +62,9 @@ def test_sharding_of_a_quantised_base_asks_for_the_float_specs():
     cfg = jaxpeft.LoraConfig(rank=4, targets=["w"])
     q = jaxpeft.quant.quantize(params, cfg, kind="int8")
     adapters = jaxpeft.init(cfg, q, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"the base weight 'w/kernel' is quantised.*float weights instead"):
-        jaxpeft.sharding.adapter_specs(adapters, q)
+    assert jaxpeft.sharding.adapter_specs(adapters, q)["w"]["kernel"].a == P(None, None)  # one device: replicated
+    specs = {"w": {"kernel": q["w"]["kernel"].array_specs(P("fsdp", "tp"), {"fsdp": 2, "tp": 2})}}
+    assert jaxpeft.sharding.adapter_specs(adapters, specs)["w"]["kernel"].a == P("fsdp", None)
     assert jaxpeft.sharding.adapter_specs(adapters, {"w": {"kernel": P("fsdp", "tp")}})["w"]["kernel"].a == P(
         "fsdp", None
     )

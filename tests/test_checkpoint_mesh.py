@@ -92,3 +92,22 @@ def test_params_on_a_one_device_mesh_give_named_shardings(saved):
     )
     assert restored.opt_state[0].mu[0]["inp"]["kernel"].a.sharding == inp.a.sharding
     assert all(getattr(x.sharding, "mesh", None) == mesh for x in jax.tree.leaves((restored.opt_state, restored.extra)))
+
+
+def test_nnx_adapters_saved_on_a_mesh_restore_into_the_nnx_model_on_another(saved):
+    """An NNX model adapted with jaxpeft.nnx.adapt on (2, 2, 2) and stepped once: its adapters_of saved with its
+    base_params restore onto (1, 2, 4) given the NNX model rebuilt there, bit-equal, with the shardings
+    jaxpeft.sharding.adapter_specs derives there, and load_adapters into it keeps them and gives the same outputs."""
+    r = saved[1]["nnx"]
+    assert r["saved_on_8"] and r["nonzero"], "the saved NNX adapters were not sharded or not trained"
+    assert r["base_equal"], "the NNX base differs between the meshes"
+    assert r["equal"], "restored NNX adapter values differ from the saved ones"
+    assert r["restored_derived"], f"restored NNX adapters are not placed as derived on (1, 2, 4): {r['specs']}"
+    assert r["specs"] == {
+        "down/kernel/a": "P('tp', None)",
+        "down/kernel/b": "P(None, 'fsdp')",
+        "up/kernel/a": "P('fsdp', None)",
+        "up/kernel/b": "P(None, 'tp')",
+    }
+    assert r["loaded_equal"] and r["loaded_derived"], "load_adapters changed the values or the shardings"
+    assert r["output_close"], f"the NNX model's output moved on the new mesh by {r['output_max_diff']}"

@@ -18,6 +18,7 @@ import jaxpeft
 import jaxpeft.checkpoint
 import jaxpeft.hf
 import jaxpeft.linen
+import jaxpeft.sharding
 from examples import lora_sft, sft_data
 from examples.models import llama
 
@@ -82,7 +83,8 @@ def test_mesh_run_loss_falls_and_writes_everything(full_run):
         assert ckpt.latest_step() == 11
     config_json = json.loads((d / "hf" / "adapter_config.json").read_text())
     assert config_json["peft_type"] == "LORA" and config_json["r"] == 8
-    assert config_json["base_model_name_or_path"] == "jaxpeft/tiny-llama"
+    # the random tiny base, written beside the adapter as a HF Llama directory that transformers loads offline
+    assert config_json["base_model_name_or_path"] == str(d / "hf" / "base")
     cfg, adapters = jaxpeft.hf.import_adapters(str(d / "hf"), _tiny_params(), llama.hf_module_name)
     assert cfg.rank == 8
     assert sorted(p for p, _ in jaxpeft.adapter_items(adapters))[0] == "model/layers/mlp/down_proj/kernel"
@@ -125,14 +127,27 @@ def test_parse_mesh():
         lora_sft.parse_mesh("data=-1,tp=3", 8)
 
 
-def test_base_spec_shards_fsdp_and_tp_and_replicates_what_does_not_divide():
-    mesh = Mesh(np.array(jax.devices()[:1] * 1).reshape(1, 1, 1), lora_sft.MESH_AXES)
-    assert lora_sft.base_spec("model/layers/self_attn/q_proj/kernel", (2, 64, 64), mesh) == P(None, "fsdp", "tp")
-    assert lora_sft.base_spec("model/layers/mlp/down_proj/kernel", (2, 128, 64), mesh) == P(None, "tp", "fsdp")
-    assert lora_sft.base_spec("model/layers/input_layernorm/scale", (2, 64), mesh) == P()
+def test_base_specs_shard_its_llama_fsdp_and_tp_and_replicate_what_does_not_divide():
+    # The script shards its base with jaxpeft.sharding.base_specs from the model's layouts (the rules are tested in
+    # tests/test_base_specs.py); these are the specs of the Llama table it used to hard-code.
+    config = lora_sft.tiny_config(258, lora_sft.parse_args([]))  # vocab rounded up to 320, hidden 64, kv width 32
+    model = llama.LlamaForCausalLM(config)
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    layouts = jaxpeft.linen.infer_layouts(model, ids)
 
-    fake = type("FakeMesh", (), {"shape": {"data": 1, "fsdp": 2, "tp": 4}})()  # divisibility needs only .shape
-    assert lora_sft.base_spec("model/embed_tokens/embedding", (258, 64), fake) == P(None, "fsdp")
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), lora_sft.MESH_AXES)
+    specs = jaxpeft.sharding.base_specs(params, layouts, mesh=mesh)
+    layers = specs["model"]["layers"]
+    assert layers["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tp")
+    assert layers["mlp"]["down_proj"]["kernel"] == P(None, "tp", "fsdp")
+    assert layers["input_layernorm"]["scale"] == P()
+    assert specs["model"]["embed_tokens"]["embedding"] == P("tp", "fsdp")
+    assert specs["lm_head"]["kernel"] == P("fsdp", "tp")
+
+    odd = jaxpeft.sharding.base_specs(params, layouts, mesh={"data": 1, "fsdp": 2, "tp": 3})  # 3 divides no width
+    assert odd["model"]["embed_tokens"]["embedding"] == P(None, "fsdp")
+    assert odd["model"]["layers"]["self_attn"]["k_proj"]["kernel"] == P(None, "fsdp", None)
 
 
 def test_bad_batch_is_refused_with_the_fix(capsys):
@@ -173,6 +188,26 @@ def test_bad_batch_is_refused_with_the_fix(capsys):
         (["--mesh", "data=0"], "'data=0' is not AXIS=SIZE (size '0' is not a positive integer or -1)"),
         (["--mesh", "data=2,data=2"], "'data=2' is not AXIS=SIZE (axis 'data' is given twice)"),
         (["--mesh", "data2"], "'data2' is not AXIS=SIZE (no '='); expected AXIS=SIZE,..."),
+        (
+            ["--method", "prompt", "--num-virtual-tokens", "0"],
+            "--num-virtual-tokens=0 is less than 1; expected 1 or more",
+        ),
+        (
+            ["--method", "ia3", "--num-virtual-tokens", "4"],
+            "--num-virtual-tokens=4 is a flag of prompt and prefix tuning; --method ia3 has no virtual tokens",
+        ),
+        (["--method", "ia3", "--dropout", "0.1"], "--dropout=0.1: --method ia3 has no dropout; leave it out"),
+        (
+            ["--method", "prompt", "--targets", "q_proj"],
+            "--targets=q_proj: --method prompt adds virtual tokens at the "
+            "input embedding table (embed_tokens) and adapts no layer; leave --targets out",
+        ),
+        (["--method", "pissa", "--quantize", "nf4"], "--quantize=nf4 with --method pissa: its init rewrites the base"),
+        (["--method", "prefix", "--quantize", "int8"], "--quantize=int8 with --method prefix: --quantize stores the"),
+        (
+            ["--method", "bitfit", "--export-hf", "out"],
+            "--export-hf=out with --method bitfit: Hugging Face PEFT has no BitFit format",
+        ),
     ],
 )
 def test_numeric_flags_are_refused_by_name_value_and_range(flags, message, capsys):
@@ -226,9 +261,16 @@ def test_batches_are_a_function_of_the_step():
     assert np.array_equal(sft_data.step_rows(10, 3, 4, seed=0, rows=slice(2, 4)), a[2:4])
 
 
-def test_host_rows_of_one_process_is_everything():
+def test_host_rows_of_one_process_is_everything_and_host_batch_checks_the_share():
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), lora_sft.MESH_AXES)
-    assert lora_sft.host_rows(NamedSharding(mesh, P(lora_sft.BATCH_AXES)), 8) == slice(0, 8)
+    sharding = NamedSharding(mesh, P(lora_sft.BATCH_AXES))
+    assert jaxpeft.sharding.host_rows(sharding, 8) == slice(0, 8)
+    assert jaxpeft.sharding.host_rows(NamedSharding(mesh, P(None, lora_sft.BATCH_AXES)), 6, axis=1) == slice(0, 6)
+    rows = np.arange(24, dtype=np.int32).reshape(8, 3)
+    placed = jaxpeft.sharding.host_batch({"ids": rows}, sharding, 8)
+    np.testing.assert_array_equal(np.asarray(placed["ids"]), rows)
+    with pytest.raises(ValueError, match=r"batch leaf 'ids' has 5 rows on axis 0; this process feeds rows 0:8 \(8\)"):
+        jaxpeft.sharding.host_batch({"ids": rows[:5]}, sharding, 8)
 
 
 def test_pack_rows_shifts_and_masks():
@@ -556,3 +598,105 @@ def test_smollm2_truncated_fine_tunes_and_its_export_runs_in_peft(tmp_path):
             base = peft_model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
     assert np.abs(np.asarray(ours) - theirs).max() < 2e-3 * np.abs(theirs).max()
     assert np.abs(theirs - base).max() > 1e-2  # the adapters do something
+
+
+# ------------------------------------------------------------------------------------------ every method, one run
+
+#: What each method's export says it is (PiSSA/OLoRA: converted to plain LoRA, LoRA-FA: PEFT's plain LoRA).
+PEFT_TYPES = {
+    "lora": "LORA", "dora": "LORA", "lora_fa": "LORA", "pissa": "LORA", "olora": "LORA", "loha": "LOHA",
+    "lokr": "LOKR", "vera": "VERA", "ia3": "IA3", "ln_tuning": "LN_TUNING", "prompt": "PROMPT_TUNING",
+    "prefix": "PREFIX_TUNING",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def every_method(tmp_path_factory):
+    """One process of 8 CPU devices runs each method for a step, resumes it for a second step, and exports it."""
+    d = tmp_path_factory.mktemp("methods")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join("tests", "_sft_methods_worker.py"), str(d), *lora_sft.METHODS, "lora+nf4"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return d, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_method_of_the_table_is_a_choice():
+    assert set(PEFT_TYPES) | {"bitfit"} == set(lora_sft.METHODS)
+    for name in lora_sft.METHODS:
+        assert lora_sft.parse_args(["--method", name]).method == name
+
+
+@pytest.mark.parametrize("method", sorted(PEFT_TYPES))
+def test_every_method_trains_on_the_mesh_resumes_and_exports(every_method, method):
+    d, report = every_method
+    first, resumed = report[method]["first"], report[method]["resumed"]
+    assert "result" in first, first
+    assert "mesh: {'data': 2, 'fsdp': 2, 'tp': 2}" in first["out"]
+    assert list(first["result"]["losses"]) == ["0"] and "stopped after step 0 (--stop-at)" in first["out"]
+    assert "result" in resumed, resumed
+    assert f"resumed from {d / method / 'ckpt'} at step 0" in resumed["out"]
+    assert list(resumed["result"]["losses"]) == ["1"] and np.isfinite(resumed["result"]["eval"]["after"])
+    steps, _ = read_metrics(str(d / method / "ckpt" / "metrics.jsonl"))
+    assert sorted(steps) == [0, 1]
+    flags = ["--method", method, "--layers", "1"]
+    flags += ["--num-virtual-tokens", "4"] if method in lora_sft.INPUT_METHODS else []
+    tiny = lora_sft.tiny_config(256, lora_sft.parse_args(flags))
+    assert jaxpeft.checkpoint.read_config(str(d / method / "ckpt")) == lora_sft.method_config(
+        lora_sft.parse_args(flags), tiny
+    )
+    hf = d / method / "hf"
+    config_json = json.loads((hf / "adapter_config.json").read_text())
+    assert config_json["peft_type"] == PEFT_TYPES[method]
+    assert config_json["base_model_name_or_path"] == str(hf / "base")  # the random base, written beside it
+    assert (hf / "base" / "config.json").exists() and (hf / "base" / "model.safetensors").exists()
+    assert f"AutoPeftModelForCausalLM.from_pretrained({str(hf)!r})" in (hf / "README.md").read_text()
+    if method == "dora":
+        assert config_json["use_dora"] is True
+    if method in ("pissa", "olora"):  # converted to plain LoRA over the original weights, rank 2r
+        assert config_json["r"] == 16 and config_json["init_lora_weights"] is True
+
+
+def test_qlora_on_the_mesh_shards_the_quantised_base_resumes_and_exports(every_method):
+    """`--quantize nf4` on (2,2,2): the base's codes and scales are sharded like the weights (base_specs), so one
+    device holds a share of the quantised base, not all of it."""
+    d, report = every_method
+    first, resumed = report["lora+nf4"]["first"], report["lora+nf4"]["resumed"]
+    assert "result" in first and "result" in resumed, (first, resumed)
+    assert np.isfinite(resumed["result"]["eval"]["after"])
+    on_first, total = first["result"]["base_bytes_first_device"], first["result"]["base_bytes"]
+    assert on_first < 0.5 * total, (on_first, total)  # codes and scales sharded, not replicated on every device
+    assert total < 0.7 * report["lora"]["first"]["result"]["base_bytes"]  # and quantised (embeddings stay float)
+    assert json.loads((d / "lora+nf4" / "hf" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_bitfit_on_a_llama_without_biases_is_refused_with_the_fix(every_method):
+    _, report = every_method
+    message = report["bitfit"]["first"]["exit"]
+    assert message.startswith("--method bitfit with --targets all on --model tiny: `targets`='all' matched no bias"), (
+        message
+    )
+    assert message.endswith("choose such a --model, or another --method (e.g. ln_tuning)"), message
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations inside PeftModel
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT's notes on loading (e.g. VeRA's projections)
+@pytest.mark.parametrize("method", ["pissa", "lora_fa", "vera", "ln_tuning", "prompt", "prefix"])
+def test_the_export_runs_in_peft_on_its_base_to_the_trained_held_out_loss(every_method, method, monkeypatch):
+    """The export's own recipe (AutoPeftModelForCausalLM on the directory, offline) gives the held-out loss that the
+    script measured after training: the adapters, their conversion (PiSSA) and the named base all agree."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d, report = every_method
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(d / method / "hf")).eval()
+    rows = sft_data.synthetic_examples(8, 16, 256, 1000)  # the script's held-out rows: --seed 0 + 1000
+    batch = sft_data.pack_rows(rows, 16, 0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(batch["inputs"].astype(np.int64))).logits.numpy()
+    logits = logits[:, -16:]  # prompt tuning: PEFT's logits include the virtual tokens' positions
+    ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(batch["targets"]))
+    loss = float((ce * batch["mask"]).sum() / batch["mask"].sum())
+    np.testing.assert_allclose(loss, report[method]["resumed"]["result"]["eval"]["after"], rtol=2e-4)

@@ -533,3 +533,16 @@ def test_example_refuses_projection_without_prefix(capsys):
     with pytest.raises(SystemExit):
         prompt_tuning.main(["--method", "prompt", "--projection"])
     assert "`--projection` reparameterises prefix tuning only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["prompt_vocab", "prompt_text"])
+def test_hf_export_of_a_value_reading_init_works_on_shape_only_params(params, name, tmp_path):
+    """An init that reads the table's values (sample_vocab, text) is not re-run for the export's shape check, so
+    shape-only params (a jax.eval_shape of the base) export like concrete ones."""
+    cfg = CONFIGS[name]
+    adapters = jaxpeft.init(cfg, params, key=jax.random.key(0))
+    shapes = jax.eval_shape(lambda: params)
+    config, tensors = hf.to_state_dict(adapters, cfg, shapes, None)  # type: ignore[arg-type]
+    same_config, same_tensors = hf.to_state_dict(adapters, cfg, params, None)  # type: ignore[arg-type]
+    assert config == same_config
+    np.testing.assert_array_equal(tensors["prompt_embeddings"], same_tensors["prompt_embeddings"])

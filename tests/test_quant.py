@@ -66,16 +66,18 @@ def test_storage_layout_and_bytes():
     layout = jaxpeft.Layout(stack=1)
     q4 = quant.quantize_array(w, layout, "nf4")
     q8 = quant.quantize_array(w, layout, "int8")
+    # NF4 keeps the weight's axes: blocks of 64 along fan-in (256 -> 128 bytes of codes, 4 scales) in every column,
+    # one double-quantisation group per 96 block scales along the last axis
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(q4)] == [
-        ((3, 12288), jnp.uint8),
-        ((3, 384), jnp.uint8),
-        ((3, 2), jnp.float32),
+        ((3, 128, 96), jnp.uint8),
+        ((3, 4, 96), jnp.uint8),
+        ((3, 4, 1), jnp.float32),
     ]
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(q8)] == [((3, 256, 96), jnp.int8), ((3, 96), jnp.float32)]
     for q in (q4, q8):
         assert (q.shape, q.dtype, q.ndim, q.size) == (w.shape, w.dtype, 3, w.size)
         assert q.nbytes == nbytes(q)
-    assert q4.nbytes / w.size == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), rel=1e-3)  # ~0.516 B a weight
+    assert q4.nbytes / w.size == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 96))  # ~0.516 B a weight
     assert q8.nbytes / w.size == pytest.approx(1 + 4 / 256)
 
 
@@ -83,21 +85,22 @@ def _nf4_block_scales(q):
     return np.asarray(quant._block_scales(q.scales, q.group_scales, q.group_size))
 
 
-def _nf4_blocks(w, n_stack):
-    """``|w|`` laid out per NF4 block ``(*stack, n_blocks, 64)`` (zero padded)."""
-    stack = w.shape[:n_stack]
-    v = np.abs(np.asarray(w, np.float64)).reshape(*stack, -1)
-    v = np.pad(v, [(0, 0)] * n_stack + [(0, -v.shape[-1] % 64)])
-    return v.reshape(*stack, -1, 64)
+def _nf4_blocks(w, q):
+    """``|w|`` laid out per NF4 block of ``q``: ``(*q.scales.shape, block)`` (zero padded along the block axis)."""
+    axis, block = quant._nf4_axis(q), q.block_size
+    v = np.abs(np.asarray(w, np.float64))
+    v = np.pad(v, [(0, -v.shape[axis] % block if i == axis else 0) for i in range(v.ndim)])
+    v = v.reshape(*v.shape[:axis], -1, block, *v.shape[axis + 1 :])
+    return np.moveaxis(v, axis + 1, -1)
 
 
-@pytest.mark.parametrize("shape, stack", [((3, 256, 96), 1), ((50, 7), 0), ((4, 6, 5, 3), 1)])
+@pytest.mark.parametrize("shape, stack", [((3, 256, 96), 1), ((50, 7), 0), ((4, 6, 5, 3), 1), ((2, 100, 300), 1)])
 def test_nf4_round_trip_within_bounds(shape, stack):
     w = gaussian(shape, seed=1)
     w = w.at[(0,) * len(shape)].set(0.5)  # an outlier: its block's scale is large, its group's max too
     q = quant.quantize_array(w, jaxpeft.Layout(stack=stack, fan_in=len(shape) - stack - 1), "nf4")
-    err = _nf4_blocks(np.asarray(quant.dequantize(q)) - np.asarray(w), stack)
-    absmax = _nf4_blocks(w, stack).max(-1)
+    err = _nf4_blocks(np.asarray(quant.dequantize(q)) - np.asarray(w), q)
+    absmax = _nf4_blocks(w, q).max(-1)
     scale = _nf4_block_scales(q)
     group_max = np.repeat(np.asarray(q.group_scales), 256, axis=-1)[..., : scale.shape[-1]]
     assert np.all(scale >= absmax * (1 - 1e-5)) and np.all(scale < absmax + group_max / 255 + EPS)
@@ -328,7 +331,7 @@ def test_no_full_precision_weight_is_kept_for_the_backward_pass(lm, capsys):
     float_base, quantized = residuals(lm["params"]), residuals(qp)
     assert all(k in float_base for k in kernels)
     assert not any(k in quantized for k in kernels)
-    assert "u8[2,8192]" in quantized  # gate/up codes: 2 layers x 64 x 256 / 2
+    assert "u8[2,32,256]" in quantized  # gate/up codes: 2 layers x 64 / 2 x 256
 
 
 @pytest.mark.parametrize("kind", quant.KINDS)
@@ -346,7 +349,7 @@ def test_merge_into_a_quantised_base_is_within_one_rounding(lm, kind):
         if kind == "int8":  # |err| <= column absmax / 254
             assert np.all(err <= np.abs(w).max(axis=1, keepdims=True) * quant.INT8_ERROR + EPS), path
         else:  # |err| <= 0.152 · m̂ per block, m̂ < m + M / 255
-            blocks = _nf4_blocks(err, 1)
+            blocks = _nf4_blocks(err, q)
             assert np.all(blocks.max(-1) <= quant.NF4_HALF_GAP * _nf4_block_scales(q) + EPS), path
     # the merged quantised model runs (no adapters) and stays near the adapted one: one more rounding
     adapted = lm["forward"](qp, adapters)
@@ -429,8 +432,8 @@ def test_one_merge_unmerge_cycle_drifts_at_most_half_a_level_of_each_requantisat
         assert np.all(drift <= bound + EPS)
         assert drift.max() <= 0.002  # measured 0.0016
     else:  # half the widest NF4 gap of each block's scale, twice
-        bound = quant.NF4_HALF_GAP * (_nf4_block_scales(q1) + _nf4_block_scales(q2))[:, None]
-        assert np.all(_nf4_blocks(drift, 0) <= bound + EPS)
+        bound = quant.NF4_HALF_GAP * (_nf4_block_scales(q1) + _nf4_block_scales(q2))[..., None]
+        assert np.all(_nf4_blocks(drift, q1) <= bound + EPS)
         assert drift.max() <= 0.05  # measured 0.040
     assert not np.array_equal(q2.codes, start.codes)  # requantising twice does move codes: the bound is what holds
 
@@ -629,3 +632,30 @@ def test_qlora_adapters_checkpoint_against_the_quantised_base_and_load_on_the_fl
     for base in (q, params):  # the fingerprint sees the logical shape and dtype, not the codes
         restored = jaxpeft.checkpoint.restore_adapters(tmp_path / "ckpt", cfg, base)
         chex.assert_trees_all_equal(restored.adapters, adapters)
+
+
+@pytest.mark.parametrize("kind", quant.KINDS)
+def test_merge_into_a_float_dtype_keeps_the_whole_adapter(lm, kind, capsys):
+    """``merge(..., dequantize=dtype)``: no quantised leaf left (``model.apply`` reads it), and the merged logits equal
+    the adapted ones; the requantising merge loses a part of the adapter's effect to rounding (the README's number)."""
+    qp = jaxpeft.linen.quantize(LORA, lm["model"], lm["params"], IDS, kind=kind)
+    adapters = lm["adapters"]
+    base, adapted = lm["forward"](qp, jax.tree.map(jnp.zeros_like, adapters)), lm["forward"](qp, adapters)
+    effect = float(np.linalg.norm(np.asarray(adapted) - np.asarray(base)))
+
+    def loss_of(merged) -> float:  # error of the merged model's logits, in units of the adapter's effect
+        return float(np.linalg.norm(np.asarray(merged) - np.asarray(adapted))) / effect
+
+    floated = jaxpeft.merge(qp, adapters, dequantize=jnp.float32)
+    assert not any(quant.is_quantized(x) for x in jax.tree.leaves(floated, is_leaf=quant.is_quantized))
+    float_loss = loss_of(lm["model"].apply({"params": floated}, IDS))
+    requant_loss = loss_of(lm["forward"](jaxpeft.merge(qp, adapters), jax.tree.map(jnp.zeros_like, adapters)))
+    with capsys.disabled():
+        print(f"\n[{kind}] merged-logit error / adapter effect: requantised {requant_loss:.3f}, float {float_loss:.2e}")
+    assert float_loss <= 1e-4
+    assert requant_loss > 10 * float_loss  # the float merge is the one that keeps the adapter
+    bf16 = jaxpeft.merge(qp, adapters, dequantize=jnp.bfloat16)
+    assert {x.dtype for p, x in flat(bf16).items() if p.endswith("_proj/kernel")} == {jnp.dtype(jnp.bfloat16)}
+    for bad in (jnp.int8, "float33", 3):
+        with pytest.raises(ValueError, match=r"`dequantize`=.*expected a float dtype"):
+            jaxpeft.merge(qp, adapters, dequantize=bad)

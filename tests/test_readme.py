@@ -49,3 +49,39 @@ def test_method_table_counts_match_the_quickstart_model():
         assert f"`{type(cfg).__name__}(" in README
         n = jaxpeft.linen.plan(cfg, model, params, ids).n_trainable  # frozen fields (LoRA-FA's A) do not train
         assert rows[name] == f"{n:,}", name
+
+
+def _run_scaling_block(devices: int) -> float:
+    """The "Scaling out" block as written (mesh (2,2,2) on 8 CPU devices, (1,1,1) on one), then 2 more steps."""
+    import json
+    import subprocess
+    import sys
+
+    code = _block("Scaling out: meshes")
+    if devices == 1:
+        code = code.replace("reshape(2, 2, 2)", "reshape(1, 1, 1)")
+    section = README.split("## Scaling out: meshes", 1)[1].split("\n## ", 1)[0]
+    (quantised,) = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "jaxpeft.quantize(" in b]
+    code += quantised  # the QLoRA snippet, after the block whose names it uses
+    code += "qloss = float(loss_fn(adapters, qparams, batch))\n"
+    code += "leaves = jax.tree.leaves(qparams)\n"
+    code += "first = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == jax.devices()[0])\n"
+    code += "\nfor _ in range(2):\n    adapters, opt_state, loss = train(adapters, opt_state, params, batch)\n"
+    code += "import json; print(json.dumps({'loss': float(loss), 'devices': jax.device_count(), 'qloss': qloss,\n"
+    code += "    'first': first, 'total': sum(x.nbytes for x in leaves)}))\n"
+    prelude = f"import jax; jax.config.update('jax_num_cpu_devices', {devices})\n"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", prelude + code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == devices
+    return out
+
+
+def test_scaling_out_blocks_run_on_a_2x2x2_mesh_and_equal_one_device():
+    sharded, single = _run_scaling_block(8), _run_scaling_block(1)
+    assert np.isfinite(sharded["loss"])
+    np.testing.assert_allclose(sharded["loss"], single["loss"], rtol=1e-5)
+    np.testing.assert_allclose(sharded["qloss"], single["qloss"], rtol=1e-5)  # the QLoRA snippet, sharded
+    assert sharded["first"] < 0.5 * sharded["total"]  # one device holds a share of the NF4 base, not all of it
+    assert single["first"] == single["total"]

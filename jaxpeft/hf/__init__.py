@@ -31,7 +31,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxpeft._select import Layout
 from jaxpeft.hf import _saved
@@ -124,7 +126,8 @@ def to_state_dict(
     ``PeftModel.from_pretrained`` on the result computes the same outputs as ``jaxpeft`` (the interop tests
     compare logits to 1e-4). LoRA/DoRA per-path ranks and alphas become HF ``rank_pattern``/``alpha_pattern``;
     IA3's feed-forward targets become ``feedforward_modules``. Every pattern and name list is checked against HF's
-    matching rule before it is written.
+    matching rule before it is written. Global arrays of a multi-process job (``jax.distributed``) are gathered
+    first, a collective: call it on every process.
 
     Args:
       adapters: the adapter tree (``jaxpeft.init``, trained or restored).
@@ -197,6 +200,10 @@ def to_state_dict(
             + "); leave them None."
         )
     fn = as_fn(module_name) if codec.modules else None
+    if _global(adapters):  # global arrays of a multi-process job: every process gathers them (a collective)
+        adapters = multihost_utils.process_allgather(adapters, tiled=True)
+    if _global(modules_to_save):
+        modules_to_save = multihost_utils.process_allgather(modules_to_save, tiled=True)
     request = Export(adapters, cfg, params, fn, layouts, target_modules, options)
     config, tensors = codec.to_hf(request)
     saved: dict[str, np.ndarray] = {}
@@ -242,6 +249,11 @@ def export_adapters(
     exporting again completes it. Other files in the directory (README.md, ...) are never touched. A second
     export into the same directory while one runs is refused (a lock the kernel releases if its owner dies).
 
+    In a multi-process job (``jax.distributed``) whose adapters are global arrays spread over several processes'
+    devices, call this on every process: each gathers the adapters (a collective), process 0 writes, and every
+    process returns once the files are there (the others raise ``OSError`` if process 0's write failed). Adapters
+    that each process holds whole are written by whichever process calls (call it on process 0 only).
+
     Returns:
       The absolute directory path.
 
@@ -249,8 +261,42 @@ def export_adapters(
       ValueError, TypeError: as :func:`to_state_dict`; the target is a file; another export into it is running.
       OSError: the file system refused a write (the previous pair is kept).
     """
+    global_arrays = _global(adapters) or _global(kwargs.get("modules_to_save"))
+    if not global_arrays:
+        config, tensors = to_state_dict(adapters, cfg, params, module_name, **kwargs)
+        return write_directory(directory, config, tensors)
+    # a multi-process job: every process gathers (a collective, in to_state_dict), process 0 writes, the others wait
     config, tensors = to_state_dict(adapters, cfg, params, module_name, **kwargs)
-    return write_directory(directory, config, tensors)
+    failure = ""
+    if jax.process_index() == 0:
+        try:
+            written = write_directory(directory, config, tensors)
+        except Exception as err:  # told to the other processes, then raised here
+            failure = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            _agree_on(failure, directory)
+        return written
+    _agree_on(failure, directory)
+    return os.path.abspath(os.fspath(directory))
+
+
+def _global(tree: Any) -> bool:
+    """Whether ``tree`` holds a ``jax.Array`` spread over devices of other processes (a multi-process job)."""
+    return any(
+        isinstance(x, jax.Array) and not x.is_fully_addressable
+        for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, jax.Array))
+    )
+
+
+def _agree_on(failure: str, directory: Any) -> None:
+    """Every process waits for process 0's write; processes other than 0 raise if it failed."""
+    flag = multihost_utils.process_allgather(np.asarray([1 if failure else 0], np.int32))
+    if int(np.max(flag)) and jax.process_index() != 0:
+        raise OSError(
+            f"process 0 could not write the PEFT export into {os.fspath(directory)!r} (its traceback says why); "
+            "nothing was changed there."
+        )
 
 
 @overload

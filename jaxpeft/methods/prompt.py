@@ -627,7 +627,9 @@ def _the_node(adapters: Any, cfg: PromptTuningConfig | PrefixTuningConfig, param
             "Pass the adapters made with this config."
         )
     node = found[0][1]
-    planned = jax.eval_shape(lambda: cfg.init_target(path, table, node.layout, jax.random.key(0)))
+    # shapes and static parts do not depend on the init, which may read the table's values (text, sample_vocab)
+    shaped = dataclasses.replace(cfg, init="random", init_token_ids=()) if isinstance(cfg, PromptTuningConfig) else cfg
+    planned = jax.eval_shape(lambda: shaped.init_target(path, table, node.layout, jax.random.key(0)))
     _check_made_by(path, node, planned, cfg)
     return node
 
