@@ -14,34 +14,18 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxpeft  # noqa: E402
 import jaxpeft.linen  # noqa: E402
 import jaxpeft.sharding  # noqa: E402
-from tests._mesh_llama import mesh_llama  # noqa: E402
+from tests._mesh_llama import CFG, TX, make_step, mesh_llama, nonzero  # noqa: E402
 
 CONFIG, MODEL, IDS, PARAMS, LAYOUTS = mesh_llama(hidden=32, mlp=48, std=0.2)
-CFG = jaxpeft.LoraConfig(rank=4, alpha=8, targets="all-linear")
-TX = optax.adamw(1e-2)
 
 
-def loss_fn(adapters, params, ids):
-    logits = jaxpeft.linen.apply(MODEL, {"params": params}, adapters, ids)
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
-
-
-def step(adapters, opt, params, ids):
-    loss, grads = jax.value_and_grad(loss_fn)(adapters, params, ids)
-    updates, opt = TX.update(grads, opt, adapters)
-    return optax.apply_updates(adapters, updates), opt, loss
-
-
-def nonzero(adapters):
-    """Adapters moved off their zero init, so that every factor gets a gradient."""
-    return jax.tree.map(lambda x: x + 0.05, adapters)
+step = make_step(MODEL)
 
 
 def reference():
