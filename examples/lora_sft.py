@@ -38,6 +38,12 @@ What one run does:
    - ``tiny``: the random base itself, written as a HF Llama directory to ``EXPORT/base``
      (``AutoPeftModelForCausalLM.from_pretrained(EXPORT)``).
 
+Several adapters in one run: ``--adapters NAME=DATA,...`` (instead of ``--data``) trains one adapter per name, each on
+its own data (a chatterbot topic such as ``ai``, or anything ``--data`` takes), as one adapter bank: every batch mixes
+the datasets' rows and each row runs its own adapter (``Tenants``). An adapter's parameters are what training it
+alone on its rows would give; metrics add ``loss/<name>`` and ``eval_loss/<name>``; ``--ckpt-dir`` holds an adapter
+set and ``--export-hf`` one PEFT directory per name. Layer methods only (lora, dora, pissa, olora, loha, lokr, ia3).
+
 Commands (more in the README, "Fine-tuning a causal LM"):
 
     # CPU, 8 simulated devices, a (2,2,2) mesh, a random tiny model on synthetic data (about a minute):
@@ -45,6 +51,9 @@ Commands (more in the README, "Fine-tuning a causal LM"):
         --steps 20 --ckpt-dir /tmp/sft --export-hf /tmp/sft-hf
     # SmolLM2-135M-Instruct on the chatterbot Q&A pairs (assets: see the README):
     python examples/lora_sft.py --model smollm2 --data chatterbot --steps 200 --batch 8 --seq-len 128
+    # three adapters, one per chatterbot topic, trained in one run (a bank), exported as three PEFT directories:
+    python examples/lora_sft.py --model smollm2 --adapters ai=ai,food=food,history=history --steps 200 --batch 12 \\
+        --seq-len 128 --ckpt-dir /tmp/tenants --export-hf /tmp/tenants-hf
     # TPU pod slice: the same command on every host, plus --distributed
 """
 
@@ -53,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -74,6 +84,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxpeft
+import jaxpeft.adapter_sets
 import jaxpeft.checkpoint
 import jaxpeft.hf
 import jaxpeft.linen
@@ -133,7 +144,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (fast trials)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     g.add_argument("--remat", action="store_true", help="rematerialise each decoder layer in the backward pass")
-    g.add_argument("--data", default="synthetic", help="synthetic | chatterbot[:topic,...] | FILE.jsonl | FILE.txt")
+    g.add_argument(
+        "--data", default=None, help="synthetic (the default) | chatterbot[:topic,...] | FILE.jsonl | FILE.txt"
+    )
+    g.add_argument(
+        "--adapters",
+        default=None,
+        metavar="NAME=DATA,...",
+        help="train one adapter per NAME in one run, each on its own DATA (instead of --data): every batch mixes the\n"
+        "datasets' rows, each row runs its own adapter (an adapter bank). DATA: a chatterbot topic (ai, food,\n"
+        "history, ...; ai+food for two), chatterbot[:topic+...], synthetic, FILE.jsonl or FILE.txt.\n"
+        "Layer methods only; e.g. --adapters ai=ai,food=food,mine=mine.jsonl",
+    )
     g.add_argument("--max-rows", type=int, default=None, help="use at most this many rows of the data")
     g.add_argument("--eval-rows", type=int, default=64, help="held-out rows to evaluate")
     g = p.add_argument_group("method")
@@ -191,10 +213,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             mesh_spec(args.mesh)
         except ValueError as err:
             problem = str(err)
-    if problem is None and args.data.endswith((".jsonl", ".txt")) and not os.path.isfile(args.data):
+    if problem is None and args.data and args.data.endswith((".jsonl", ".txt")) and not os.path.isfile(args.data):
         problem = f"--data={args.data} is not a file; expected an existing .jsonl or .txt file"
+    if problem is None and args.adapters is not None:
+        problem = next(adapter_problems(args), None)
     if problem is not None:
         p.error(problem)
+    if args.data is None and args.adapters is None:
+        args.data = "synthetic"
     if args.lr is None:
         args.lr = 1e-2 if args.model == "tiny" else 1e-3
     if args.warmup is None:
@@ -301,6 +327,92 @@ def method_problems(args: argparse.Namespace) -> Iterator[str]:
         yield (
             f"--export-hf={args.export_hf} with --method bitfit: Hugging Face PEFT has no BitFit format; leave "
             "--export-hf out (the checkpoint in --ckpt-dir keeps the trained biases)"
+        )
+
+
+#: The methods ``--adapters`` trains as a bank: those that adapt layer calls (``jaxpeft.stack_adapters``). LoRA-FA
+#: and VeRA adapt layer calls too, but ``jaxpeft.partition`` does not yet split a bank's frozen fields (LoRA-FA's
+#: A, VeRA's projections), so the script refuses them rather than train what should stay frozen.
+BANK_METHODS = ("lora", "dora", "lora_fa", "pissa", "olora", "loha", "lokr", "vera", "ia3")
+ADAPTERS_FORM = "NAME=DATA,NAME=DATA,... e.g. --adapters ai=ai,food=food,mine=mine.jsonl"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a directory name: each adapter's checkpoint and export
+
+
+def adapter_entries(spec: str) -> list[tuple[str, str]]:
+    """``"ai=ai,mine=mine.jsonl"`` → ``[("ai", "ai"), ("mine", "mine.jsonl")]``: the syntax of ``--adapters``, in
+    order (an adapter's id in the bank is its position).
+
+    Raises:
+        ValueError: an entry without ``=``, with an empty name or data, a name that is not a plain directory name
+            (letters, digits, ``_ . -``; not starting with ``.``), or a name given twice; the message names the entry.
+    """
+    entries: list[tuple[str, str]] = []
+    for part in spec.split(","):
+        name, eq, data = (x.strip() for x in part.partition("="))
+        if not eq:
+            why = "no '='"
+        elif not name:
+            why = "an empty name"
+        elif not data:
+            why = f"no data after {name}="
+        elif not NAME_PATTERN.fullmatch(name):
+            why = f"name {name!r} is not a plain directory name (letters, digits, '_', '.', '-'; no leading '.')"
+        elif name in dict(entries):
+            why = f"name {name!r} is given twice"
+        else:
+            entries.append((name, data))
+            continue
+        raise ValueError(f"--adapters={spec}: {part.strip()!r} is not NAME=DATA ({why}); expected {ADAPTERS_FORM}")
+    return entries
+
+
+def data_sources(args: argparse.Namespace) -> dict[str, str]:
+    """``{adapter name: --data value}``: each ``--adapters`` entry's source, or ``{"": --data}`` for one adapter."""
+    if args.adapters is None:
+        return {"": args.data}
+    return {name: sft_data.data_source(data) for name, data in adapter_entries(args.adapters)}
+
+
+def adapter_problems(args: argparse.Namespace) -> Iterator[str]:
+    """A message for each problem of ``--adapters``: its syntax, each entry's data, the method, and the flags it
+    cannot go with."""
+    if args.method not in BANK_METHODS:
+        why = (
+            "an adapter bank switches adapters of layer calls per row, and "
+            f"{METHODS[args.method].what} {'feeds the model inputs' if args.method in INPUT_METHODS else 'adapts none'}"
+        )
+        yield (
+            f"--adapters with --method {args.method}: {why}; use one of {', '.join(BANK_METHODS)}, or train "
+            f"--method {args.method} one adapter per run with --data"
+        )
+        return
+    if args.data is not None:
+        yield (
+            f"--data={args.data} with --adapters: each adapter names its own data (NAME=DATA); leave --data out, "
+            f"e.g. --adapters mine={args.data}"
+        )
+    try:
+        entries = adapter_entries(args.adapters)
+    except ValueError as err:
+        yield str(err)
+        return
+    for name, data in entries:
+        try:
+            sft_data.data_source(data)
+        except ValueError as err:
+            yield f"--adapters={args.adapters}: adapter {name!r}: {err}"
+    micro, n = args.batch // max(args.grad_accum, 1), len(entries)
+    if micro % n:
+        fit = -(-micro // n) * n * args.grad_accum
+        yield (
+            f"--batch={args.batch} / --grad-accum={args.grad_accum} = {micro} rows per micro-batch is not divisible "
+            f"by the {n} adapters of --adapters; every micro-batch holds the same number of rows of each adapter: "
+            f"e.g. --batch={fit}"
+        )
+    if args.export_hf and args.model == "tiny" and "base" in dict(entries):
+        yield (
+            f"--adapters names an adapter 'base', and --export-hf={args.export_hf} with --model tiny writes the random "
+            "base model to EXPORT/base; rename that adapter"
         )
 
 
@@ -422,7 +534,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
     """The ``--model``: tiny (random), smollm2 (the packaged GGUF), a HF directory or a ``.gguf`` file."""
     overrides = {"dtype": args.dtype, "remat": args.remat}
     if args.model == "tiny":
-        tok = None if args.data == "synthetic" else sft_data.ByteTokenizer()
+        tok = None if set(data_sources(args).values()) == {"synthetic"} else sft_data.ByteTokenizer()
         config = tiny_config(tok.vocab_size if tok else 256, args)
         init = jax.jit(llama.LlamaForCausalLM(config).init)  # one compilation, not one per op
         params = init(jax.random.key(args.seed + 1), jnp.zeros((1, 1), jnp.int32))
@@ -476,21 +588,32 @@ def truncate_layers(params: Any, n: int) -> Any:
     return {**params, "model": {**params["model"], "layers": layers}}
 
 
-def load_examples(args: argparse.Namespace, tok: sft_data.TextTokenizer | None, vocab: int) -> list[sft_data.Example]:
-    """The ``--data`` rows (synthetic needs no tokenizer)."""
-    if args.data == "synthetic":
-        return sft_data.synthetic_examples(args.max_rows or 2048, args.seq_len, vocab, args.seed)
+def load_examples(
+    args: argparse.Namespace,
+    tok: sft_data.TextTokenizer | None,
+    vocab: int,
+    data: str | None = None,
+    seed: int | None = None,
+    flag: str = "--data",
+) -> list[sft_data.Example]:
+    """The rows of ``data`` (default ``--data``; synthetic needs no tokenizer and draws from ``seed``, default
+    ``--seed``); ``flag`` names where ``data`` came from in errors."""
+    data = args.data if data is None else data
+    if data == "synthetic":
+        return sft_data.synthetic_examples(
+            args.max_rows or 2048, args.seq_len, vocab, args.seed if seed is None else seed
+        )
     if tok is None:
-        raise SystemExit(f"--data {args.data!r} needs a tokenizer, and --model {args.model!r} has none")
+        raise SystemExit(f"{flag} {data!r} needs a tokenizer, and --model {args.model!r} has none")
     try:
-        if args.data == "chatterbot" or args.data.startswith("chatterbot:"):
-            topics = [t for t in args.data.partition(":")[2].split(",") if t]
+        if data == "chatterbot" or data.startswith("chatterbot:"):
+            topics = [t for t in data.partition(":")[2].split(",") if t]
             pairs = sft_data.chatterbot_pairs(topics)
             rows = [sft_data.pair_example(tok, q, a) for q, a in pairs]
         else:
-            rows = sft_data.file_examples(args.data, tok, args.seq_len)
+            rows = sft_data.file_examples(data, tok, args.seq_len)
     except (ValueError, OSError, ImportError) as err:  # a bad line, an unknown topic, a missing package
-        raise SystemExit(f"--data={args.data}: {err}") from None
+        raise SystemExit(f"{flag}={data}: {err}") from None
     return rows[: args.max_rows] if args.max_rows else rows
 
 
@@ -531,8 +654,11 @@ def method_config(args: argparse.Namespace, model: llama.LlamaConfig | None = No
     )
 
 
-def make_optimizer(args: argparse.Namespace) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW under a warm-up + ``--schedule`` learning rate, after global-norm clipping."""
+def make_optimizer(
+    args: argparse.Namespace, per_adapter: bool = False
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW under a warm-up + ``--schedule`` learning rate, after global-norm clipping (``per_adapter``: each
+    adapter of a bank clipped by its own norm, ``clip_each_adapter``)."""
     warmup = min(args.warmup, args.steps)
     rest = max(args.steps - warmup, 1)
     if args.schedule == "cosine":
@@ -542,21 +668,29 @@ def make_optimizer(args: argparse.Namespace) -> tuple[optax.GradientTransformati
     else:
         decay = optax.constant_schedule(args.lr)
     schedule = optax.join_schedules([optax.linear_schedule(0.0, args.lr, warmup), decay], [warmup]) if warmup else decay
-    parts = [optax.clip_by_global_norm(args.clip)] if args.clip > 0 else []
+    clip = clip_each_adapter if per_adapter else optax.clip_by_global_norm
+    parts = [clip(args.clip)] if args.clip > 0 else []
     return optax.chain(*parts, optax.adamw(schedule, weight_decay=args.weight_decay)), schedule
 
 
 def logits(
-    model: Any, params: Any, adapters: Any, ids: jax.Array, key: jax.Array | None, method: str = "lora"
+    model: Any,
+    params: Any,
+    adapters: Any,
+    ids: jax.Array,
+    key: jax.Array | None,
+    method: str = "lora",
+    adapter_ids: jax.Array | None = None,
 ) -> jax.Array:
     """The model's next-token logits through the adapters: layer methods adapt the layer calls
-    (``jaxpeft.linen.apply``), prompt and prefix tuning feed the Llama's ``prompt=`` / ``prefix=`` hooks."""
+    (``jaxpeft.linen.apply``; a bank runs adapter ``adapter_ids``, of shape () or one per row), prompt and prefix
+    tuning feed the Llama's ``prompt=`` / ``prefix=`` hooks."""
     if method == "prompt":
         return model.apply({"params": params}, ids, prompt=adapters)
     if method == "prefix":
         return model.apply({"params": params}, ids, prefix=jaxpeft.prefix_kv(adapters, ids.shape[0]))
     rngs = {"dropout": key} if key is not None else None
-    return jaxpeft.linen.apply(model, {"params": params}, adapters, ids, rngs=rngs)
+    return jaxpeft.linen.apply(model, {"params": params}, adapters, ids, rngs=rngs, adapter_ids=adapter_ids)
 
 
 def token_loss_sums(
@@ -566,9 +700,10 @@ def token_loss_sums(
     batch: dict[str, jax.Array],
     key: jax.Array | None,
     method: str = "lora",
+    adapter_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of the masked next-token cross-entropies and the number of target tokens."""
-    out = logits(model, params, adapters, batch["inputs"], key, method)
+    out = logits(model, params, adapters, batch["inputs"], key, method, adapter_ids)
     ce = optax.softmax_cross_entropy_with_integer_labels(out, batch["targets"])
     mask = batch["mask"].astype(jnp.float32)
     return (ce * mask).sum(), mask.sum()
@@ -644,6 +779,20 @@ def evaluate(
     mesh: Mesh,
 ) -> float:
     """Mean masked next-token loss over ``rows`` (nats per target token), in batches of ``--batch``."""
+    total, count = evaluate_sums(eval_fn, adapters, params, rows, args, pad_id, mesh)
+    return total / max(count, 1.0)
+
+
+def evaluate_sums(
+    eval_fn: Callable[..., tuple[jax.Array, jax.Array]],
+    adapters: Any,
+    params: Any,
+    rows: Sequence[sft_data.Example],
+    args: argparse.Namespace,
+    pad_id: int,
+    mesh: Mesh,
+) -> tuple[float, float]:
+    """The summed masked next-token loss over ``rows`` and their number of target tokens."""
     sharding = NamedSharding(mesh, P(BATCH_AXES))
     local = jaxpeft.sharding.host_rows(sharding, args.batch)
     total, count = 0.0, 0.0
@@ -656,7 +805,7 @@ def evaluate(
         batch = jaxpeft.sharding.host_batch({k: v[local] for k, v in full.items()}, sharding, args.batch)
         s, n = eval_fn(adapters, params, batch)
         total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+    return total, count
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
@@ -715,6 +864,7 @@ def write_atomic(path: str, text: str) -> None:
 SETTINGS_FILE = "lora_sft_settings.json"  # in --ckpt-dir: the flags that define the run's training curve
 CURVE_FLAGS: tuple[str, ...] = ("model", "layers", "dtype", "quantize", "data", "max_rows", "seq_len", "method")
 CURVE_FLAGS += ("targets", "lr", "schedule", "warmup", "steps", "weight_decay", "clip", "batch", "grad_accum", "seed")
+CURVE_FLAGS += ("adapters",)
 DATA_DIGEST = "data_sha256"  # not a flag: the contents of a --data file
 
 
@@ -726,11 +876,15 @@ def curve_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings["targets"] = args.targets or DEFAULT_TARGETS[args.method]
     # the method's own flags only (IA3 has no rank, scale or dropout; prompt tuning only virtual tokens)
     settings.update({name: getattr(args, name) for name in METHODS[args.method].flags})
-    if os.path.isfile(args.data):
+    files = [(name, data) for name, data in data_sources(args).items() if os.path.isfile(data)]
+    if files:
         digest = hashlib.sha256()
-        with open(args.data, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        for name, data in files:  # --data: one file; --adapters: each adapter's file, under its name
+            if args.adapters is not None:
+                digest.update(f"{name}={data}\n".encode())
+            with open(data, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
         settings[DATA_DIGEST] = digest.hexdigest()
     return dict(json.loads(json.dumps(settings)))
 
@@ -784,12 +938,13 @@ def check_settings(args: argparse.Namespace) -> None:
     steps; runs before the model is loaded, so that a refusal is quick."""
     if not args.ckpt_dir:
         return
-    try:
-        jaxpeft.checkpoint.read_config(args.ckpt_dir)
-    except FileNotFoundError:
-        return  # no directory or no step yet: a fresh run (``open_checkpoint`` records its settings)
-    except ValueError:
-        return  # a damaged step: restoring it names the problem
+    if not os.path.isfile(os.path.join(args.ckpt_dir, SET_DIR, jaxpeft.adapter_sets.INDEX_NAME)):  # no bank's set
+        try:
+            jaxpeft.checkpoint.read_config(args.ckpt_dir)
+        except FileNotFoundError:
+            return  # no directory or no step yet: a fresh run (``open_checkpoint`` records its settings)
+        except ValueError:
+            return  # a damaged step: restoring it names the problem
     old = read_settings(args.ckpt_dir)
     changed, fix = settings_diff(old, curve_settings(args)) if old is not None else ([], [])
     if changed:
@@ -876,11 +1031,14 @@ def progress(start: int, stop: int, disable: bool) -> Iterable[int]:
     return tqdm(range(start, stop), initial=start, total=stop, desc="train", dynamic_ncols=True)
 
 
-def adapted_apply(model: Any) -> Callable[..., Any]:
-    """``apply_fn((params, adapters), *args, **kw)`` for ``examples.models.generate``: the adapters run unmerged."""
+def adapted_apply(model: Any, adapter_ids: jax.Array | None = None) -> Callable[..., Any]:
+    """``apply_fn((params, adapters), *args, **kw)`` for ``examples.models.generate``: the adapters run unmerged
+    (a bank's adapter ``adapter_ids``, shape (), for every row)."""
 
     def apply_fn(params_and_adapters: Any, *args: Any, **kwargs: Any) -> Any:
         params, adapters = params_and_adapters
+        if adapter_ids is not None:
+            kwargs.setdefault("adapter_ids", adapter_ids)
         return jaxpeft.linen.apply(model, {"params": params}, adapters, *args, **kwargs)
 
     return apply_fn
@@ -968,6 +1126,18 @@ def open_checkpoint(
     return ckpt, restored.adapters, restored.opt_state, latest + 1
 
 
+def no_adapters_exit(args: argparse.Namespace, err: ValueError) -> SystemExit:
+    """The exit of a selection that matches nothing: ``--targets``, or a model without biases (bitfit)."""
+    targets = args.targets or DEFAULT_TARGETS[args.method]
+    hint = ""
+    if args.method == "bitfit":
+        hint = (
+            " A Llama has biases only with attention_bias or mlp_bias in its config.json (Qwen2-style "
+            "checkpoints; the tiny model has none): choose such a --model, or another --method (e.g. ln_tuning)"
+        )
+    return SystemExit(f"--method {args.method} with --targets {targets} on --model {args.model}: {err}{hint}")
+
+
 def make_adapters(
     cfg: jaxpeft.MethodConfig, params: Any, layouts: Any, specs: Any, mesh: Mesh, seed: int
 ) -> tuple[Any, Any, Any]:
@@ -1002,6 +1172,8 @@ class Loop:
     ckpt: jaxpeft.checkpoint.AdapterCheckpointer | None
     metrics: Metrics
     losses: dict[int, float]
+    names: tuple[str, ...] = ()  # a bank's adapters: the step also returns per-adapter loss sums and token counts
+    adapter_losses: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
     tokens_seen: float = 0.0  # since the first step of this run (which compiles)
     t0: float = 0.0
     rate: float = 0.0  # tokens/s
@@ -1036,8 +1208,16 @@ class Loop:
         """One optimizer step, its metrics record and its progress line."""
         args = self.args
         key = jax.random.fold_in(jax.random.key(args.seed + 7), step)  # dropout: a function of the step
-        adapters, opt_state, loss, count = self.train_step(adapters, opt_state, self.params, self.batches(step), key)
+        adapters, opt_state, loss, count, *per = self.train_step(
+            adapters, opt_state, self.params, self.batches(step), key
+        )
         loss_f, count_f = float(loss), float(count)
+        each = {}  # a bank: each adapter's loss, token-weighted over its own rows
+        if per:
+            sums, counts = (np.asarray(x) for x in per)
+            each = {n: float(s / max(c, 1.0)) for n, s, c in zip(self.names, sums, counts, strict=True)}
+            for name, value in each.items():
+                self.adapter_losses.setdefault(name, {})[step] = value
         if step > first:  # the rate leaves out the first (compiling) step
             self.tokens_seen += args.batch * args.seq_len
             self.rate = self.tokens_seen / (time.perf_counter() - self.t0)
@@ -1052,12 +1232,494 @@ class Loop:
             target_tokens=count_f,
             tokens_per_s=self.rate,
             time=time.perf_counter() - self.t0,
+            **{f"loss/{n}": v for n, v in each.items()},
         )
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{self.rate:,.0f}")
         else:
-            say(f"step {step:5d}  loss {loss_f:.4f}  lr {lr:.2e}  {self.rate:,.0f} tokens/s")
+            shown = "".join(f"  {n} {v:.4f}" for n, v in each.items())
+            say(f"step {step:5d}  loss {loss_f:.4f}{shown}  lr {lr:.2e}  {self.rate:,.0f} tokens/s")
         return adapters, opt_state
+
+
+# ------------------------------------------------------------------------------ several adapters in one run: a bank
+
+SET_DIR = "adapters"  # in --ckpt-dir: the bank as an adapter set, one jaxpeft.checkpoint directory per adapter
+OPT_DIR = "optimizer"  # in --ckpt-dir: the bank's optimizer state of each saved step (an adapter set holds none)
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A seed for adapter ``name`` (its init key, its synthetic rows): a function of ``--seed`` and the name only, so
+    an adapter starts the same whatever other adapters run beside it, in any order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:4], "little")
+
+
+@dataclasses.dataclass(frozen=True)
+class TenantData:
+    """One adapter's data: its ``--data`` value, training rows and held-out rows."""
+
+    data: str
+    train: list[sft_data.Example]
+    held_out: list[sft_data.Example]
+
+
+def tenant_rows(args: argparse.Namespace, tok: sft_data.TextTokenizer | None, vocab: int) -> dict[str, TenantData]:
+    """Each ``--adapters`` entry's rows, split as ``--data`` is (synthetic held-out rows drawn from another seed)."""
+    out = {}
+    for name, data in data_sources(args).items():
+        flag = f"--adapters {name}="
+        if data == "synthetic":
+            seed = name_seed(args.seed, name)
+            train = load_examples(args, tok, vocab, data, seed, flag)
+            held = sft_data.synthetic_examples(args.eval_rows, args.seq_len, vocab, seed + 1000)
+        else:
+            train, held = sft_data.split(load_examples(args, tok, vocab, data, flag=flag))
+            held = held[: args.eval_rows]
+        if not train or not held:
+            raise SystemExit(f"{flag}{data} gave {len(train)} training and {len(held)} held-out rows")
+        out[name] = TenantData(data, train, held)
+    return out
+
+
+def _is_bank(x: Any) -> bool:
+    return isinstance(x, jaxpeft.AdapterBank)
+
+
+def clip_each_adapter(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` per adapter of a tree of banks: each adapter's gradient is scaled by
+    ``min(1, max_norm / its own global norm)`` (the norm over that adapter's entries of every bank), so one adapter's
+    gradient never rescales another's. With one adapter it is ``clip_by_global_norm``. Every array leaf must be in a
+    bank (``--adapters`` trains nothing else)."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        squares: Any = 0.0
+        for node in jax.tree.leaves(updates, is_leaf=_is_bank):
+            if not _is_bank(node):
+                raise ValueError(f"clip_each_adapter clips adapter banks only; got a {type(node).__name__} leaf")
+            axis = node.layout.stack
+            for leaf in jax.tree.leaves(node):
+                others = tuple(i for i in range(leaf.ndim) if i != axis)
+                squares = squares + jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=others)
+        norms = jnp.sqrt(squares)
+
+        def clip(node: Any) -> Any:
+            axis = node.layout.stack
+
+            def one(leaf: jax.Array) -> jax.Array:
+                norm = norms.reshape([-1 if i == axis else 1 for i in range(leaf.ndim)]).astype(leaf.dtype)
+                return jnp.where(norm < max_norm, leaf, leaf / norm * max_norm)
+
+            return jax.tree.map(one, node)
+
+        return jax.tree.map(clip, updates, is_leaf=_is_bank), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_bank_train_step(
+    model: Any, tx: optax.GradientTransformation, use_dropout: bool, n: int
+) -> Callable[..., tuple[Any, ...]]:
+    """``step(bank, opt_state, params, batch, key) -> (bank, opt_state, loss, tokens, loss_sums, token_counts)``
+    for a bank of ``n`` adapters; ``batch["ids"]`` ``[grad_accum, micro_batch]`` names each row's adapter.
+
+    One forward and backward over the mixed batch trains every adapter. Each row's loss is weighted by one over its
+    adapter's target-token count in the step, so each adapter's gradient is the token mean over its own rows: what a
+    run of that adapter alone on those rows computes, whatever the other adapters' rows hold (their rows reach only
+    their own adapters: a bank gathers each row's adapter). ``loss`` is token-weighted over all rows, as
+    ``make_train_step``'s; ``loss_sums`` and ``token_counts`` (shape ``(n,)``) give each adapter's own.
+    """
+
+    def step(adapters: Any, opt_state: Any, params: Any, batch: dict[str, jax.Array], key: jax.Array) -> Any:
+        trainable, fixed = jaxpeft.partition(adapters, True)
+        ids = batch["ids"]
+        row_tokens = batch["mask"].astype(jnp.float32).sum(-1)
+        counts = jax.ops.segment_sum(row_tokens.reshape(-1), ids.reshape(-1), num_segments=n)
+        weights = (1.0 / jnp.maximum(counts, 1.0))[ids]  # [grad_accum, micro_batch]
+
+        def micro(carry: Any, xs: Any) -> Any:
+            grads, sums = carry
+            mb, w, k = xs
+
+            def loss_fn(t: Any) -> tuple[jax.Array, jax.Array]:
+                a = jaxpeft.combine(t, fixed)
+                drop = k if use_dropout else None
+                out = logits(model, params, a, mb["inputs"], drop, adapter_ids=mb["ids"])
+                ce = optax.softmax_cross_entropy_with_integer_labels(out, mb["targets"])
+                per_row = (ce * mb["mask"].astype(jnp.float32)).sum(-1)
+                return (per_row * w).sum(), per_row
+
+            (_, per_row), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            sums = sums + jax.ops.segment_sum(per_row, mb["ids"], num_segments=n)
+            return (jax.tree.map(jnp.add, grads, g), sums), None
+
+        accum = ids.shape[0]
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), trainable)
+        carry = (zeros, jnp.zeros((n,), jnp.float32))
+        (grads, sums), _ = jax.lax.scan(micro, carry, (batch, weights, jax.random.split(key, accum)))
+        grads = jax.tree.map(lambda g, a: g.astype(a.dtype), grads, trainable)
+        grads = jaxpeft.combine(grads, jax.tree.map(jnp.zeros_like, fixed))
+        updates, opt_state = tx.update(grads, opt_state, adapters)
+        total = counts.sum()
+        return (
+            optax.apply_updates(adapters, updates),
+            opt_state,
+            sums.sum() / jnp.maximum(total, 1.0),
+            total,
+            sums,
+            counts,
+        )
+
+    return step
+
+
+class TenantBatches:
+    """The deterministic mixed batch of every step: each micro-batch holds ``micro_batch / n`` rows of each adapter,
+    adapter by adapter, and ``ids`` naming their adapters. Adapter ``a``'s rows are ``sft_data.step_rows`` of its own
+    data with ``--batch / n`` rows a step: the rows a run of ``a`` alone with that ``--batch`` would see."""
+
+    def __init__(self, tenants: dict[str, TenantData], args: argparse.Namespace, pad_id: int, mesh: Mesh) -> None:
+        self.rows = [t.train for t in tenants.values()]
+        self.args, self.pad_id = args, pad_id
+        self.accum = args.grad_accum
+        self.micro = args.batch // args.grad_accum
+        self.sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+        self.local = jaxpeft.sharding.host_rows(self.sharding, self.micro, axis=1)
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        """The global batch of ``step``."""
+        n, args = len(self.rows), self.args
+        index = [
+            sft_data.step_rows(len(rows), step, args.batch // n, args.seed).reshape(self.accum, -1)
+            for rows in self.rows
+        ]
+        ids = np.concatenate([np.full(i.shape, a, np.int32) for a, i in enumerate(index)], axis=1)  # [accum, micro]
+        rows = np.concatenate(index, axis=1)
+        ids, rows = ids[:, self.local], rows[:, self.local]
+        examples = [self.rows[int(a)][int(i)] for a, i in zip(ids.reshape(-1), rows.reshape(-1), strict=True)]
+        packed = sft_data.pack_rows(examples, args.seq_len, self.pad_id)
+        local = {k: v.reshape(self.accum, -1, args.seq_len) for k, v in packed.items()}
+        local["ids"] = ids
+        return jaxpeft.sharding.host_batch(local, self.sharding, self.micro, axis=1)
+
+
+class SetCheckpointer:
+    """``--ckpt-dir`` for a bank: the adapters as an adapter set in ``<ckpt-dir>/adapters`` (one
+    ``jaxpeft.checkpoint`` directory per name, ``jaxpeft.adapter_sets.save_adapter_set``; its index is the commit
+    point) and the optimizer state of each committed step in ``<ckpt-dir>/optimizer/<step>.npz`` (written before the
+    set commits the step; the two newest kept). The ``save``/``latest_step``/``wait``/``close`` of
+    ``jaxpeft.checkpoint.AdapterCheckpointer``, for ``Loop``. Saves are synchronous; every process gathers, process 0
+    writes the optimizer file."""
+
+    def __init__(
+        self,
+        directory: str,
+        names: Sequence[str],
+        cfg: jaxpeft.MethodConfig,
+        params: Any,
+        save_every: int,
+        layouts: Any,
+    ) -> None:
+        self.root, self.names, self.cfg, self.params = directory, tuple(names), cfg, params
+        self.save_every, self.layouts = save_every, layouts
+        self.set_dir, self.opt_dir = os.path.join(directory, SET_DIR), os.path.join(directory, OPT_DIR)
+        if jax.process_index() == 0:
+            os.makedirs(directory, exist_ok=True)
+        self._latest: int | None = None
+        self._checked = False
+
+    def __enter__(self) -> SetCheckpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing stays open between saves."""
+
+    def wait(self) -> None:
+        """Saves are synchronous."""
+
+    def _opt_steps(self) -> list[int]:
+        if not os.path.isdir(self.opt_dir):
+            return []
+        return sorted(int(f[:-4]) for f in os.listdir(self.opt_dir) if re.fullmatch(r"[0-9]+\.npz", f))
+
+    def restore(self, opt_like: Any, shardings: Any, opt_shardings: Any) -> tuple[Any, Any, int] | None:
+        """``(bank, opt_state, step)`` of the newest step committed in the set with its optimizer file (None when the
+        directory holds no set); the bank and state placed on ``shardings`` / ``opt_shardings``.
+
+        Raises:
+            SystemExit: the set holds other adapters than ``--adapters`` names (in order), or a committed step's files
+                do not restore (as ``restore_adapter_set`` says).
+        """
+        if not os.path.isfile(os.path.join(self.set_dir, jaxpeft.adapter_sets.INDEX_NAME)):
+            return None
+        saved = jaxpeft.adapter_sets.read_index(self.set_dir, "jaxpeft.checkpoint")
+        if tuple(saved) != self.names:
+            raise SystemExit(
+                f"--ckpt-dir={self.root} holds the adapters {saved} (in {self.set_dir}); --adapters names "
+                f"{list(self.names)}. Name the same adapters in the same order to resume, or use a new --ckpt-dir"
+            )
+        for step in reversed(self._opt_steps()):
+            try:
+                named, _ = jaxpeft.adapter_sets.restore_adapter_set(
+                    self.set_dir, self.params, configs=self.cfg, step=step, layouts=self.layouts
+                )
+            except FileNotFoundError:  # an optimizer file whose set step never committed (a kill between the two)
+                continue
+            bank = jaxpeft.stack_adapters({n: jax.tree.map(np.asarray, named[n]) for n in self.names})
+            bank = jax.tree.map(lambda x, s: place(np.asarray(x), s), bank, shardings)
+            with np.load(os.path.join(self.opt_dir, f"{step}.npz")) as f:
+                leaves = [f[f"leaf{i}"] for i in range(len(f.files))]
+            like, treedef = jax.tree.flatten(opt_like)
+            if len(leaves) != len(like) or any(a.shape != b.shape for a, b in zip(leaves, like, strict=False)):
+                raise SystemExit(
+                    f"{self.opt_dir}/{step}.npz holds {len(leaves)} optimizer arrays that do not fit this run's "
+                    f"{len(like)}; resume with the settings of the run that wrote it, or use a new --ckpt-dir"
+                )
+            state = jax.tree.unflatten(treedef, leaves)
+            state = jax.tree.map(lambda x, s: place(x, s), state, opt_shardings)
+            self._latest = step
+            return bank, state, step
+        return None
+
+    def latest_step(self) -> int | None:
+        """The newest step saved (by this run, or restored)."""
+        return self._latest
+
+    def save(self, step: int, adapters: Any, opt_state: Any, force: bool = False) -> bool:
+        """Saves ``step`` when it is a multiple of ``--save-every`` (or ``force``): the optimizer file, then the set
+        (its commit). Returns whether it saved."""
+        if not force and step % self.save_every:
+            return False
+        named = jaxpeft.unstack_adapters(adapters)
+        host = gather(opt_state)
+        if jax.process_index() == 0:
+            os.makedirs(self.opt_dir, exist_ok=True)
+            path = os.path.join(self.opt_dir, f"{step}.npz")
+            tmp = f"{path}.tmp{os.getpid()}.npz"
+            np.savez(tmp, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(host))})
+            os.replace(tmp, path)
+        jaxpeft.adapter_sets.save_adapter_set(
+            self.set_dir, named, self.cfg, self.params, step=step, max_to_keep=2, layouts=self.layouts
+        )
+        self._latest = step
+        if jax.process_index() == 0:
+            for old in self._opt_steps()[:-2]:
+                os.remove(os.path.join(self.opt_dir, f"{old}.npz"))
+        return True
+
+
+@dataclasses.dataclass
+class Tenants:
+    """``--adapters``: several adapters of one method trained in one run, as a bank (``jaxpeft.stack_adapters``).
+
+    Every step's batch mixes the adapters' rows (``TenantBatches``); one jitted step trains them all
+    (``make_bank_train_step``) under ``jaxpeft.skip_unused_adapters`` (an adapter whose rows hold no target token in
+    a step keeps its parameters and optimizer state bit-identical) with each adapter's gradient clipped by its own
+    norm (``clip_each_adapter``). Metrics add ``loss/<name>``; evaluations ``eval_loss/<name>`` (each adapter on its
+    own held-out rows). Checkpoints are an adapter set (``SetCheckpointer``); ``--export-hf`` writes one PEFT
+    directory per name (``jaxpeft.adapter_sets.export_adapter_set``).
+    """
+
+    args: argparse.Namespace
+    argv: Sequence[str] | None
+    mesh: Mesh
+    model: Any
+    loaded: Loaded
+    cfg: jaxpeft.MethodConfig
+    layouts: Any
+    specs: Any
+    shapes: Any
+    base: Any
+    pad_id: int
+
+    def init_bank(self, params: Any, names: Sequence[str]) -> tuple[Any, Any, Any]:
+        """``(params, bank, initial)``: adapter ``name`` initialised from ``name_seed(--seed, name)``, stacked and
+        born sharded. PiSSA/OLoRA's init is the weights' own decomposition, the same for every adapter: one
+        residual base (``params``) under every adapter, and ``initial`` their common init (for the export)."""
+        args, mesh = self.args, self.mesh
+        try:
+            if self.cfg.adjusts_base:
+                params, one, initial = make_adapters(self.cfg, params, self.layouts, self.specs, mesh, args.seed)
+                named = dict.fromkeys(names, one)
+            else:
+                initial = None
+                named = {
+                    n: jaxpeft.sharding.init(
+                        self.cfg,
+                        params,
+                        key=jax.random.key(name_seed(args.seed, n)),
+                        layouts=self.layouts,
+                        shardings=self.specs,
+                        mesh=mesh,
+                    )
+                    for n in names
+                }
+        except ValueError as err:
+            raise no_adapters_exit(args, err) from None
+
+        # The trees go in as a list: a dict crossing a jit boundary comes out with its keys sorted, and the bank's
+        # order (each adapter's id) must be the order of --adapters.
+        def stack(trees: list[Any]) -> Any:
+            return jaxpeft.stack_adapters(dict(zip(names, trees, strict=True)))
+
+        trees = [named[n] for n in names]
+        shardings = jaxpeft.sharding.adapter_shardings(jax.eval_shape(stack, trees), self.specs, mesh=mesh)
+        bank = jax.jit(stack, out_shardings=shardings)(trees)
+        assert jaxpeft.bank_names(bank) == tuple(names), (jaxpeft.bank_names(bank), names)
+        return params, bank, initial
+
+    def evaluate(self, eval_fn: Any, bank: Any, params: Any, tenants: dict[str, TenantData]) -> dict[str, float]:
+        """``{"": token-weighted loss over every adapter's held-out rows, name: that adapter's}``."""
+        out, total, count = {}, 0.0, 0.0
+        for i, (name, data) in enumerate(tenants.items()):
+            one = functools.partial(eval_fn, i=jnp.asarray(i, jnp.int32))
+            s, c = evaluate_sums(one, bank, params, data.held_out, self.args, self.pad_id, self.mesh)
+            out[name] = s / max(c, 1.0)
+            total, count = total + s, count + c
+        return {"": total / max(count, 1.0), **out}
+
+    def generations(self, bank: Any, params: Any, prompts: dict[str, list[tuple[str, str]]]) -> dict[str, list[str]]:
+        """Each adapter's greedy answers to its own held-out prompts."""
+        tok = self.loaded.tokenizer
+        assert tok is not None
+        out = {}
+        for i, (name, pairs) in enumerate(prompts.items()):
+            apply_fn = adapted_apply(self.model, jnp.asarray(i, jnp.int32))
+            texts = [t for _, t in pairs]
+            out[name] = generations(apply_fn, self.loaded.config, params, bank, tok, texts, self.args.max_new_tokens)
+        return out
+
+    def main(self, params: Any, tenants: dict[str, TenantData]) -> dict[str, Any]:
+        """The run: init or resume, evaluate, train, evaluate, export. Returns what ``main`` returns, plus
+        ``adapter_losses`` (``{name: {step: loss}}``) and per-adapter evaluations (``eval["after/<name>"]``)."""
+        args, names = self.args, list(tenants)
+        params, bank, initial = self.init_bank(params, names)
+        shardings = jax.tree.map(lambda x: x.sharding, bank)
+        tx, schedule = make_optimizer(args, per_adapter=True)
+        tx = jaxpeft.skip_unused_adapters(tx)
+        opt_state = jaxpeft.sharding.init_optimizer(tx, bank, shardings)
+        say(jaxpeft.summary(params, bank, tx))
+        opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+        step_fn = make_bank_train_step(self.model, tx, args.dropout > 0, len(names))
+        train_step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(shardings, opt_shardings, *[None] * 4))
+        eval_fn = jax.jit(lambda a, p, b, i: token_loss_sums(self.model, p, a, b, None, adapter_ids=i))
+        batches = TenantBatches(tenants, args, self.pad_id, self.mesh)
+        tok = self.loaded.tokenizer
+        prompts = (
+            {
+                n: [(e.prompt, tok.chat_prompt(e.prompt)) for e in t.held_out if e.prompt][: args.generate]
+                for n, t in tenants.items()
+            }
+            if tok is not None and args.generate
+            else {}
+        )
+        prompts = {n: p for n, p in prompts.items() if p}
+        result: dict[str, Any] = {"losses": {}, "eval": {}, "adapter_losses": {}}
+        stop = min(args.steps, args.stop_at + 1) if args.stop_at is not None else args.steps
+
+        ckpt = None
+        first = 0
+        if args.ckpt_dir:
+            ckpt = SetCheckpointer(args.ckpt_dir, names, self.cfg, params, args.save_every, self.layouts)
+            restored = ckpt.restore(opt_state, shardings, opt_shardings)
+            if restored is None or read_settings(args.ckpt_dir) is None:
+                record_settings(args.ckpt_dir, curve_settings(args))
+            if restored is not None:
+                bank, opt_state, latest = restored
+                first = latest + 1
+                say(f"resumed from {args.ckpt_dir} at step {latest}")
+        metrics = Metrics(args.metrics or (os.path.join(args.ckpt_dir, "metrics.jsonl") if args.ckpt_dir else None))
+        dropped = metrics.restart(first - 1 if first else None)
+        if dropped:
+            what = f"after step {first - 1}, re-run now" if first else "of an earlier run: this run starts afresh"
+            say(f"metrics: dropped {dropped} lines of {metrics.path} ({what})")
+        if first == 0:
+            self.report("before", self.evaluate(eval_fn, bank, params, tenants), result, metrics, -1)
+            if prompts:
+                result["generations_before"] = self.generations(bank, params, prompts)
+        loop = Loop(args, train_step, params, batches, schedule, ckpt, metrics, result["losses"])  # type: ignore[arg-type]
+        loop.names, loop.adapter_losses = tuple(names), result["adapter_losses"]
+        bank, opt_state, done, interrupted = loop.run(bank, opt_state, first, stop)
+        saved = ckpt.latest_step() if ckpt is not None else None
+        if interrupted:
+            interrupted_exit(args, self.argv, done, saved)
+        if ckpt is not None:
+            result["checkpoint"] = os.path.abspath(args.ckpt_dir)
+        if stop < args.steps:
+            say(f"stopped after step {stop - 1} (--stop-at); run again with the same --ckpt-dir to resume")
+            return result
+        self.report("after", self.evaluate(eval_fn, bank, params, tenants), result, metrics, args.steps)
+        if prompts:
+            result["generations_after"] = self.generations(bank, params, prompts)
+            for name, pairs in prompts.items():
+                for (q, _), a in zip(pairs, result["generations_after"][name], strict=True):
+                    say(f"  after  | {name} | {q!r} -> {a!r}")
+        if args.export_hf:
+            result["export"] = self.export(bank, initial, params)
+        return result
+
+    def report(self, when: str, losses: dict[str, float], result: dict[str, Any], metrics: Metrics, step: int) -> None:
+        """Records and prints an evaluation: the overall loss and each adapter's."""
+        result["eval"][when] = losses[""]
+        result["eval"].update({f"{when}/{n}": v for n, v in losses.items() if n})
+        metrics.write(step=step, eval_loss=losses[""], **{f"eval_loss/{n}": v for n, v in losses.items() if n})
+        each = ", ".join(f"{n} {v:.4f}" for n, v in losses.items() if n)
+        say(f"held-out loss {when}: {losses['']:.4f} ({each})")
+
+    def export(self, bank: Any, initial: Any, params: Any) -> str:
+        """``--export-hf``: one HF PEFT directory per adapter (``jaxpeft.adapter_sets.export_adapter_set``), each
+        naming the base (for ``--model tiny``, the random base written to ``EXPORT/base``), and a ``README.md`` with
+        the lines that load them all into one ``PeftModel``. Returns the directory."""
+        args = self.args
+        named = {n: gather(a) for n, a in jaxpeft.unstack_adapters(bank).items()}
+        configs = dict.fromkeys(named, self.cfg)
+        if initial is not None:  # PiSSA/OLoRA: the equivalent rank-2r plain LoRA over the original weights
+            start = gather(initial)
+            for n in named:
+                configs[n], named[n] = jaxpeft.to_plain_lora(self.cfg, named[n], start)
+        directory = os.path.abspath(args.export_hf)
+        if jax.process_index() != 0:
+            return directory
+        base_path = self.loaded.base_path
+        if self.base is not None:
+            base_path = write_hf_base(os.path.join(directory, "base"), self.loaded.config, self.base)
+        jaxpeft.adapter_sets.export_adapter_set(
+            directory,
+            named,
+            configs,
+            self.shapes,
+            llama.hf_module_name,
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_path,
+        )
+        recipe = set_recipe(directory, list(named), base_path, self.loaded.gguf_file, args.layers)
+        write_atomic(
+            os.path.join(directory, "README.md"),
+            f"# PEFT adapters from examples/lora_sft.py --adapters\n\n```python\n{recipe}```\n",
+        )
+        say(f"HF PEFT adapters written to {directory}/<name>; load them in transformers + PEFT:\n{recipe}")
+        return directory
+
+
+def set_recipe(
+    export: str, names: Sequence[str], base_path: str | None, gguf_file: str | None, layers: int | None
+) -> str:
+    """The Python lines that load every adapter of an exported set onto its base, as named adapters of one
+    ``PeftModel``, offline."""
+    lines = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM", ""]
+    if gguf_file is None:
+        lines.append(f"model = AutoModelForCausalLM.from_pretrained({base_path!r})")
+    else:
+        keep = f", num_hidden_layers={layers}" if layers else ""
+        lines.append(f"model = AutoModelForCausalLM.from_pretrained({base_path!r}, gguf_file={gguf_file!r}{keep})")
+    first, *rest = names
+    lines.append(f"model = PeftModel.from_pretrained(model, {os.path.join(export, first)!r}, adapter_name={first!r})")
+    lines += [f"model.load_adapter({os.path.join(export, n)!r}, adapter_name={n!r})" for n in rest]
+    lines.append(f"model.set_adapter({first!r})  # the adapter that runs: any of {list(names)}")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------- main
@@ -1087,20 +1749,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loaded = load_model(args)
     config, tok = loaded.config, loaded.tokenizer
     model = llama.LlamaForCausalLM(config)
-    rows = load_examples(args, tok, config.vocab_size)
-    if args.data == "synthetic":
-        train_rows = rows
-        eval_rows = sft_data.synthetic_examples(args.eval_rows, args.seq_len, config.vocab_size, args.seed + 1000)
-    else:
-        train_rows, eval_rows = sft_data.split(rows)
-        eval_rows = eval_rows[: args.eval_rows]
-    if not train_rows or not eval_rows:
-        raise SystemExit(f"--data {args.data!r} gave {len(train_rows)} training and {len(eval_rows)} held-out rows")
     pad_id = tok.pad_id if tok is not None else 0
-    say(
+    model_line = (
         f"model: {loaded.name}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
-        f"{config.vocab_size}; data: {args.data}, {len(train_rows)} train / {len(eval_rows)} held-out rows"
+        f"{config.vocab_size}"
     )
+    if args.adapters is not None:
+        tenants = tenant_rows(args, tok, config.vocab_size)
+        shares = ", ".join(
+            f"{n}: {s.data}, {len(s.train)} train / {len(s.held_out)} held-out" for n, s in tenants.items()
+        )
+        say(f"{model_line}; adapters (one run, one bank): {shares}")
+    else:
+        rows = load_examples(args, tok, config.vocab_size)
+        if args.data == "synthetic":
+            train_rows = rows
+            eval_rows = sft_data.synthetic_examples(args.eval_rows, args.seq_len, config.vocab_size, args.seed + 1000)
+        else:
+            train_rows, eval_rows = sft_data.split(rows)
+            eval_rows = eval_rows[: args.eval_rows]
+        if not train_rows or not eval_rows:
+            raise SystemExit(f"--data {args.data!r} gave {len(train_rows)} training and {len(eval_rows)} held-out rows")
+        say(f"{model_line}; data: {args.data}, {len(train_rows)} train / {len(eval_rows)} held-out rows")
 
     # Base params: sharded FSDP × TP (a quantised base too: its codes and scales along the weight's axes).
     cfg = method_config(args, config)
@@ -1117,21 +1787,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         params = jax.tree.map(lambda x, s: place(x, NamedSharding(mesh, s)), loaded.params, specs)
     base = loaded.params if args.model == "tiny" and args.export_hf else None  # random: exported beside the adapter
     del loaded.params
+    if args.adapters is not None:
+        run = Tenants(args, argv, mesh, model, loaded, cfg, layouts, specs, shapes, base, pad_id)
+        return run.main(params, tenants)
 
     # PiSSA/OLoRA: params become the residual base (rebuilt from --seed on resume, before the checkpoint opens)
     try:
         params, adapters, initial = make_adapters(cfg, params, layouts, specs, mesh, args.seed)
     except ValueError as err:  # a selection that matches nothing: --targets, or a model without biases (bitfit)
-        targets = args.targets or DEFAULT_TARGETS[args.method]
-        hint = ""
-        if args.method == "bitfit":
-            hint = (
-                " A Llama has biases only with attention_bias or mlp_bias in its config.json (Qwen2-style "
-                "checkpoints; the tiny model has none): choose such a --model, or another --method (e.g. ln_tuning)"
-            )
-        raise SystemExit(
-            f"--method {args.method} with --targets {targets} on --model {args.model}: {err}{hint}"
-        ) from None
+        raise no_adapters_exit(args, err) from None
     shardings = jaxpeft.sharding.adapter_shardings(adapters, specs, mesh=mesh)
     tx, schedule = make_optimizer(args)
     if jax.tree.leaves(jaxpeft.partition(adapters, True)[1]):  # frozen fields (LoRA-FA's A): no update, no state

@@ -14,6 +14,9 @@ Sources (``--data``):
 - ``*.jsonl``: one object a line, ``{"prompt": ..., "completion": ...}`` (loss on the completion) or
   ``{"text": ...}`` (loss on everything).
 - ``*.txt``: plain text cut into windows of the sequence length (loss on everything).
+
+Several adapters in one run (``--adapters NAME=DATA,...``) name one source each; :func:`data_source` turns an
+entry's DATA into a source (a bare chatterbot topic such as ``ai`` is ``chatterbot:ai``).
 """
 
 from __future__ import annotations
@@ -179,6 +182,55 @@ def chatterbot_pairs(topics: Sequence[str] = ()) -> list[tuple[str, str]]:
             # Turns alternate user, bot, user, bot...: pair each user turn with the reply that follows it.
             pairs.extend((q, a) for q, a in zip(texts[0::2], texts[1::2], strict=False) if q and a)
     return pairs
+
+
+def chatterbot_topics() -> list[str]:
+    """The topic names of the installed English chatterbot corpus (its file stems: ``ai``, ``food``, ...).
+
+    Raises:
+        FileNotFoundError: the package is not installed (names the install command).
+    """
+    return sorted(f[:-4] for f in os.listdir(chatterbot_dir()) if f.endswith(".yml"))
+
+
+DATA_FORMS = (
+    "a chatterbot topic (e.g. ai; ai+food for several), chatterbot[:topic+...], synthetic, or an existing .jsonl "
+    "or .txt file"
+)
+
+
+def data_source(spec: str) -> str:
+    """The ``--data`` value that one ``NAME=DATA`` entry of ``--adapters`` names: ``synthetic``, a file, or
+    ``chatterbot[:topic,...]``. A bare topic is the chatterbot corpus's category of that name (``ai`` →
+    ``chatterbot:ai``); topics are joined with ``+`` (``ai+food``, ``chatterbot:ai+food``), since ``,`` separates
+    the entries of ``--adapters``.
+
+    Raises:
+        ValueError: a file that does not exist, or a name that is none of the forms (listing the installed
+            chatterbot topics, or how to install them).
+    """
+    if spec == "synthetic":
+        return spec
+    if spec.endswith((".jsonl", ".txt")):
+        if not os.path.isfile(spec):
+            raise ValueError(f"{spec!r} is not a file; expected an existing .jsonl or .txt file")
+        return spec
+    if spec == "chatterbot":
+        return spec
+    topics = (spec.partition(":")[2] if spec.startswith("chatterbot:") else spec).split("+")
+    try:
+        known = chatterbot_topics()
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"{spec!r} is not synthetic or a .jsonl/.txt file, and chatterbot topics need: {err}"
+        ) from None
+    unknown = [t for t in topics if t not in known]
+    if unknown:
+        raise ValueError(
+            f"{spec!r} names no data: {', '.join(map(repr, unknown))} is not a chatterbot topic; expected "
+            f"{DATA_FORMS}. Known topics: {', '.join(known)}"
+        )
+    return "chatterbot:" + ",".join(topics)
 
 
 def synthetic_examples(n: int, seq_len: int, vocab: int, seed: int) -> list[Example]:

@@ -55,9 +55,11 @@ def frozen_paths(tree: Any) -> set[str]:
     for path, node in leaves_with_paths(tree, is_leaf=lambda x: isinstance(x, Adapter)):
         if not isinstance(node, Adapter):
             continue
+        inner = getattr(node, "adapters", None)
+        holder = inner if isinstance(inner, Adapter) else node  # an adapter bank's fields live on its stacked node
         for field in frozen_fields(node):
             base = f"{path}/{field}" if path else field
-            out.update(f"{base}/{p}" if p else base for p, _ in leaves_with_paths(getattr(node, field)))
+            out.update(f"{base}/{p}" if p else base for p, _ in leaves_with_paths(getattr(holder, field)))
     return out
 
 

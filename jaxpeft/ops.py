@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -31,6 +32,8 @@ __all__ = [
     "conv_lowrank",
     "dense_delta",
     "dense_lowrank",
+    "dense_lowrank_grouped",
+    "dense_lowrank_rows",
     "dropout",
     "einsum_delta",
     "einsum_layout",
@@ -236,6 +239,160 @@ def dense_lowrank(
     fan_in = "".join(x_spec[ax] for ax in axes)
     rest = "".join(c for i, c in enumerate(x_spec) if i not in axes)
     return lowrank_chain(x_spec, fan_in + r, rest + r, r + fan_out, rest + fan_out, x, a, b, scale, precision=precision)
+
+
+def _row_axes(
+    where: str, x: jax.Array, ids: jax.Array, a: jax.Array, b: jax.Array, axes: Sequence[int] | None
+) -> tuple[int, ...]:
+    """The contracted axes of ``x`` (default: the trailing ``A.ndim - 2``) for a product with one adapter per row."""
+    n_in = a.ndim - 2 if axes is None else len(axes)
+    axes = tuple(range(x.ndim - n_in, x.ndim)) if axes is None else tuple(ax % x.ndim for ax in axes)
+    if 0 in axes or ids.shape != (x.shape[0],) or a.ndim != n_in + 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{where}: x {x.shape} (contracting axes {axes}) needs one id per row of its leading, uncontracted axis "
+            f"(got ids {ids.shape}) and a bank A (n, *fan_in, r), B (n, r, *fan_out); got A {a.shape}, B {b.shape}."
+        )
+    return axes
+
+
+def _rows_fwd(
+    specs: tuple[str, str, str, str, str],
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    ids: jax.Array,
+    scale: float,
+    precision: Any,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    x_s, f1_s, h_s, f2_s, out_s = specs
+    a_rows, b_rows = (jnp.take(f, ids, axis=0, mode="fill").astype(x.dtype) for f in (a, b))
+    h = _contract(x, x_s, a_rows, f1_s, h_s, precision) * jnp.asarray(scale, x.dtype)
+    return _contract(h, h_s, b_rows, f2_s, out_s, precision), (x, a, b, ids, h)
+
+
+def _rows_bwd(
+    specs: tuple[str, str, str, str, str], scale: float, precision: Any, res: tuple[jax.Array, ...], g: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, None]:
+    x_s, f1_s, h_s, f2_s, out_s = specs
+    x, a, b, ids, h = res
+    g = g.astype(x.dtype)
+    a_rows, b_rows = (jnp.take(f, ids, axis=0, mode="fill").astype(x.dtype) for f in (a, b))
+    gh = _contract(g, out_s, b_rows, f2_s, h_s, precision) * jnp.asarray(scale, x.dtype)
+    dx = _contract(gh, h_s, a_rows, f1_s, x_s, precision)
+    da = _contract(gh, h_s, x, x_s, f1_s, precision)
+    db = _contract(h, h_s, g, out_s, f2_s, precision)
+    n = a.shape[0]  # each adapter's gradient: the sum over its rows (ids outside [0, n) add to none)
+    da_bank = jax.ops.segment_sum(da.astype(jnp.float32), ids, n).astype(a.dtype)
+    db_bank = jax.ops.segment_sum(db.astype(jnp.float32), ids, n).astype(b.dtype)
+    return dx, da_bank, db_bank, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6))
+def _rows_chain(
+    specs: tuple[str, str, str, str, str],
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    ids: jax.Array,
+    scale: float,
+    precision: Any,
+) -> jax.Array:
+    return _rows_fwd(specs, x, a, b, ids, scale, precision)[0]
+
+
+_rows_chain.defvjp(_rows_fwd, _rows_bwd)
+
+
+def dense_lowrank_rows(
+    x: jax.Array,
+    ids: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    *,
+    axes: Sequence[int] | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """``scale · (x[i]·A[ids[i]])·B[ids[i]]`` for each row ``i`` of ``x``'s leading axis: one adapter per example.
+
+    Each row's factors are gathered from the bank and the row axis is a batch axis of both contractions, so the
+    FLOPs are one adapter's. The backward pass (``lowrank_chain``'s contraction order) keeps only the bank, the
+    ids, ``x`` and the rank-``r`` intermediate as residuals (the per-row factors are gathered again, never stored
+    per scan step) and sums each row's factor gradient into its adapter (``segment_sum``). An id outside
+    ``[0, n)`` reads NaN factors (its rows' outputs are NaN) and its gradient reaches no adapter.
+
+    Args:
+      x: activations ``(rows, ...)``; their ``axes`` (default: the trailing ``A.ndim - 2``; never axis 0) are
+        contracted with A's fan-in.
+      ids: ``(rows,)`` integer adapter ids.
+      a: the bank's A ``(n, *fan_in, r)``.
+      b: the bank's B ``(n, r, *fan_out)``.
+      scale: multiplies the rank-``r`` intermediate.
+      axes: input axes to contract, in the order of A's fan-in axes.
+      precision: passed to the contractions.
+
+    Returns:
+      ``(*x_rest, *fan_out)`` in ``x.dtype`` (``x_rest`` starts with the row axis).
+    """
+    axes = _row_axes("dense_lowrank_rows", x, ids, a, b, axes)
+    n_out = b.ndim - 2
+    letters = _fresh_letters("", x.ndim + n_out + 1)
+    x_spec, fan_out, r = letters[: x.ndim], letters[x.ndim : x.ndim + n_out], letters[-1]
+    row, fan_in = x_spec[0], "".join(x_spec[ax] for ax in axes)
+    rest = "".join(c for i, c in enumerate(x_spec) if i not in axes)
+    specs = (x_spec, row + fan_in + r, rest + r, row + r + fan_out, rest + fan_out)
+    return _rows_chain(specs, x, a, b, ids, float(scale), precision)
+
+
+def dense_lowrank_grouped(
+    x: jax.Array,
+    ids: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    *,
+    axes: Sequence[int] | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """``scale · (x[i]·A[ids[i]])·B[ids[i]]`` as two grouped matmuls (``jax.lax.ragged_dot``) over tokens sorted by id.
+
+    The tokens of every row are sorted by their row's adapter id (stable), the down- and up-projections run as
+    one ``ragged_dot`` each against the whole bank (each adapter's factors read in place, never gathered per
+    row), and the result is put back in row order. Rows whose id is outside ``[0, n)`` get zeros (the caller
+    marks them). Its cost: the permutation of the input and the output (activation-sized moves); it pays off
+    where ``ragged_dot`` has a native kernel (TPU, GPU) and rows are short (decoding); on CPU ``ragged_dot`` is a
+    dense masked product, ``n`` times the FLOPs.
+
+    Args:
+      x: activations ``(rows, ...)``; their ``axes`` (default: the trailing ``A.ndim - 2``; never axis 0) are
+        contracted with A's fan-in.
+      ids: ``(rows,)`` integer adapter ids.
+      a: the bank's A ``(n, *fan_in, r)``.
+      b: the bank's B ``(n, r, *fan_out)``.
+      scale: multiplies the rank-``r`` intermediate.
+      axes: input axes to contract, in the order of A's fan-in axes.
+      precision: passed to both grouped products.
+
+    Returns:
+      ``(*x_rest, *fan_out)``, in ``x.dtype``.
+    """
+    n, rank = a.shape[0], a.shape[-1]
+    axes = _row_axes("dense_lowrank_grouped", x, ids, a, b, axes)
+    rest = [i for i in range(x.ndim) if i not in axes]
+    xt = jnp.transpose(x, (*rest, *axes))
+    rest_shape, fan_in_size = xt.shape[: len(rest)], math.prod(a.shape[1:-1])
+    fan_out_shape = b.shape[2:]
+    tokens = xt.reshape(-1, fan_in_size)
+    per_row = tokens.shape[0] // x.shape[0]
+    token_ids = jnp.repeat(ids, per_row, total_repeat_length=tokens.shape[0])
+    order = jnp.argsort(token_ids, stable=True)
+    sizes = jnp.bincount(token_ids, length=n).astype(jnp.int32)
+    af = a.reshape(n, fan_in_size, rank).astype(x.dtype)
+    bf = b.reshape(n, rank, -1).astype(x.dtype)
+    h = jax.lax.ragged_dot(jnp.take(tokens, order, axis=0), af, sizes, precision=precision)
+    y = jax.lax.ragged_dot(h * jnp.asarray(scale, x.dtype), bf, sizes, precision=precision)
+    out = jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+    return out.reshape(*rest_shape, *fan_out_shape)
 
 
 def dense_delta(

@@ -170,7 +170,14 @@ class LayerAdapter(Adapter):
 
     The frameworks describe every call of the adapted layer as one :class:`LayerCall`; at init ``forward`` must
     return ``call.base(call.x)`` (``jaxpeft.init`` checks it on a probe call).
+
+    ``grouped_rows = True`` declares that ``forward`` reads the node's arrays only through ``call.lowrank`` (a
+    ``x·A·B``-shaped branch): an adapter bank of such nodes then runs a mixed batch by calling ``forward`` once on
+    the whole bank with ``call.rows`` set (grouped matmuls) instead of gathering every array per example and
+    ``vmap``-ping the rule (the reference path, which every other node takes).
     """
+
+    grouped_rows: ClassVar[bool] = False
 
     def forward(self, call: LayerCall) -> jax.Array:
         """The adapted layer's output for ``call``; at init it must equal ``call.base(call.x)``."""
@@ -330,6 +337,12 @@ class LayerCall:
       adapter_ids: for an adapter bank (``jaxpeft.stack_adapters``), which of its adapters runs: an integer
         array of shape ``(batch,)`` (one per example along ``x``'s leading axis; a mixed batch) or ``()`` (the
         whole call), or None when the caller gave none. Other methods ignore it.
+      rows: set by an adapter bank running a mixed batch on the grouped path (a node whose class sets
+        ``grouped_rows = True``): the ``(batch,)`` adapter id of each row of ``x``. The node then holds the whole
+        bank (factors with the adapter axis first) and :meth:`lowrank` contracts each row with its own adapter's
+        factors (``route``: ``"rows"``, factors gathered per row, or ``"ragged"``, grouped matmuls over the
+        whole bank). None otherwise.
+      route: ``"rows"`` or ``"ragged"``, see ``rows``.
     """
 
     kind: str
@@ -343,6 +356,8 @@ class LayerCall:
     precision: Any = None
     dropout_key: Callable[[], jax.Array | None] = _no_key
     adapter_ids: jax.Array | None = None
+    rows: jax.Array | None = None
+    route: str = "rows"
 
     def __post_init__(self) -> None:
         if self.kind not in CALL_KINDS:
@@ -366,8 +381,16 @@ class LayerCall:
         """``scale · x·(A·B)`` in this layer's output space, never forming ``A·B``.
 
         A ``(*stack, *fan_in, r)`` and B ``(*stack, r, *fan_out)`` are call-level factors laid out like the
-        kernel. Computes in ``x``'s dtype (``dtype`` for ``embed``, whose input is ids).
+        kernel. Computes in ``x``'s dtype (``dtype`` for ``embed``, whose input is ids). On a grouped mixed-batch
+        call (``rows`` set; ``dense``/``dense_general`` only) A and B are the bank's, adapter axis first, and row
+        ``i`` of ``x`` runs adapter ``rows[i]``.
         """
+        if self.rows is not None:
+            if self.kind not in ("dense", "dense_general"):
+                raise ValueError(f"a grouped mixed batch runs `dense`/`dense_general` calls, not `{self.kind}`.")
+            if self.route == "ragged":
+                return ops.dense_lowrank_grouped(x, self.rows, a, b, scale, axes=self.axes, precision=self.precision)
+            return ops.dense_lowrank_rows(x, self.rows, a, b, scale, axes=self.axes, precision=self.precision)
         if self.kind == "embed":
             return ops.embed_lowrank(x, a, b, scale, dtype if dtype is not None else b.dtype)
         if self.kind == "attend":

@@ -76,7 +76,8 @@ def start(cfg, params, init):
     adapters = jax.tree.map(lambda x: x + 0.05, init(cfg, params, key=jax.random.key(2), layouts=LAYOUTS))
     if not BANK:
         return adapters
-    return jaxpeft.stack_adapters({f"a{i}": jax.tree.map(lambda x, i=i: x * (1 + 0.3 * i), adapters) for i in range(3)})
+    named = {f"a{i}": jax.tree.map(lambda x, i=i: x * (1 + 0.3 * i), adapters) for i in range(3)}
+    return jaxpeft.stack_adapters(named, grouping=BANK)
 
 
 def step(adapters, opt, params, ids):
@@ -135,8 +136,9 @@ def reference(cfg):
 
 
 LAYOUTS = jaxpeft.linen.infer_layouts(MODEL, IDS)
-BANK = False
-# every method on one mesh; ``bank:`` a mixed batch over three LoRA adapters, ids sharded along ``data``
+BANK: str | None = None  # the grouping of a ``bank:`` case, None for one adapter
+# every method on one mesh; ``bank:`` a mixed batch over three adapters, ids sharded along ``data``, on the bank's
+# default (grouped rows) path, ``bank-ragged:`` on grouped matmuls (jax.lax.ragged_dot), ``bank-vmap:`` the reference
 FAMILY = {
     "ia3": jaxpeft.IA3Config(targets=["k", "v", "down"], feedforward=["down"]),
     "loha": jaxpeft.LohaConfig(rank=2, alpha=4, targets=["q", "v", "up", "down"]),
@@ -147,6 +149,9 @@ FAMILY = {
     "lora_fa": jaxpeft.LoraFAConfig(rank=3, alpha=6, targets="all-linear"),  # a frozen field: A
     "vera_stored": jaxpeft.VeraConfig(rank=4, targets=["q", "v", "up"], store_projections=True),
     "bank:lora": jaxpeft.LoraConfig(rank=3, alpha=6, targets="all-linear"),
+    "bank:dora": jaxpeft.DoraConfig(rank=3, alpha=6, targets=["q", "v", "up", "down"]),
+    "bank-ragged:lora": jaxpeft.LoraConfig(rank=3, alpha=6, targets="all-linear"),
+    "bank-vmap:lora": jaxpeft.LoraConfig(rank=3, alpha=6, targets="all-linear"),
 }
 #: Methods with frozen fields train through jaxpeft.freeze: no update and no optimizer state for those fields.
 FROZEN_FIELDS = ("lora_fa", "vera_stored")
@@ -158,7 +163,7 @@ if __name__ == "__main__":
         "dora": jaxpeft.DoraConfig(rank=3, alpha=6, targets=["q", "v", "up", "down"]),
         **FAMILY,
     }.items():
-        BANK = name.startswith("bank:")
+        BANK = {"bank": "auto", "bank-ragged": "ragged", "bank-vmap": "vmap"}.get(name.split(":")[0])
         TX = jaxpeft.freeze(optax.adamw(1e-2), True) if name in FROZEN_FIELDS else optax.adamw(1e-2)
         ref_loss, ref_adapters = reference(cfg)
         for shape in ((8, 1, 1), (2, 2, 2), (1, 2, 4)) if name in ("lora", "dora") else ((2, 2, 2),):

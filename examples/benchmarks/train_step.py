@@ -42,10 +42,25 @@ if __package__ in (None, ""):  # run as `python examples/benchmarks/train_step.p
 
 from examples.models.llama import LlamaConfig, LlamaForCausalLM
 
-MODES = ("full", "floor", "lora", "dora", "ia3", "qlora-int8", "qlora-nf4", "merged", "lora16", "mixed16")
-#: ``mixed16``: one batch of 16 examples, each with its own LoRA adapter of a bank of 16 (``jaxpeft.stack_adapters``);
-#: ``lora16``: one LoRA adapter on the same batch. Both reshape the preset's tokens into 16 rows.
-MIXED = 16
+MODES = (
+    "full",
+    "floor",
+    "lora",
+    "dora",
+    "ia3",
+    "qlora-int8",
+    "qlora-nf4",
+    "merged",
+    "lora16",
+    "mixed16",
+    "lora64",
+    "mixed64",
+    "mixed16-vmap",
+)
+#: ``mixedN``: one batch of N rows, each with its own LoRA adapter of a bank of N (``jaxpeft.stack_adapters``, the
+#: bank's default grouped path); ``loraN``: one LoRA adapter on the same batch; ``mixed16-vmap``: ``mixed16`` on the
+#: reference path (each row's adapter gathered and the rule ``vmap``-ped). All reshape the preset's tokens into N rows.
+ROWS = {"lora16": 16, "mixed16": 16, "mixed16-vmap": 16, "lora64": 64, "mixed64": 64}
 HF_MODES = ("hf-floor", "hf-lora", "hf-lora-compiled")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORMS = r"norm/scale$"  # input_layernorm, post_attention_layernorm and the final norm
@@ -139,20 +154,20 @@ def build_step(mode: str, shape: Shape, params: Any, ids: Any) -> tuple[Callable
     model = LlamaForCausalLM(shape.llama())
     tx = optax.adamw(1e-4)
     frozen: Any
-    if mode in ("lora16", "mixed16"):
-        if ids.size % MIXED:
+    if mode in ROWS:
+        rows = ROWS[mode]
+        if ids.size % rows:
             raise ValueError(
-                f"`{mode}` splits the batch's {ids.size} tokens into {MIXED} rows; use a multiple of {MIXED}."
+                f"`{mode}` splits the batch's {ids.size} tokens into {rows} rows; use a multiple of {rows}."
             )
-        ids = jnp.reshape(ids, (MIXED, -1))
-    if mode == "mixed16":
+        ids = jnp.reshape(ids, (rows, -1))
+    if mode.startswith("mixed"):
         cfg = _method_config("lora", shape)
-        keys = jax.random.split(jax.random.key(1), MIXED)
-        train = jaxpeft.stack_adapters(
-            {f"user{i}": jaxpeft.linen.init(cfg, model, params, ids, key=k) for i, k in enumerate(keys)}
-        )
+        keys = jax.random.split(jax.random.key(1), ROWS[mode])
+        named = {f"user{i}": jaxpeft.linen.init(cfg, model, params, ids, key=k) for i, k in enumerate(keys)}
+        train = jaxpeft.stack_adapters(named, grouping="vmap" if mode.endswith("-vmap") else "auto")
         frozen = params
-        which = jnp.arange(MIXED, dtype=jnp.int32)
+        which = jnp.arange(ROWS[mode], dtype=jnp.int32)
 
         def loss_fn(t: Any, frozen: Any, ids: jax.Array) -> jax.Array:
             return _xent(jaxpeft.linen.apply(model, {"params": frozen}, t, ids, adapter_ids=which), ids)
@@ -170,7 +185,7 @@ def build_step(mode: str, shape: Shape, params: Any, ids: Any) -> tuple[Callable
             return _xent(model.apply({"params": jaxpeft.combine(t, frozen)}, ids), ids)
 
     elif mode in MODES:
-        cfg = _method_config(mode.removesuffix("16"), shape)
+        cfg = _method_config(mode.removesuffix("16").removesuffix("64"), shape)
         frozen = params
         if mode.startswith("qlora-"):
             frozen = jaxpeft.linen.quantize(cfg, model, params, ids, kind=mode.removeprefix("qlora-"))
@@ -340,8 +355,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"`--modes` has {unknown}; expected a subset of {', '.join(MODES)}.")
     if "floor" not in modes:
         modes.insert(0, "floor")
-    if "mixed16" in modes and "lora16" not in modes:  # its reference: one adapter on the same 16-row batch
-        modes.insert(modes.index("mixed16"), "lora16")
+    for mixed in [m for m in modes if m.startswith("mixed")]:  # its reference: one adapter on the same rows
+        one = f"lora{ROWS[mixed]}"
+        if one not in modes:
+            modes.insert(modes.index(mixed), one)
     tokens = shape.batch * shape.seq
     print(f"preset {args.preset}: {shape} ({tokens} tokens/step), backend {jax.default_backend()}, {args.reps} reps")
 
@@ -403,11 +420,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ratios: dict[str, float] = {}
     if "lora" in rows and "dora" in rows:
         ratios["dora/lora"] = rows["dora"]["median_ms"] / rows["lora"]["median_ms"]
-    if "mixed16" in rows and "lora16" in rows:
-        ratios["mixed16/lora16"] = rows["mixed16"]["median_ms"] / rows["lora16"]["median_ms"]
-        one, mixed = rows["lora16"]["gflop"], rows["mixed16"]["gflop"]
-        if one and mixed:
-            ratios["mixed16/lora16 FLOPs"] = mixed / one
+    for name in [m for m in rows if m.startswith("mixed")]:
+        one = f"lora{ROWS[name]}"
+        ratios[f"{name}/{one}"] = rows[name]["median_ms"] / rows[one]["median_ms"]
+        if rows[one]["gflop"] and rows[name]["gflop"]:
+            ratios[f"{name}/{one} FLOPs"] = rows[name]["gflop"] / rows[one]["gflop"]
     for name in rows:
         if name not in ("floor", "hf-floor", "lora", "hf-lora", "hf-lora-compiled"):
             ratios[f"{name}/floor"] = rows[name]["ratio"]

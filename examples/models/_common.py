@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 LAYER_PLACEHOLDER = "{layer}"
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+|\{layer\})(?:\.|$)")
 """Marks, in a Hugging Face module-name template, where the index of a scanned layer goes."""
 
 LEAF_TO_HF: Mapping[str, str] = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
@@ -247,3 +249,38 @@ def attend(probs: jax.Array, value: jax.Array) -> jax.Array:
     out = jnp.einsum("bkgts,bskd->btkgd", probs, value)
     batch, q_len = out.shape[:2]
     return out.reshape(batch, q_len, -1)
+
+
+def decoder_module_name(path: str, model: str, example: str) -> str:
+    """A decoder's Flax module path as its HF module-name template: ``model/layers/x`` -> ``model.layers.{layer}.x``.
+
+    Raises:
+        ValueError: the path does not start with ``model`` or ``lm_head`` (names ``model``, the class, and shows
+            ``example``).
+    """
+    parts = path.strip("/").split("/")
+    if parts[0] not in ("model", "lm_head") or "" in parts:
+        raise ValueError(
+            f"Module path {path!r} is not a {model} path; expected it to start with 'model/' or be 'lm_head', e.g. "
+            f"{example!r}."
+        )
+    if parts[:2] == ["model", "layers"]:
+        parts = ["model", "layers", LAYER_PLACEHOLDER, *parts[2:]]
+    return ".".join(parts)
+
+
+def decoder_module_path(hf_name: str, model: str, example: str) -> tuple[str, int | None]:
+    """Inverse of :func:`decoder_module_name`: ``(Flax module path, layer index or None)``.
+
+    Raises:
+        ValueError: the name does not start with ``model``/``lm_head``, or names ``model.layers`` without an index.
+    """
+    parts = hf_name.strip(".").split(".")
+    if parts[0] not in ("model", "lm_head") or "" in parts:
+        raise ValueError(f"{hf_name!r} is not a {model} module name; expected e.g. {example!r}.")
+    if parts[:2] != ["model", "layers"]:
+        return "/".join(parts), None
+    if _LAYER_NAME.match(hf_name) is None:
+        raise ValueError(f"{hf_name!r} names model.layers without a layer index; expected 'model.layers.N...'.")
+    layer = None if parts[2] == LAYER_PLACEHOLDER else int(parts[2])
+    return "/".join(["model", "layers", *parts[3:]]), layer

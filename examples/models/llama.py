@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,10 +16,11 @@ from flax import traverse_util
 
 import jaxpeft
 from examples.models._common import (
-    LAYER_PLACEHOLDER,
     attend,
     attention_probs,
     checkpoint_to_params,
+    decoder_module_name,
+    decoder_module_path,
     params_to_checkpoint,
     read_config_json,
     read_safetensors_dir,
@@ -593,9 +593,6 @@ def _check_cache(cache: Mapping[str, jax.Array], config: LlamaConfig, batch: int
     return shape[2]
 
 
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+|\{layer\})(?:\.|$)")
-
-
 def hf_module_name(path: str) -> str:
     """Maps a Flax module path to its Hugging Face module-name template.
 
@@ -610,15 +607,7 @@ def hf_module_name(path: str) -> str:
     Raises:
         ValueError: If the path does not start with ``model`` or ``lm_head``.
     """
-    parts = path.strip("/").split("/")
-    if parts[0] not in ("model", "lm_head") or "" in parts:
-        raise ValueError(
-            f"Module path {path!r} is not a LlamaForCausalLM path; expected it to start with 'model/' or be "
-            "'lm_head', e.g. 'model/layers/self_attn/q_proj'."
-        )
-    if parts[:2] == ["model", "layers"]:
-        parts = ["model", "layers", LAYER_PLACEHOLDER, *parts[2:]]
-    return ".".join(parts)
+    return decoder_module_name(path, "LlamaForCausalLM", "model/layers/self_attn/q_proj")
 
 
 def our_module_path(hf_name: str) -> tuple[str, int | None]:
@@ -635,18 +624,7 @@ def our_module_path(hf_name: str) -> tuple[str, int | None]:
     Raises:
         ValueError: If the name does not belong to a Llama model.
     """
-    parts = hf_name.strip(".").split(".")
-    if parts[0] not in ("model", "lm_head") or "" in parts:
-        raise ValueError(
-            f"{hf_name!r} is not a LlamaForCausalLM module name; expected e.g. 'model.layers.0.mlp.up_proj'."
-        )
-    if parts[:2] != ["model", "layers"]:
-        return "/".join(parts), None
-    match = _LAYER_NAME.match(hf_name)
-    if match is None:
-        raise ValueError(f"{hf_name!r} names model.layers without a layer index; expected 'model.layers.N...'.")
-    layer = None if parts[2] == LAYER_PLACEHOLDER else int(parts[2])
-    return "/".join(["model", "layers", *parts[3:]]), layer
+    return decoder_module_path(hf_name, "LlamaForCausalLM", "model.layers.0.mlp.up_proj")
 
 
 def abstract_params(config: LlamaConfig) -> dict[str, Any]:

@@ -120,6 +120,7 @@ def to_state_dict(
     ensure_weight_tying: bool | None = None,
     tied_head: str | None = None,
     modules_to_save: Mapping[str, Any] | None = None,
+    parameter_order: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The HF PEFT ``adapter_config.json`` contents and ``adapter_model.safetensors`` tensors of ``adapters``.
 
@@ -160,6 +161,18 @@ def to_state_dict(
         ``base_model.model.<name>.<param>`` with ``"modules_to_save": [<name>, ...]`` in the config, as PEFT's
         ``save_pretrained`` does. When ``params`` hold that module, the tree must give exactly its parameters and
         shapes (PEFT loads the whole module).
+      parameter_order: LoRA: the HF parameter names of a module in the order the torch module registers them (e.g.
+        ``("gate_up_proj", "down_proj")`` for transformers' MoE experts). Needed when LoRA adapts several bare
+        parameters of one HF module (PEFT's ``target_parameters``, below): PEFT nests one ``ParamWrapper`` per
+        parameter in that order, which decides each one's tensor keys.
+
+    Expert weights (PEFT ``target_parameters``): a LoRA adapter whose weight has one stack axis more than its
+    ``{layer}`` template (an einsum kernel ``(experts, in, out)`` such as ``examples/models/moe.py``'s) is written for
+    HF's 3-D parameter ``(experts, out, in)`` that ``module_name`` names (``"model.layers.{layer}.mlp.experts.
+    gate_up_proj"``: the parameter, not its module): ``lora_A.weight`` ``[r * experts, in]`` (expert-major rows) and
+    ``lora_B.weight`` ``[out, r * experts]`` (rank-major columns), on the module, one ``.base_layer`` deeper per
+    parameter registered after it, and ``target_parameters`` in the config; exactly PEFT 0.21.2's ``ParamWrapper``.
+    PEFT refuses DoRA and ``lora_dropout`` there, so those are refused here too.
 
     Returns:
       ``(config_dict, {key: numpy array})``.
@@ -187,7 +200,7 @@ def to_state_dict(
     for name, value in (("task_type", task_type), ("base_model_name_or_path", base_model_name_or_path)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"`{name}`={value!r}; expected a string or None.")
-    given = {"ensure_weight_tying": ensure_weight_tying, "tied_head": tied_head}
+    given = {"ensure_weight_tying": ensure_weight_tying, "tied_head": tied_head, "parameter_order": parameter_order}
     options = {k: v for k, v in given.items() if v is not None}
     foreign = sorted(set(options) - set(codec.options))
     if not codec.modules:
@@ -312,6 +325,7 @@ def from_state_dict(
     base_weights: str = "check",
     configs: Sequence[type[MethodConfig]] = (),
     tie_word_embeddings: bool | None = None,
+    parameter_order: Sequence[str] | None = None,
 ) -> tuple[MethodConfig, dict[str, Any]]: ...
 
 
@@ -328,6 +342,7 @@ def from_state_dict(
     base_weights: str = "check",
     configs: Sequence[type[MethodConfig]] = (),
     tie_word_embeddings: bool | None = None,
+    parameter_order: Sequence[str] | None = None,
 ) -> tuple[MethodConfig, dict[str, Any], dict[str, Any]]: ...
 
 
@@ -343,6 +358,7 @@ def from_state_dict(
     base_weights: str = "check",
     configs: Sequence[type[MethodConfig]] = (),
     tie_word_embeddings: bool | None = None,
+    parameter_order: Sequence[str] | None = None,
 ) -> tuple[MethodConfig, dict[str, Any]] | tuple[MethodConfig, dict[str, Any], dict[str, Any]]:
     """A config and adapter tree from HF PEFT adapter config contents and tensors.
 
@@ -386,6 +402,9 @@ def from_state_dict(
         ``LlamaConfig.tie_word_embeddings``). None infers it: tied when the file's ``task_type`` is ``CAUSAL_LM`` or
         ``SEQ_2_SEQ_LM`` and no parameter but the table (the largest ``embedding``) spans the vocabulary. Only
         read when the file touches that table without ``ensure_weight_tying`` (see above).
+      parameter_order: LoRA with ``target_parameters``: the HF parameter names of a module in registration order
+        (see :func:`to_state_dict`); needed only when several parameters of one module are adapted and their
+        factor shapes do not tell which nesting level is which.
 
     Returns:
       ``(cfg, adapters)``, or ``(cfg, adapters, {module: tree})`` when ``modules_to_save`` is given.
@@ -418,6 +437,9 @@ def from_state_dict(
     if base_weights not in ("check", "ignore"):
         raise ValueError(f"`base_weights`={base_weights!r}; expected 'check' or 'ignore'.")
     codec = _import_codec(config, configs)
+    options = {} if parameter_order is None else {"parameter_order": parameter_order}
+    if options and "parameter_order" not in codec.options:
+        raise ValueError(f"`parameter_order` does not apply to {codec.peft_type} adapters; leave it None.")
     if codec.modules:  # saved modules are read here, not by the codec (whose table refuses them)
         check_fields({k: v for k, v in config.items() if k != "modules_to_save"}, codec)
         config = dict(config)
@@ -427,14 +449,16 @@ def from_state_dict(
     if not codec.modules:
         if modules_to_save is not None:
             raise ValueError(f"`modules_to_save` is not supported for {codec.peft_type} adapters; pass None.")
-        request = Import(config, checked, params, None, layouts, dtype, base_weights)
+        request = Import(config, checked, params, None, layouts, dtype, base_weights, options)
         return codec.from_hf(request)
     fn = as_fn(module_name)
     entries = _saved.read_entries(config)
     shared = {k: checked.pop(k) for k in codec.shared_keys if k in checked}
     groups, rest = _saved.split(entries, checked, _parts())
     saved = _saved.from_hf(groups, entries, modules_to_save, _saved.module_universe(params, fn))
-    request = Import({**config, "modules_to_save": None}, {**rest, **shared}, params, fn, layouts, dtype, base_weights)
+    request = Import(
+        {**config, "modules_to_save": None}, {**rest, **shared}, params, fn, layouts, dtype, base_weights, options
+    )
     cfg, adapters = codec.from_hf(request)
     adapted = [path for path, _ in adapter_items(adapters)]
     check_tied_head(config, adapted, entries, params, fn, tie_word_embeddings)

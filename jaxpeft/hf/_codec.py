@@ -73,6 +73,7 @@ class Import(NamedTuple):
       layouts: the caller's kernel layouts, or None.
       dtype: the adapter dtype the caller asked for, or None (the file's).
       base_weights: ``"check"`` or ``"ignore"``: what to do with PEFT's copies of base weights.
+      options: the codec's own import options (``PeftCodec.options``) the caller set, or None.
     """
 
     config: Mapping[str, Any]
@@ -82,6 +83,7 @@ class Import(NamedTuple):
     layouts: Mapping[str, Any] | None
     dtype: Any
     base_weights: str
+    options: Mapping[str, Any] | None = None
 
 
 class PeftCodec(NamedTuple):
@@ -101,7 +103,8 @@ class PeftCodec(NamedTuple):
       tensor_parts: the key components of the method's tensors (``{"lora_A", "lora_B"}``): a saved module must
         not hold one.
       shared_keys: tensor keys outside ``base_model.model.`` that the method reads (VeRA's shared projections).
-      options: names of export options only this codec takes (LoRA's ``ensure_weight_tying``, ``tied_head``).
+      options: names of options only this codec takes (LoRA's ``ensure_weight_tying``, ``tied_head`` on export;
+        ``parameter_order`` both ways).
       modules: False for a method with no HF modules (prompt learning): ``module_name``, ``layouts`` and
         ``modules_to_save`` do not apply.
     """

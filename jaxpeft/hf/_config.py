@@ -195,9 +195,15 @@ class Selection:
         return ", ".join(parts)
 
 
-def read_selection(config: Mapping[str, Any], layers: bool) -> Selection:
-    """The checked :class:`Selection` of ``config`` (``layers``: the config type has ``layers_to_transform``)."""
+def read_selection(config: Mapping[str, Any], layers: bool, *, empty_ok: bool = False) -> Selection:
+    """The checked :class:`Selection` of ``config`` (``layers``: the config type has ``layers_to_transform``).
+
+    ``empty_ok``: a missing or empty ``target_modules`` selects no module (LoRA with ``target_parameters`` only,
+    which PEFT accepts) instead of being refused.
+    """
     targets = config.get("target_modules")
+    if empty_ok and (targets is None or targets == []):
+        return dataclasses.replace(read_selection({**config, "target_modules": ["_"]}, layers), target_modules=())
     if targets is None:
         raise fail(
             "target_modules",

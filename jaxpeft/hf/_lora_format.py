@@ -18,9 +18,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from jaxpeft._paths import leaves_with_paths, set_path
 from jaxpeft._select import Layout
+from jaxpeft.hf import _parameters as parameters
 from jaxpeft.hf._codec import Export, FieldTable, Import, PeftCodec
 from jaxpeft.hf._common import (
     PREFIX,
@@ -31,11 +34,15 @@ from jaxpeft.hf._common import (
     check_hf_name,
     check_rank_scale,
     conv_vector,
+    hf_modules,
+    hf_targets,
     import_layout,
     per_path_args,
     rank_alpha_fields,
     read_groups,
+    short_names,
     target_modules,
+    template,
     write_modules,
 )
 from jaxpeft.hf._config import (
@@ -54,6 +61,7 @@ from jaxpeft.hf._config import (
     rate_value,
     read_selection,
 )
+from jaxpeft.protocol import Adapter, adapter_items, check_fits
 
 __all__ = ["FIELDS", "lora_codec"]
 
@@ -86,6 +94,7 @@ FIELDS = FieldTable(
         "rank_pattern",
         "alpha_pattern",
         "target_modules",
+        "target_parameters",
         "exclude_modules",
         "layers_to_transform",
         "layers_pattern",
@@ -108,7 +117,6 @@ FIELDS = FieldTable(
         "lora_bias": "LoRA bias terms (`lora_bias`) are not supported",
         "modules_to_save": SAVED,
         "trainable_token_indices": "trainable tokens (`trainable_token_indices`) are not supported",
-        "target_parameters": "LoRA on bare parameters (`target_parameters`) is not supported",
         "layer_replication": "layer replication (`layer_replication`) changes the base model",
         "use_qalora": "QA-LoRA (`use_qalora`) pools the adapter's input",
         "alora_invocation_tokens": "activated LoRA (`alora_invocation_tokens`) switches on after given tokens",
@@ -139,6 +147,7 @@ class LoraFields:
     ensure_weight_tying: bool
     identity_init: bool  # a targeted module with no saved tensors is the identity in PEFT
     selection: Selection
+    target_parameters: tuple[str, ...] = ()
 
     def rank_alpha(self, name: str) -> tuple[int, float]:
         """The rank and alpha PEFT gives module ``name`` (first matching pattern key, else ``r``/``lora_alpha``)."""
@@ -167,6 +176,7 @@ def _identity_init(config: Mapping[str, Any]) -> bool:
 def read_lora(config: Mapping[str, Any]) -> LoraFields:
     """The checked fields of a ``peft_type: "LORA"`` config; missing fields take PEFT's defaults."""
     check_bias_none(config, "LoRA factors")
+    targeted = parameters.read_target_parameters(config)
     return LoraFields(
         r=rank_value("r", config.get("r", 8)),
         alpha=alpha_value("lora_alpha", config.get("lora_alpha", 8)),
@@ -177,7 +187,8 @@ def read_lora(config: Mapping[str, Any]) -> LoraFields:
         alpha_pattern=pattern_value(config, "alpha_pattern", alpha_value),
         ensure_weight_tying=bool_field(config, "ensure_weight_tying", False),
         identity_init=_identity_init(config),
-        selection=read_selection(config, layers=True),
+        selection=read_selection(config, layers=True, empty_ok=bool(targeted)),
+        target_parameters=targeted,
     )
 
 
@@ -246,6 +257,79 @@ def _tie(
         config["ensure_weight_tying"] = bool(ensure_weight_tying)
 
 
+def _split_parameter_targets(req: Export) -> tuple[Any, list[tuple[str, Any, str]]]:
+    """The adapter tree without the adapters written as PEFT target parameters, and those as
+    ``(path, node, HF parameter-name template)``."""
+    assert req.module_name is not None
+    rest: Any = {}
+    found: list[tuple[str, Any, str]] = []
+    for path, node in adapter_items(req.adapters):
+        layout = getattr(node, "layout", None)
+        name = template(req.module_name, path) if isinstance(layout, Layout) else ""
+        if isinstance(layout, Layout) and parameters.is_parameter_target(layout, name):
+            found.append((path, node, name))
+        else:
+            rest = set_path(rest, path, node)
+    return (rest if found else req.adapters), found
+
+
+def _parameter_tensors(
+    req: Export, found: Sequence[tuple[str, Any, str]], node_type: type[Adapter], dora: bool
+) -> tuple[dict[str, np.ndarray], dict[str, Entry]]:
+    """PEFT ``ParamWrapper`` tensors of the expert adapters, and ``{HF parameter name: Entry}`` (per layer)."""
+    shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(req.params)}
+    per_module: dict[str, dict[str, tuple[Target, int | None]]] = {}
+    names: dict[str, Entry] = {}
+    for path, node, name in found:
+        if not isinstance(node, node_type):
+            raise ValueError(
+                f"adapter {path!r} is a {type(node).__name__}; a {type(req.cfg).__name__} exports "
+                f"{node_type.__name__} only. Pass the config the adapters were made with."
+            )
+        if dora:
+            raise ValueError(
+                f"adapter {path!r} is a DoRA adapter of the expert weight {name!r}, which HF PEFT adapts as a bare "
+                "parameter (`target_parameters`), and PEFT's ParamWrapper refuses use_dora. Export DoRA on module "
+                "weights only, or train LoRA on the experts."
+            )
+        if req.cfg.dropout:
+            raise ValueError(
+                f"adapter {path!r} adapts the expert weight {name!r} (PEFT `target_parameters`) and `cfg.dropout`="
+                f"{req.cfg.dropout}; PEFT's ParamWrapper refuses any lora_dropout (dropout acts on the input, which a "
+                "parameter wrapper never sees). Export with a config of dropout=0.0 (the factors are the same)."
+            )
+        if path not in shapes:
+            raise ValueError(f"adapter {path!r} has no parameter in `params`; were the adapters made for this model?")
+        check_fits(path, node, shapes[path])
+        if node.layout.fan_in != 1 or node.layout.fan_out != 1:
+            raise ValueError(
+                f"adapter {path!r} has {node.layout.fan_in} fan-in and {node.layout.fan_out} fan-out axes; a PEFT "
+                "target parameter is (experts, out, in): one of each."
+            )
+        arrays = {f: np.asarray(jax.device_get(getattr(node, f))) for f in ("a", "b")}
+        target = Target(path, node, shapes[path], name, arrays)
+        entry = _check_against_cfg(target, req.cfg)
+        for hf_name, layer in target.layers():
+            module, _, param = hf_name.rpartition(".")
+            if not module:
+                raise ValueError(
+                    f"`module_name` maps the expert weight {path!r} to {name!r}; a PEFT target parameter is named "
+                    "'<module>.<parameter>', e.g. 'model.layers.{layer}.mlp.experts.gate_up_proj'."
+                )
+            per_module.setdefault(module, {})[param] = (target, layer)
+            names[hf_name] = entry
+    tensors: dict[str, np.ndarray] = {}
+    for module, params in per_module.items():
+        order = parameters.order_parameters(module, list(params), req.options.get("parameter_order"))
+        for index, param in enumerate(order):
+            target, layer = params[param]
+            a, b = parameters.to_peft(target.array("a", layer), target.array("b", layer))
+            stem = PREFIX + parameters.wrapper_name(module, index, len(order))
+            tensors[stem + ".lora_A.weight"] = np.ascontiguousarray(a)
+            tensors[stem + ".lora_B.weight"] = np.ascontiguousarray(b)
+    return tensors, names
+
+
 def _to_hf(req: Export, node_type: type, dora: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     tied_head = req.options.get("tied_head")
     if tied_head is not None:
@@ -253,11 +337,19 @@ def _to_hf(req: Export, node_type: type, dora: bool) -> tuple[dict[str, Any], di
         if "{layer}" in tied_head:
             raise ValueError(f"`tied_head`={tied_head!r}; a tied output head is one module, without {{layer}}.")
     cfg = req.cfg
-    tensors, names = write_modules(
-        req, node_type, lambda t, layer: _factor_tensors(t, layer, dora), lambda t: _check_against_cfg(t, cfg)
-    )
+    rest, found = _split_parameter_targets(req)
+    tensors: dict[str, np.ndarray] = {}
+    names: dict[str, Entry] = {}
+    if not found or list(adapter_items(rest)):
+        tensors, names = write_modules(
+            req._replace(adapters=rest),
+            node_type,
+            lambda t, layer: _factor_tensors(t, layer, dora),
+            lambda t: _check_against_cfg(t, cfg),
+        )
+    param_tensors, param_names = _parameter_tensors(req, found, node_type, dora) if found else ({}, {})
     config = {
-        **rank_alpha_fields(cfg, names, "r", "lora_alpha"),
+        **rank_alpha_fields(cfg, {**names, **param_names}, "r", "lora_alpha"),
         "auto_mapping": None,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -269,10 +361,15 @@ def _to_hf(req: Export, node_type: type, dora: bool) -> tuple[dict[str, Any], di
         "modules_to_save": None,
         "peft_type": "LORA",
         "revision": None,
-        "target_modules": target_modules(req, names),
+        "target_modules": target_modules(req, names) if names else None,
         "use_dora": dora,
         "use_rslora": cfg.use_rslora,
     }
+    if param_names:
+        assert req.module_name is not None
+        universe = hf_modules(req.params, req.module_name)
+        config["target_parameters"] = short_names(param_names, universe, hf_targets) or sorted(param_names)
+        tensors.update(param_tensors)
     embeds = list({id(e): e for e in names.values() if e.target.kind == "embed"}.values())
     _tie(config, tensors, embeds, dora, req.options.get("ensure_weight_tying"), tied_head)
     return config, tensors
@@ -426,14 +523,56 @@ def _kind_rank_alpha(fields: LoraFields, group: Group) -> tuple[str, int, float]
     return kinds.pop(), rank, alpha
 
 
+def _import_parameter_group(fields: LoraFields, group: Group) -> tuple[dict[str, np.ndarray], int, float]:
+    """Our ``{a, b}`` of an expert kernel ``(*layers, E, in, out)`` from PEFT ``ParamWrapper`` tensors, its rank
+    and alpha."""
+    from jaxpeft.hf._common import group_rank_alpha
+
+    experts, fan_in, fan_out = group.shape[-3:]
+    ranks = []
+    for name, entry in group.modules:
+        if set(entry) != {"a", "b"}:
+            raise ValueError(
+                f"HF parameter {name!r} (PEFT `target_parameters`) holds {sorted(entry)} tensors; a ParamWrapper "
+                "has exactly lora_A and lora_B. The file is incomplete or not PEFT's."
+            )
+        a_hf, b_hf = np.shape(entry["a"]), np.shape(entry["b"])
+        if (
+            len(a_hf) != 2
+            or len(b_hf) != 2
+            or a_hf[0] != b_hf[1]
+            or a_hf[0] % experts
+            or a_hf[1:] != (fan_in,)
+            or (b_hf[0] != fan_out)
+        ):
+            raise ValueError(
+                f"HF parameter {name!r} has LoRA factors A {a_hf}, B {b_hf}; for {group.path!r} of shape "
+                f"{group.shape} ({experts} experts, in {fan_in}, out {fan_out}) PEFT's ParamWrapper has A "
+                f"[r * {experts}, {fan_in}] and B [{fan_out}, r * {experts}]. Does the adapter belong to this model?"
+            )
+        ranks.append(a_hf[0] // experts)
+    rank, alpha = group_rank_alpha(fields.rank_alpha, group, ranks)
+    per_layer = [parameters.from_peft(np.asarray(e["a"]), np.asarray(e["b"]), experts) for _, e in group.modules]
+    return {"a": group.stack([a for a, _ in per_layer]), "b": group.stack([b for _, b in per_layer])}, rank, alpha
+
+
 def _from_hf(req: Import, config_cls: type) -> tuple[Any, dict[str, Any]]:
     fields = read_lora(req.config)
     tensors, selection = _drop_tied_copies(req.tensors, req, fields)
+    order = (req.options or {}).get("parameter_order")
+    tensors, selection, expert_paths = parameters.rename_wrapped_keys(
+        tensors, req.params, req.module_name, selection, fields.target_parameters, order
+    )
     what = "LoRA or DoRA tensors (lora_A/lora_B, lora_embedding_A/B, magnitudes)"
     groups = read_groups(req, selection, _SUFFIXES, what, fields.identity_init, "init_lora_weights", tensors)
     layouts = dict(req.layouts or {})
     arrays, used_layouts, ranks, alphas = {}, {}, {}, {}
     for group in groups:
+        if group.path in expert_paths:
+            given = layouts.get(group.path)
+            used_layouts[group.path] = parameters.parameter_layout(group.shape, group.stacked, given, group.path)
+            arrays[group.path], ranks[group.path], alphas[group.path] = _import_parameter_group(fields, group)
+            continue
         kind, ranks[group.path], alphas[group.path] = _kind_rank_alpha(fields, group)
         used_layouts[group.path] = import_layout(group, kind, layouts.get(group.path))
         arrays[group.path] = _import_group(group, kind, used_layouts[group.path], ranks[group.path])
@@ -461,5 +600,5 @@ def lora_codec(node_type: type, config_cls: type, *, dora: bool) -> PeftCodec:
         from_hf=lambda req: _from_hf(req, config_cls),
         accepts=lambda config: (config.get("use_dora", False) is True) == dora,
         tensor_parts=_PARTS,
-        options=("ensure_weight_tying", "tied_head"),
+        options=("ensure_weight_tying", "tied_head", "parameter_order"),
     )

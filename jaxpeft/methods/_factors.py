@@ -309,6 +309,7 @@ class LowRankNode:
     and a ``scale``: ``ΔW = scale · A·B``, forward ``base(x) + scale·(dropout(x)·A)·B``, never ``W + ΔW``."""
 
     b_factors: ClassVar[tuple[str, ...]] = ("b",)
+    grouped_rows: ClassVar[bool] = True  # the branch is x·A·B: banks run mixed batches as grouped matmuls
 
     a: Any
     b: Any

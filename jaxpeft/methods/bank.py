@@ -28,6 +28,7 @@ so an id means the same adapter in every layer.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, cast
 
@@ -50,7 +51,10 @@ from jaxpeft.protocol import (
     hook_kind,
 )
 
-__all__ = ["AdapterBank", "adapter_ids", "select_adapter", "stack_adapters", "unstack_adapters"]
+#: How a bank runs a mixed batch (see ``AdapterBank.route_for``): ``"auto"``, ``"rows"``, ``"ragged"``, ``"vmap"``.
+GROUPINGS = ("auto", "rows", "ragged", "vmap")
+
+__all__ = ["AdapterBank", "adapter_ids", "choose_route", "select_adapter", "stack_adapters", "unstack_adapters"]
 
 
 def _take(leaf: jax.Array, index: Any, axis: int) -> jax.Array:
@@ -88,6 +92,11 @@ class AdapterBank(LayerAdapter):
     adapters: Any
     names: tuple[str, ...] = dataclasses.field(metadata=STATIC)
     layout: Layout = dataclasses.field(metadata=STATIC, kw_only=True)
+    grouping: str = dataclasses.field(default="auto", metadata=STATIC, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"`grouping`={self.grouping!r}; expected one of {GROUPINGS}.")
 
     @property
     def dropout(self) -> float:  # type: ignore[override]
@@ -113,7 +122,7 @@ class AdapterBank(LayerAdapter):
         if n_sliced == 0:
             return self
         layout = dataclasses.replace(self.layout, stack=self.layout.stack - n_sliced)
-        return AdapterBank(self.adapters.at_call(n_sliced), self.names, layout=layout)
+        return AdapterBank(self.adapters.at_call(n_sliced), self.names, layout=layout, grouping=self.grouping)
 
     def pick(self, index: Any) -> Adapter:
         """The adapter at ``index`` (an int or a traced scalar) as a node of the stacked method."""
@@ -163,6 +172,14 @@ class AdapterBank(LayerAdapter):
                 f"`adapter_ids` has shape {ids.shape}; a mixed batch needs one id per example along the leading axis "
                 f"of the layer input, shape ({batch},) here (or shape () for one adapter for the whole call)."
             )
+        route = self.route_for(call)
+        if route != "vmap":
+            grouped = dataclasses.replace(inner_call, rows=ids, route=route)
+            out: jax.Array = cast(Any, self.adapters).forward(grouped)
+            if route == "ragged":  # rows of ids that name no adapter: NaN, as the gathered paths read them
+                bad = jnp.reshape(ids == len(self.names), (-1,) + (1,) * (out.ndim - 1))
+                out = jnp.where(bad, jnp.asarray(jnp.nan, out.dtype), out)
+            return out
         picked = self.pick(ids)  # each leaf (*stack, batch, ...)
         key = call.dropout_key() if self.dropout > 0 else None
 
@@ -171,8 +188,16 @@ class AdapterBank(LayerAdapter):
             c = dataclasses.replace(inner_call, x=x[None], dropout_key=lambda: one_key)
             return node.forward(c)[0]
 
-        out: jax.Array = jax.vmap(one, in_axes=(self.layout.stack, 0, 0))(picked, call.x, jnp.arange(batch))
+        out = jax.vmap(one, in_axes=(self.layout.stack, 0, 0))(picked, call.x, jnp.arange(batch))
         return out
+
+    def route_for(self, call: LayerCall) -> str:
+        """Which path a mixed batch of ``call`` takes (:func:`choose_route` with this bank's ``grouping``)."""
+        grouped = bool(getattr(type(self.adapters), "grouped_rows", False)) and call.kind in ("dense", "dense_general")
+        fan_in = math.prod(call.x.shape[ax] for ax in call.axes or ())
+        per_row = call.x.size // max(1, call.x.shape[0] * fan_in)
+        rank = int(getattr(self.adapters, "rank", 0) or 0)
+        return choose_route(self.grouping, grouped, per_row, rank, jax.default_backend())
 
     def _checked(self, ids: jax.Array) -> jax.Array:
         """``ids`` with every id outside ``[0, n)`` (negatives included) mapped to ``n``, which reads NaN adapters; a
@@ -190,6 +215,24 @@ class AdapterBank(LayerAdapter):
         return jnp.where(valid, ids, n)
 
 
+def choose_route(grouping: str, grouped: bool, tokens_per_row: int, rank: int, backend: str) -> str:
+    """The path of a bank's mixed batch: ``"vmap"``, ``"rows"`` or ``"ragged"``.
+
+    ``"vmap"`` (each example's adapter gathered, the method's rule ``vmap``-ped) runs any method and call kind;
+    it is the only path where the node is not ``grouped`` (a ``grouped_rows`` node on a ``dense``/
+    ``dense_general`` call) and wherever ``grouping="vmap"``. Otherwise ``grouping`` names the path, and
+    ``"auto"`` picks ``"ragged"`` (``jax.lax.ragged_dot`` over tokens sorted by adapter) where ``backend`` lowers
+    ``ragged_dot`` to a native grouped matmul (``"tpu"``, ``"gpu"``) and a row holds fewer tokens than the rank
+    (decoding: permuting the tokens moves less than gathering each row's factors), else ``"rows"`` (each row's
+    factors gathered, one batched product: FLOP-optimal on every backend, no activation moved).
+    """
+    if grouping == "vmap" or not grouped:
+        return "vmap"
+    if grouping != "auto":
+        return grouping
+    return "ragged" if backend in ("tpu", "gpu") and tokens_per_row < rank else "rows"
+
+
 def _flatten(bank: AdapterBank) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
     """The stacked node's fields as the bank's children under their own names (``a``, ``b``, ...).
 
@@ -199,12 +242,12 @@ def _flatten(bank: AdapterBank) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]
     inner = bank.adapters
     flat, treedef = jax.tree_util.tree_flatten_with_path(inner, is_leaf=lambda x: x is not inner)
     children = [(jax.tree_util.GetAttrKey(path_str(kp).replace("/", "_")), child) for kp, child in flat]
-    return children, (treedef, bank.names, bank.layout)
+    return children, (treedef, bank.names, bank.layout, bank.grouping)
 
 
 def _unflatten(aux: tuple[Any, ...], children: Any) -> AdapterBank:
-    treedef, names, layout = aux
-    return AdapterBank(jax.tree_util.tree_unflatten(treedef, list(children)), names, layout=layout)
+    treedef, names, layout, grouping = aux
+    return AdapterBank(jax.tree_util.tree_unflatten(treedef, list(children)), names, layout=layout, grouping=grouping)
 
 
 jax.tree_util.register_pytree_with_keys(AdapterBank, _flatten, _unflatten)
@@ -231,7 +274,7 @@ def _lora_common(nodes: Sequence[Any]) -> list[Any] | None:
     return out
 
 
-def _stack_path(path: str, names: Sequence[str], nodes: Sequence[Any]) -> AdapterBank:
+def _stack_path(path: str, names: Sequence[str], nodes: Sequence[Any], grouping: str) -> AdapterBank:
     keys = [(str(jax.tree.structure(n)), [leaf.shape for leaf in jax.tree.leaves(n)]) for n in nodes]
     odd = next((i for i, k in enumerate(keys) if k != keys[0]), None)
     if odd is not None:
@@ -245,7 +288,7 @@ def _stack_path(path: str, names: Sequence[str], nodes: Sequence[Any]) -> Adapte
         nodes = normalised
     axis = nodes[0].layout.stack
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves, axis=axis), *nodes)
-    return AdapterBank(stacked, tuple(names), layout=nodes[0].layout)
+    return AdapterBank(stacked, tuple(names), layout=nodes[0].layout, grouping=grouping)
 
 
 def _difference(a: Any, b: Any) -> str:
@@ -265,7 +308,7 @@ def _difference(a: Any, b: Any) -> str:
     return f"{type(a).__name__} " + (", ".join(parts) or "(equal fields, different structure)")
 
 
-def stack_adapters(named: Mapping[str, Any]) -> dict[str, Any]:
+def stack_adapters(named: Mapping[str, Any], *, grouping: str = "auto") -> dict[str, Any]:
     """One adapter tree holding every adapter of ``named`` (``{name: adapter tree}``), to pick from at call time.
 
     The trees must adapt the same paths with the same method and shapes; LoRA adapters may differ in rank and
@@ -276,10 +319,18 @@ def stack_adapters(named: Mapping[str, Any]) -> dict[str, Any]:
     one checkpoint per adapter: ``jaxpeft.adapter_sets.save_adapter_set(dir, jaxpeft.unstack_adapters(bank), cfg,
     params, step=n)`` (``jaxpeft.checkpoint`` refuses a bank with that fix).
 
+    ``grouping`` says how a mixed batch runs (``AdapterBank.route_for``): ``"auto"`` (default), ``"rows"``
+    (LoRA-family factors gathered per row, one batched low-rank product per layer), ``"ragged"``
+    (``jax.lax.ragged_dot`` over tokens sorted by adapter) or ``"vmap"`` (each example's adapter gathered and the
+    method's rule ``vmap``-ped: the reference, and the path of every non-LoRA-family method). All four compute
+    the same outputs and gradients.
+
     Raises:
       ValueError: fewer than one adapter, a name that is not a string, adapters over different paths (names the
-        paths), or stacked adapters that differ (names the path and both adapters).
+        paths), stacked adapters that differ (names the path and both adapters), an unknown ``grouping``.
     """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"`grouping`={grouping!r}; expected one of {GROUPINGS}.")
     if not isinstance(named, Mapping) or not named:
         raise ValueError("`named` must be a non-empty mapping {name: adapter tree}, e.g. {'fr': fr, 'de': de}.")
     names = list(named)
@@ -305,7 +356,7 @@ def stack_adapters(named: Mapping[str, Any]) -> dict[str, Any]:
             )
     out: dict[str, Any] = {}
     for path in sorted(tables[names[0]]):
-        out = set_path(out, path, _stack_path(path, names, [tables[n][path] for n in names]))
+        out = set_path(out, path, _stack_path(path, names, [tables[n][path] for n in names], grouping))
     return out
 
 

@@ -88,7 +88,21 @@ class DoraWeights(LowRankNode, LayerAdapter):
         w = weight.astype(jnp.float32) + factors_delta(self.a, self.b, self.scale, self.layout, weight.shape)
         return (w * f).astype(weight.dtype), None
 
+    def row_factors(self, kernel: jax.Array, ids: jax.Array) -> jax.Array:
+        """For a bank (this node's arrays with the adapter axis first): row ``i``'s ``magnitude / ‖W + s·A·B‖`` of
+        adapter ``ids[i]``, ``(rows, *fan_out)``; the norms are computed once per adapter, or once per row when the
+        bank holds more adapters than there are rows."""
+        per_row = self.a.shape[0] > ids.shape[0]
+        node = jax.tree.map(lambda t: jnp.take(t, ids, axis=0, mode="fill"), self) if per_row else self
+        factors: jax.Array = jax.vmap(lambda one: one.factor(kernel))(node)
+        return factors if per_row else jnp.take(factors, ids, axis=0, mode="fill")
+
     def forward(self, call: LayerCall) -> jax.Array:
+        if call.rows is not None:  # a grouped mixed batch of a bank (dense calls): one factor per row
+            y = call.base(call.x)
+            rows = self.row_factors(call.kernel, call.rows).astype(y.dtype)
+            f = jnp.reshape(rows, (rows.shape[0],) + (1,) * (y.ndim - rows.ndim) + rows.shape[1:])
+            return self._rescaled(call, y, f)
         factor = self.factor(call.kernel)
         if call.kind == "attend":  # q·(f ⊙ (E + s·A·B))ᵀ = (q ⊙ f)·(E + s·A·B)ᵀ
             q = call.x * factor.astype(call.x.dtype)
@@ -96,6 +110,10 @@ class DoraWeights(LowRankNode, LayerAdapter):
             return y + call.lowrank(q.astype(y.dtype), self.a, self.b, self.scale).astype(y.dtype)
         y = call.base(call.x)
         f = call.output_vector(factor.astype(y.dtype), y.ndim)
+        return self._rescaled(call, y, f)
+
+    def _rescaled(self, call: LayerCall, y: jax.Array, f: jax.Array) -> jax.Array:
+        """``f·(x·W + s·x·A·B) + bias`` from the base output ``y`` and the factor ``f`` broadcast against it."""
         if call.kind == "embed":
             return f * (y + call.lowrank(call.x, self.a, self.b, self.scale, dtype=y.dtype).astype(y.dtype))
         x = call.x.astype(y.dtype)
