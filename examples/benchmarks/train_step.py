@@ -144,7 +144,12 @@ def _compiled_stats(compiled: Any) -> tuple[float | None, dict[str, int] | None]
     return flops, memory
 
 
-def build_step(mode: str, shape: Shape, params: Any, ids: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+OPTIMIZERS = {"adamw": lambda: optax.adamw(1e-4), "sgd": lambda: optax.sgd(1e-4)}
+
+
+def build_step(
+    mode: str, shape: Shape, params: Any, ids: Any, optimizer: str = "adamw"
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     """The AdamW train step of ``mode`` (one of ``MODES``) and its arguments ``(trainable, opt_state, frozen, ids)``.
 
     ``step(trainable, opt_state, frozen, ids) -> (trainable, opt_state, loss)``; the first two are meant to be
@@ -152,7 +157,7 @@ def build_step(mode: str, shape: Shape, params: Any, ids: Any) -> tuple[Callable
     starts at the weights' column norms) and the ``qlora-*`` modes.
     """
     model = LlamaForCausalLM(shape.llama())
-    tx = optax.adamw(1e-4)
+    tx = OPTIMIZERS[optimizer]()
     frozen: Any
     if mode in ROWS:
         rows = ROWS[mode]
@@ -217,9 +222,11 @@ def build_step(mode: str, shape: Shape, params: Any, ids: Any) -> tuple[Callable
     return step, (train, opt, frozen, ids)
 
 
-def compile_step(mode: str, shape: Shape, params: Any, ids: Any) -> tuple[Any, tuple[Any, ...]]:
+def compile_step(
+    mode: str, shape: Shape, params: Any, ids: Any, optimizer: str = "adamw"
+) -> tuple[Any, tuple[Any, ...]]:
     """``build_step``, jitted with the trainable state and optimizer state donated, and compiled."""
-    step, args = build_step(mode, shape, params, ids)
+    step, args = build_step(mode, shape, params, ids, optimizer)
     return jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile(), args
 
 
@@ -237,9 +244,9 @@ def hlo_op_counts(hlo_text: str, min_elements: int = 0) -> dict[str, int]:
     return counts
 
 
-def jax_runner(mode: str, shape: Shape, params: Any, ids: jax.Array) -> Runner:
-    """Build, compile and warm up the jitted AdamW step of ``mode`` (one of ``MODES``)."""
-    compiled, (train, opt, frozen, ids) = compile_step(mode, shape, params, ids)
+def jax_runner(mode: str, shape: Shape, params: Any, ids: jax.Array, optimizer: str = "adamw") -> Runner:
+    """Build, compile and warm up the jitted train step of ``mode`` (one of ``MODES``)."""
+    compiled, (train, opt, frozen, ids) = compile_step(mode, shape, params, ids, optimizer)
     flops, memory = _compiled_stats(compiled)
     big = hlo_op_counts(compiled.as_text(), shape.batch * shape.seq * min(shape.width, shape.ffn) // 2)
     state = [train, opt]
@@ -338,6 +345,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf", action="store_true", help="also torch + HF PEFT: floor, LoRA eager and compiled")
     parser.add_argument("--no-compile", action="store_true", help="with --hf: skip the torch.compile LoRA")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZERS),
+        default="adamw",
+        help="the JAX steps' optimizer (default adamw); sgd makes the update one pass over the trainable state, to "
+        "see what the optimizer costs modes with many trainable parameters (mixed16, mixed64)",
+    )
     for field in dataclasses.fields(Shape):
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=str if field.name == "dtype" else int, default=None, help="override the preset")
@@ -368,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runners = []
     for mode in modes:
         t0 = time.perf_counter()
-        runners.append(jax_runner(mode, shape, params, ids))
+        runners.append(jax_runner(mode, shape, params, ids, args.optimizer))
         print(f"  compiled {mode:12s} in {time.perf_counter() - t0:6.1f} s", flush=True)
     if args.hf:
         hf_modes = [m for m in HF_MODES if not (args.no_compile and m.endswith("compiled"))]
@@ -440,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "reps": args.reps,
+        "optimizer": args.optimizer,
         "date": time.strftime("%Y-%m-%d"),
         "jax": jax.__version__,
         "peak_device_bytes": peak,
