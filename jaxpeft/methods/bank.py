@@ -7,22 +7,24 @@ passed at call time (``jaxpeft.linen.apply(..., adapter_ids=ids)``, ``jaxpeft.nn
 
 - ``ids`` of shape ``()``: the whole call uses adapter ``ids`` (switching adapters never recompiles);
 - ``ids`` of shape ``(batch,)``: example ``i`` (along the leading axis of every adapted layer's input) uses
-  adapter ``ids[i]``: a *mixed batch*. The adapters' arrays are gathered per example and the method's own forward
-  rule runs under ``jax.vmap``, so the output of each example equals running that example alone with its adapter,
-  for every method; the base layer runs once over the whole batch (vmap folds the example axis into its batch).
-  For LoRA the adapted branch costs what one adapter costs; the gathered factors take ``batch·(fan_in + fan_out)·r``
-  floats. Gradients reach each adapter from the examples that used it (training several adapters in one step).
+  adapter ``ids[i]``: a *mixed batch*; the output of each example equals running that example alone with its
+  adapter, for every method, and the base layer runs once over the whole batch. LoRA-family nodes
+  (``grouped_rows``) on dense calls run as grouped low-rank products (``grouping="rows"``: each row's factors
+  gathered, ``batch·(fan_in + fan_out)·r`` floats, one batched product; ``"ragged"``: ``jax.lax.ragged_dot`` over
+  tokens sorted by adapter); every other node and call kind gathers each example's adapter and runs the method's
+  rule under ``jax.vmap`` (``"vmap"``, the reference). See :func:`choose_route`. Gradients reach each adapter from
+  the examples that used it (training several adapters in one step).
 
 To serve the base model to some examples, stack a fresh ``jaxpeft.init`` tree as one of the adapters: every built-in
 method is the identity at init.
 
 **Ids that name no adapter never run another one.** Outside ``jit`` an id out of ``[0, n)`` is a ``ValueError``.
 Under ``jit`` (values unknown at trace time) the rows whose id is out of range, negative ids included, get NaN
-outputs: the bad adapter is read as NaN, never clipped or wrapped to a neighbour, so the loss and every gradient
-turn NaN and the fault is loud. For an error naming the ids instead, run the jitted function under
-``jax.experimental.checkify``: ``checkify.checkify(step, errors=checkify.user_checks)`` reports "`adapter_ids`
-[...] holds ids outside [0, n) ...". A tree of banks has one name order (checked wherever a tree of banks is read),
-so an id means the same adapter in every layer.
+outputs: the bad adapter is read as NaN (NaN rows on the ``ragged`` path), never clipped or wrapped to a
+neighbour, so the loss turns NaN and the fault is loud. For an error naming the ids instead, run the jitted
+function under ``jax.experimental.checkify``: ``checkify.checkify(step, errors=checkify.user_checks)`` reports
+"`adapter_ids` [...] holds ids outside [0, n) ...". A tree of banks has one name order (checked wherever a tree
+of banks is read), so an id means the same adapter in every layer.
 """
 
 from __future__ import annotations
