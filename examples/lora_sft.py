@@ -44,12 +44,12 @@ the datasets' rows and each row runs its own adapter (``Tenants``). An adapter's
 alone on its rows would give; metrics add ``loss/<name>`` and ``eval_loss/<name>``; ``--ckpt-dir`` holds an adapter
 set and ``--export-hf`` one PEFT directory per name. Layer methods only (lora, dora, pissa, olora, loha, lokr, ia3).
 
-Commands (more in the README, "Fine-tuning a causal LM"):
+Commands (more in docs/guides/causal_lm.md):
 
     # CPU, 8 simulated devices, a (2,2,2) mesh, a random tiny model on synthetic data (about a minute):
     python examples/lora_sft.py --num-cpu-devices 8 --mesh data=2,fsdp=2,tp=2 --model tiny --data synthetic \\
         --steps 20 --ckpt-dir /tmp/sft --export-hf /tmp/sft-hf
-    # SmolLM2-135M-Instruct on the chatterbot Q&A pairs (assets: see the README):
+    # SmolLM2-135M-Instruct on the chatterbot Q&A pairs (assets: see docs/guides/causal_lm.md):
     python examples/lora_sft.py --model smollm2 --data chatterbot --steps 200 --batch 8 --seq-len 128
     # three adapters, one per chatterbot topic, trained in one run (a bank), exported as three PEFT directories:
     python examples/lora_sft.py --model smollm2 --adapters ai=ai,food=food,history=history --steps 200 --batch 12 \\

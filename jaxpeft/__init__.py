@@ -62,7 +62,7 @@ from jaxpeft.protocol import (
 )
 from jaxpeft.quant import QuantizedArray, dequantize, quantize
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [  # noqa: RUF022 - plainly sorted (tests/test_api.py)
     "Adapter",

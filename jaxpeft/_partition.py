@@ -29,7 +29,14 @@ class PathFilter:
 
 
 def path_filter(*patterns: str) -> PathFilter:
-    """A path-aware filter spec: ``partition(tree, path_filter(r"norm", r"head/"))`` trains matching leaves."""
+    """A path-aware filter spec: ``partition(tree, path_filter(r"norm", r"head/"))`` trains matching leaves.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxpeft
+      >>> tree = {"dense": {"kernel": jnp.ones((2, 2))}, "norm": {"scale": jnp.ones(2)}}
+      >>> jaxpeft.trainable_mask(tree, jaxpeft.path_filter(r"norm/scale$"))
+      {'dense': {'kernel': False}, 'norm': {'scale': True}}
+    """
     if not patterns:
         raise ValueError("path_filter() needs at least one regex, e.g. path_filter(r'norm/scale$').")
     return PathFilter(tuple(patterns))
@@ -118,6 +125,15 @@ def partition(tree: Any, filter_spec: Any, *, is_leaf: Callable[[Any], bool] | N
     (``jax.grad(lambda t: loss(combine(t, frozen)))``) and no gradient of a frozen leaf is computed. Frozen fields
     of adapter nodes always go to ``frozen``: ``partition(adapters, True)`` splits LoRA-FA's A (or a VeRA node's
     stored projections) from what trains.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxpeft
+      >>> tree = {"body": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.zeros((2, 1))}}
+      >>> trainable, frozen = jaxpeft.partition(tree, jaxpeft.path_filter("head/"))
+      >>> trainable["body"]["kernel"] is None, trainable["head"]["kernel"].shape
+      (True, (2, 1))
+      >>> jaxpeft.combine(trainable, frozen)["body"]["kernel"].shape
+      (2, 2)
     """
     flat, treedef = jax.tree.flatten(tree, is_leaf=is_leaf)
     keep = jax.tree.leaves(trainable_mask(tree, filter_spec, is_leaf=is_leaf))
@@ -127,7 +143,13 @@ def partition(tree: Any, filter_spec: Any, *, is_leaf: Callable[[Any], bool] | N
 
 
 def combine(*trees: Any) -> Any:
-    """Leaf-wise first non-``None`` of trees with ``None`` placeholders: the inverse of ``partition``."""
+    """Leaf-wise first non-``None`` of trees with ``None`` placeholders: the inverse of ``partition``.
+
+    Example:
+      >>> import jaxpeft
+      >>> jaxpeft.combine({"a": 1, "b": None}, {"a": None, "b": 2})
+      {'a': 1, 'b': 2}
+    """
     if not trees:
         raise ValueError("combine() needs at least one tree.")
 

@@ -80,6 +80,14 @@ def summary(params: Any, adapters: Any, tx: Any = None) -> Summary:
       adapters: the trainable tree (adapters, or any trainable half from ``partition``); frozen fields of adapter
         nodes (``jaxpeft.FROZEN``) count with the base: stored, neither trained nor in the optimizer state.
       tx: the optax optimizer to account for (default ``optax.adam``: two float32-or-param-dtype moments).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxpeft
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+      >>> adapters = jaxpeft.init(jaxpeft.LoraConfig(rank=2, targets=["dense"]), params, key=jax.random.key(0))
+      >>> s = jaxpeft.summary(params, adapters)  # print(s) shows the table
+      >>> s.trainable_params, s.base_params  # A (4×2) + B (2×3); kernel + bias
+      (14, 15)
     """
     if tx is None:
         import optax

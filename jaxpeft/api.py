@@ -189,6 +189,17 @@ def init(
     Raises:
       ValueError: a config that changes the base weights at init (``cfg.adjusts_base``: PiSSA, OLoRA): use
         :func:`init_adjusted`; a node that is not the identity at init (see above).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxpeft
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+      >>> cfg = jaxpeft.LoraConfig(rank=2, alpha=4, targets=["dense"])
+      >>> adapters = jaxpeft.init(cfg, params, key=jax.random.key(0))
+      >>> node = adapters["dense"]["kernel"]  # the bias is not adapted: no entry for it
+      >>> type(node).__name__, node.a.shape, node.b.shape, node.scale
+      ('LoraWeights', (4, 2), (2, 3), 2.0)
+      >>> bool((node.b == 0).all())  # B starts at zero, so the adapted model starts as the base
+      True
     """
     cfg = check_config(cfg)
     if cfg.adjusts_base:
@@ -546,6 +557,18 @@ def merge(params: Any, adapters: Any, *, dequantize: Any = None) -> Any:
       ValueError: an adapter with no parameter or that does not fit it; outside ``jit``, a fold that overflows the
         weight's dtype (float16 beyond 65504; a quantised weight's logical dtype), naming the path, the dtype and
         the largest merged value; ``dequantize`` that is not a floating dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxpeft
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> cfg = jaxpeft.LoraConfig(rank=2, alpha=4, targets=["dense"])
+      >>> adapters = jaxpeft.init(cfg, params, key=jax.random.key(0))
+      >>> trained = jax.tree.map(lambda x: jnp.full_like(x, 0.5), adapters)  # A = B = 0.5, as if trained
+      >>> merged = jaxpeft.merge(params, trained)  # W + scale·A·B = 1 + 2·(0.5·0.5 + 0.5·0.5)
+      >>> merged["dense"]["kernel"][0].tolist()
+      [2.0, 2.0, 2.0]
+      >>> params["dense"]["kernel"][0].tolist()  # the input is not modified
+      [1.0, 1.0, 1.0]
     """
     if dequantize is not None:
         try:
@@ -570,5 +593,15 @@ def unmerge(params: Any, adapters: Any) -> Any:
     Raises:
       NotMergeableError: a method whose merge cannot be undone from the merged weights (e.g. DoRA: keep the
         params you merged into instead, ``merge`` never changes them); as ``merge``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxpeft
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> cfg = jaxpeft.LoraConfig(rank=2, alpha=4, targets=["dense"])
+      >>> trained = jax.tree.map(lambda x: jnp.full_like(x, 0.5), jaxpeft.init(cfg, params, key=jax.random.key(0)))
+      >>> merged = jaxpeft.merge(params, trained)
+      >>> restored = jaxpeft.unmerge(merged, trained)
+      >>> restored["dense"]["kernel"][0].tolist()
+      [1.0, 1.0, 1.0]
     """
     return _fold(params, adapters, -1)

@@ -387,6 +387,16 @@ def apply(
     Raises:
       ValueError: no ``params`` collection; an adapter that does not fit its weight (names the path and both
         shapes); with ``strict``, an adapter the call never used.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxpeft, jaxpeft.linen
+      >>> model, x = nn.Dense(3), jnp.ones((2, 4))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> cfg = jaxpeft.LoraConfig(rank=2, targets="all-linear")
+      >>> adapters = jaxpeft.linen.init(cfg, model, params, x, key=jax.random.key(1))
+      >>> y = jaxpeft.linen.apply(model, {"params": params}, adapters, x)
+      >>> y.shape, bool(jnp.allclose(y, model.apply({"params": params}, x)))  # the identity at init
+      ((2, 3), True)
     """
     if "params" not in variables:
         raise ValueError(

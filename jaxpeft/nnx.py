@@ -744,9 +744,9 @@ def adapt(
     Selection and initial values are exactly those of ``jaxpeft.init(cfg, base_params(model), key=key,
     layouts=infer_layouts(model))`` (same key, same adapters). Each targeted layer is wrapped in an
     ``AdapterLayer``. ``model`` is left untouched; base arrays are shared. On a mesh (weights placed with
-    ``NamedSharding``s or annotated by ``nnx.with_partitioning``) the adapters are placed and annotated like their
-    weights, as ``attach`` says; they are computed eagerly first (the identity check runs on concrete values), then
-    placed: ``attach(model, jaxpeft.sharding.init(...))`` creates them sharded under ``jit`` instead.
+    ``NamedSharding`` objects or annotated by ``nnx.with_partitioning``) the adapters are placed and annotated like
+    their weights, as ``attach`` says; they are computed eagerly first (the identity check runs on concrete values),
+    then placed: ``attach(model, jaxpeft.sharding.init(...))`` creates them sharded under ``jit`` instead.
 
     Train the adapters with ``jaxpeft.nnx.optimizer(model, tx)``, or functionally with a three-way split::
 
@@ -773,6 +773,21 @@ def adapt(
     Raises:
       ValueError: as ``jaxpeft.plan`` (nothing matched, unsupported layer selected, ...) or the model already has
         adapters; as ``jaxpeft.init_adjusted`` for a base-adjusting config.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxpeft, jaxpeft.nnx
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.proj = nnx.Linear(4, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.proj(x)
+      >>> net, x = Net(nnx.Rngs(0)), jnp.ones((2, 4))
+      >>> adapted = jaxpeft.nnx.adapt(net, jaxpeft.LoraConfig(rank=2, targets=["proj"]), key=jax.random.key(1))
+      >>> type(adapted.proj).__name__, bool(jnp.allclose(adapted(x), net(x)))
+      ('AdapterLayer', True)
+      >>> jaxpeft.nnx.adapters_of(adapted)["proj"]["kernel"].a.shape
+      (4, 2)
     """
     _check_unadapted(model, "jaxpeft.nnx.adapt")
     params, layouts = base_params(model), infer_layouts(model)

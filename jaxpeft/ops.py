@@ -229,6 +229,14 @@ def dense_lowrank(
 
     Returns:
       ``(*x_rest, *fan_out)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxpeft.ops import dense_lowrank
+      >>> x, a, b = jnp.ones((5, 4)), jnp.ones((4, 2)), jnp.ones((2, 3))
+      >>> y = dense_lowrank(x, a, b, 0.5)  # 0.5 · (x·A)·B, never forming A·B
+      >>> y.shape, y[0].tolist()
+      ((5, 3), [4.0, 4.0, 4.0])
     """
     n_in = a.ndim - 1 if axes is None else len(axes)
     _check_call_level(a, n_in, "dense_lowrank")
@@ -472,7 +480,7 @@ def einsum_layout(subscripts: str) -> Layout | Unsupported:
     """The kernel layout of an ``nn.Einsum``-style ``"input,kernel->output"``, or why it cannot be adapted.
 
     Kernel letters shared by input and output are stack (batch) axes and must lead; letters only in the input
-    are fan-in; letters only in the output are fan-out. A kernel ordered otherwise is :class:`Unsupported`.
+    are fan-in; letters only in the output are fan-out. A kernel ordered otherwise is :class:`.Unsupported`.
     """
     _, _, _, stack, fan_in, fan_out, reason = _einsum_split(subscripts)
     if reason:

@@ -32,6 +32,17 @@ def freeze(tx: optax.GradientTransformation, filter_spec: Any) -> optax.Gradient
 
     Returns:
       A ``GradientTransformation`` over the whole tree.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jaxpeft
+      >>> tree = {"body": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((2, 1))}}
+      >>> tx = jaxpeft.freeze(optax.sgd(0.5), jaxpeft.path_filter("head/"))  # train the head only
+      >>> state = tx.init(tree)
+      >>> grads = jax.tree.map(jnp.ones_like, tree)
+      >>> updates, state = tx.update(grads, state, tree)
+      >>> new = optax.apply_updates(tree, updates)
+      >>> new["body"]["kernel"][0].tolist(), new["head"]["kernel"][0].tolist()
+      ([1.0, 1.0], [0.5])
     """
 
     def labels(params: Any) -> Any:

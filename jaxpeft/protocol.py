@@ -8,16 +8,16 @@ A PEFT method is two small classes, nothing else:
 - an **adapter node**, a frozen dataclass registered with ``jax.tree_util.register_dataclass`` that subclasses
   one of the three hook kinds:
 
-  ================  ==================================================  ===========================================
-  hook kind         what the frameworks do with it                      what the node defines
-  ================  ==================================================  ===========================================
-  LayerAdapter      intercept the adapted layer's call, hand it over    ``forward(call)``, optionally ``fold``
+  ================  ====================================================  ===========================================
+  hook kind         what the frameworks do with it                        what the node defines
+  ================  ====================================================  ===========================================
+  LayerAdapter      intercept the adapted layer's call, hand it over      ``forward(call)``, optionally ``fold``
                     as one :class:`LayerCall`
-  LeafAdapter       run the unchanged model on params whose leaf is     ``value(leaf)``, optionally ``fold``
+  LeafAdapter       run the unchanged model on params whose leaf is       ``value(leaf)``, optionally ``fold``
                     replaced by ``value(leaf)`` (BitFit, LN tuning)
-  InputAdapter      nothing: the model's own hook consumes the node     nothing (prompt and prefix tuning)
+  InputAdapter      nothing: the model's own hook consumes the node       nothing (prompt and prefix tuning)
                     (``jaxpeft.prepend_prompt``, ``jaxpeft.prefix_kv``)
-  ================  ==================================================  ===========================================
+  ================  ====================================================  ===========================================
 
 Array fields of a node are its leaves: trainable by default, **frozen** with ``field(metadata=FROZEN)`` (carried,
 checkpointed and exported, but never differentiated, never in the optimizer state: LoRA-FA's A, a VeRA file's
@@ -527,18 +527,19 @@ class MethodConfig:
     ``super().__post_init__()`` (it freezes and checks the selection fields).
 
     Class attributes a method may set:
-      method: the method's name in JSON (``{"method": "lora", ...}``), checkpoints and plan tables.
-      restore_free: fields that do not shape the adapters, so a checkpoint restore may change them (a new
-        dropout rate, an init that only decided the starting values). Every other field must equal the saved
-        config's, or the restore is refused: an init-only field left out of this tuple blocks every restore.
-      reads_weight_values: whether ``init_target`` reads the weight's values, not only its shape and dtype (True
-        by default). Over a quantised base such a method gets the dequantised weight (computed under ``jit``);
-        under ``jax.eval_shape`` params may be abstract only for methods that say False.
-      json_mappings: fields stored as ``((key, value), ...)`` pairs (hashable) but written to JSON as objects
-        (``rank_pattern``).
-      codec: the method's HF PEFT codec (``jaxpeft.hf.PeftCodec``: its ``peft_type``, field table, ``to_hf`` and
-        ``from_hf``), or None when PEFT has no format for it. ``jaxpeft.hf`` dispatches only through it.
-      hf_advice: for a method without a codec, what to do instead (shown when an export is refused).
+
+    - ``method``: the method's name in JSON (``{"method": "lora", ...}``), checkpoints and plan tables.
+    - ``restore_free``: fields that do not shape the adapters, so a checkpoint restore may change them (a new
+      dropout rate, an init that only decided the starting values). Every other field must equal the saved
+      config's, or the restore is refused: an init-only field left out of this tuple blocks every restore.
+    - ``reads_weight_values``: whether ``init_target`` reads the weight's values, not only its shape and dtype
+      (True by default). Over a quantised base such a method gets the dequantised weight (computed under ``jit``);
+      under ``jax.eval_shape`` params may be abstract only for methods that say False.
+    - ``json_mappings``: fields stored as ``((key, value), ...)`` pairs (hashable) but written to JSON as objects
+      (``rank_pattern``).
+    - ``codec``: the method's HF PEFT codec (``jaxpeft.hf.PeftCodec``: its ``peft_type``, field table, ``to_hf``
+      and ``from_hf``), or None when PEFT has no format for it. ``jaxpeft.hf`` dispatches only through it.
+    - ``hf_advice``: for a method without a codec, what to do instead (shown when an export is refused).
     """
 
     method: ClassVar[str] = ""

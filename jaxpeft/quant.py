@@ -73,7 +73,7 @@ NF4_CODE = (
 )
 #: Half the widest gap of ``NF4_CODE`` (between -1 and -0.696): the largest NF4 rounding error per unit of scale.
 NF4_HALF_GAP = (NF4_CODE[1] - NF4_CODE[0]) / 2
-#: The largest int8 rounding error per unit of a column's absolute maximum: half a step of ``absmax / 127``.
+#: The largest int8 rounding error per unit of a column's absolute maximum (half a step of ``absmax / 127``).
 INT8_ERROR = 1.0 / 254
 _NF4_BLOCK = 64
 _NF4_GROUP = 256
@@ -138,7 +138,7 @@ class QuantizedArray:
 
     @property
     def sharding(self) -> Any:
-        """The weight's sharding: the codes' (they keep the weight's axes), or None when they have none.
+        """The weight's sharding, which is the codes' (they keep the weight's axes), or None when they have none.
 
         A ``NamedSharding`` here carries the weight's spec, so ``jaxpeft.sharding.adapter_specs`` and a checkpoint
         restore derive adapter shardings from a sharded quantised base as from a float one.
@@ -159,7 +159,7 @@ class QuantizedArray:
           mesh: a ``Mesh``, or its axis sizes (``{"fsdp": 2, "tp": 2}``).
 
         Returns:
-          A ``QuantizedArray`` of ``PartitionSpec``s (``jax.tree.map`` it with the arrays to place them).
+          A ``QuantizedArray`` of ``PartitionSpec`` objects (``jax.tree.map`` it with the arrays to place them).
         """
         sizes = _axis_sizes(mesh)
         shape = self.shape
@@ -412,7 +412,7 @@ def quantize(
 
     Everything else (norms, biases, embeddings, weights the selection leaves out) is returned unchanged; the
     input is not modified. Selection follows ``jaxpeft.plan`` exactly, so quantising with the LoRA config you
-    train with quantises exactly the adapted weights. See :func:`quantize_array` for the per-element error bounds.
+    train with quantises exactly the adapted weights. See :func:`.quantize_array` for the per-element error bounds.
 
     Args:
       params: the base params (Linen ``params``, ``jaxpeft.nnx.base_params(model)``, a plain dict).
@@ -429,6 +429,17 @@ def quantize(
     Raises:
       ValueError: an unknown ``kind``; the selection errors of ``jaxpeft.plan``; a selected embedding (QLoRA keeps
         embeddings in their dtype); a selected weight that is already quantised, not floating, or not finite.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxpeft
+      >>> params = {"dense": {"kernel": jnp.linspace(-1, 1, 12).reshape(4, 3), "bias": jnp.zeros(3)}}
+      >>> qparams = jaxpeft.quantize(params, ["dense"], kind="int8")
+      >>> q = qparams["dense"]["kernel"]
+      >>> type(q).__name__, q.kind, q.shape
+      ('QuantizedArray', 'int8', (4, 3))
+      >>> error = jnp.abs(jaxpeft.dequantize(qparams)["dense"]["kernel"] - params["dense"]["kernel"]).max()
+      >>> bool(error <= jaxpeft.quant.INT8_ERROR)  # a column's absmax is 1 here
+      True
     """
     _check_kind(kind)
     table: dict[str, QuantizedArray] = {}

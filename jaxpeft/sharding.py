@@ -6,8 +6,8 @@ rank). ``adapter_specs`` gives each array the base weight's mesh axes on the axe
 its own axes; an axis whose size the mesh axes do not divide falls back to replicated. Methods say which axes they
 share through ``Adapter.weight_axes()``; a method that does not say is replicated.
 
-Base specs come from wherever the user already has them: the params' own ``NamedSharding``s, a tree of
-``PartitionSpec``s, or Flax logical-axis annotations turned into mesh specs with the user's rules
+Base specs come from wherever the user already has them: the params' own ``NamedSharding`` objects, a tree of
+``PartitionSpec`` objects, or Flax logical-axis annotations turned into mesh specs with the user's rules
 (``nn.logical_to_mesh(nn.get_partition_spec(variables), rules)["params"]``, or ``nnx.get_partition_spec``). A model
 without any gets them from its layouts: ``base_specs`` derives FSDP × tensor-parallel specs for every weight
 (column- or row-parallel kernels, embeddings, small leaves replicated), and ``describe_base_specs`` prints why.
@@ -65,7 +65,7 @@ def host_rows(sharding: NamedSharding, global_rows: int, axis: int = 0) -> slice
 
 
 def host_batch(local: Any, sharding: NamedSharding, global_rows: int, axis: int = 0) -> Any:
-    """Global ``jax.Array``s of ``global_rows`` rows from this process's rows (a pytree of host arrays).
+    """Global ``jax.Array`` objects of ``global_rows`` rows from this process's rows (a pytree of host arrays).
 
     Each leaf holds the rows :func:`host_rows` gives this process, along ``axis``; the result is placed with
     ``sharding`` (``jax.make_array_from_process_local_data``) and is the same global batch on every process. On one
@@ -158,9 +158,9 @@ def adapter_specs(adapters: Any, params: Any, *, mesh: Mesh | None = None) -> An
     Args:
       adapters: the adapter tree (arrays or ``jax.ShapeDtypeStruct``).
       params: the base params' shardings: a params-shaped tree of ``PartitionSpec``/``NamedSharding``/``None``
-        (replicated), or the params themselves placed with ``NamedSharding``s.
+        (replicated), or the params themselves placed with ``NamedSharding`` objects.
       mesh: the mesh, for the divisibility fallback (an axis the mesh axes do not divide is replicated); taken
-        from ``params`` when they hold ``NamedSharding``s.
+        from ``params`` when they hold ``NamedSharding`` objects.
 
     Raises:
       ValueError: an adapter path has no base weight in ``params``, or a spec cannot be read.
@@ -187,7 +187,7 @@ def _nest(adapters: Any, table: Mapping[str, Any]) -> Any:
 
 
 def adapter_shardings(adapters: Any, params: Any, *, mesh: Mesh | None = None) -> Any:
-    """``adapter_specs`` as ``NamedSharding``s on ``mesh`` (by default the mesh of ``params``' shardings)."""
+    """``adapter_specs`` as ``NamedSharding`` objects on ``mesh`` (by default the mesh of ``params``' shardings)."""
     mesh = mesh if mesh is not None else _mesh_of(params)
     if mesh is None:
         raise ValueError("no mesh: pass `mesh=` or params placed with NamedShardings.")
@@ -465,7 +465,7 @@ def base_specs(
     row_parallel: TargetSpec | None = None,
     min_size: int = MIN_SIZE,
 ) -> Any:
-    """FSDP × tensor-parallel ``PartitionSpec``s for a base model's params, derived from each weight's layout.
+    """FSDP × tensor-parallel ``PartitionSpec`` objects for a base model's params, derived from each weight's layout.
 
     No per-model table: the layouts jaxpeft already learns (``jaxpeft.linen.infer_layouts(model, x)``,
     ``jaxpeft.nnx.infer_layouts(model)``, ``jaxpeft.layouts_of(adapters)`` or a hand-written ``{path: Layout}``) say
@@ -491,7 +491,7 @@ def base_specs(
     An axis that its mesh axes do not divide is replicated, and named mesh axes that ``mesh`` lacks are skipped,
     so one call serves one device, data parallel only, FSDP only and FSDP × TP. Every spec is valid for its leaf on
     ``mesh`` (each mesh axis at most once, dividing the axis it shards); only shapes are read, so ``params`` may be
-    ``jax.ShapeDtypeStruct``s or host arrays. ``describe_base_specs`` (same arguments) prints the plan with why.
+    ``jax.ShapeDtypeStruct`` objects or host arrays. ``describe_base_specs`` (same arguments) prints the plan with why.
 
     Args:
       params: the base params: a Linen ``variables["params"]``, ``jaxpeft.nnx.base_params(model)`` (to shard an

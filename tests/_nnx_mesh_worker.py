@@ -24,8 +24,8 @@ import jaxpeft  # noqa: E402
 import jaxpeft.nnx  # noqa: E402
 import jaxpeft.sharding  # noqa: E402
 
-#: The README's NNX mesh example ("Scaling out: meshes"), run verbatim by ``readme_example``; test_nnx_mesh.py checks
-#: that the README's block equals this text once the README holds it.
+#: The NNX mesh example of docs/guides/scaling.md, run verbatim by ``readme_example``; test_nnx_mesh.py checks that
+#: the guide's block equals this text.
 README = """\
 import jax, optax, jaxpeft, jaxpeft.nnx
 from flax import nnx

@@ -1,7 +1,7 @@
 """jaxpeft.adapter_sets under faults: a set is saved, restored, exported and imported as one unit.
 
 Kills (``SIGKILL`` in a subprocess, at chosen points), refused members, failing writes, flipped bytes, edited
-indexes and old-format sets; a property test over sequences of saves with failures. The README's adapter-set
+indexes and old-format sets; a property test over sequences of saves with failures. The adapter-set
 guarantees mirror these tests."""
 
 from __future__ import annotations

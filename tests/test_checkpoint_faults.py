@@ -1,6 +1,6 @@
 """jaxpeft.checkpoint under faults and bad input: one writer per directory, saves that never do nothing silently,
 kills during pruning, the adapters' static parts, damaged or foreign metadata, failing saves, and property tests
-over garbage metadata and step values. The README's checkpoint guarantees mirror these tests."""
+over garbage metadata and step values. The checkpoint guarantees of docs/guarantees.md mirror these tests."""
 
 import json
 import os

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("_nnx_mesh_worker.py")
-README = Path(__file__).parents[1] / "README.md"
+README = Path(__file__).parents[1] / "docs" / "guides" / "scaling.md"
 CASES = ["lora", "dora", "ia3", "bitfit", "bank:lora"]
 
 
@@ -125,10 +125,12 @@ def test_readme_example_runs_and_keeps_shardings(results):
     assert r["loss"] > 0
 
 
-def test_readme_block_is_the_one_the_worker_runs():
-    """The README's NNX mesh example is the worker's ``README`` text, character for character."""
+def test_scaling_guide_block_is_the_one_the_worker_runs():
+    """The scaling guide's NNX mesh example is the worker's ``README`` text, character for character."""
     source = WORKER.read_text()
     block = re.search(r'README = """\\\n(.*?)"""', source, re.S).group(1)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     nnx_mesh = [b for b in blocks if "jaxpeft.nnx.optimizer" in b and "jax.set_mesh" in b]
-    assert nnx_mesh == [block], "README.md's NNX mesh example differs from tests/_nnx_mesh_worker.py's README"
+    assert nnx_mesh == [block], (
+        "docs/guides/scaling.md's NNX mesh example differs from tests/_nnx_mesh_worker.py's README"
+    )

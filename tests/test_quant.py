@@ -637,7 +637,7 @@ def test_qlora_adapters_checkpoint_against_the_quantised_base_and_load_on_the_fl
 @pytest.mark.parametrize("kind", quant.KINDS)
 def test_merge_into_a_float_dtype_keeps_the_whole_adapter(lm, kind, capsys):
     """``merge(..., dequantize=dtype)``: no quantised leaf left (``model.apply`` reads it), and the merged logits equal
-    the adapted ones; the requantising merge loses a part of the adapter's effect to rounding (the README's number)."""
+    the adapted ones; the requantising merge loses a part of the adapter's effect to rounding (see BUILD_NOTES)."""
     qp = jaxpeft.linen.quantize(LORA, lm["model"], lm["params"], IDS, kind=kind)
     adapters = lm["adapters"]
     base, adapted = lm["forward"](qp, jax.tree.map(jnp.zeros_like, adapters)), lm["forward"](qp, adapters)

@@ -1,6 +1,11 @@
-"""The README's examples run as written, and its method table tells the truth."""
+"""The README's example runs as written and its method table tells the truth; the scaling guide's mesh program equals
+one device (the other docs blocks run in tests/test_docs.py)."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -11,6 +16,8 @@ import jaxpeft
 import jaxpeft.linen
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+CUSTOM = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "custom_method.md").read_text()
+SCALING = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "scaling.md").read_text()
 
 
 def _block(heading: str) -> str:
@@ -24,9 +31,11 @@ def test_readme_example_runs():
     assert np.isfinite(np.asarray(namespace["merged"]["out"]["kernel"])).all()
 
 
-def test_write_your_own_method_snippet_is_a_working_method():
+def test_custom_method_guide_defines_a_working_method():
+    """The guide's method, taken out of its program and used on other params than the guide's own."""
     namespace: dict = {}
-    exec(compile(_block("Write your own method"), "README.md", "exec"), namespace)
+    code = re.search(r"## A complete method.*?```python\n(.*?)```", CUSTOM, re.S).group(1)
+    exec(compile(code, "docs/guides/custom_method.md", "exec"), namespace)
     cfg = namespace["ScaleShiftConfig"](targets=["up"])
     params = {"up": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
     adapters = jax.tree.map(lambda x: x + 0.5, jaxpeft.init(cfg, params, key=jax.random.key(0)))
@@ -51,27 +60,29 @@ def test_method_table_counts_match_the_quickstart_model():
         assert rows[name] == f"{n:,}", name
 
 
-def _run_scaling_block(devices: int) -> float:
-    """The "Scaling out" block as written (mesh (2,2,2) on 8 CPU devices, (1,1,1) on one), then 2 more steps."""
-    import json
-    import subprocess
-    import sys
-
-    code = _block("Scaling out: meshes")
+def _run_scaling_block(devices: int) -> dict:
+    """The guide's Linen mesh program as written (XLA_FLAGS: 8 CPU devices; 1 with the mesh made (1,1,1)), its
+    QLoRA fragment after it, then 2 more steps."""
+    code = re.search(r"## A sharded LoRA train step \(Linen\)\s.*?```python\n(.*?)```", SCALING, re.S).group(1)
     if devices == 1:
         code = code.replace("reshape(2, 2, 2)", "reshape(1, 1, 1)")
-    section = README.split("## Scaling out: meshes", 1)[1].split("\n## ", 1)[0]
-    (quantised,) = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "jaxpeft.quantize(" in b]
-    code += quantised  # the QLoRA snippet, after the block whose names it uses
+    (quantised,) = [b for b in re.findall(r"```python\n(.*?)```", SCALING, re.S) if "jaxpeft.quantize(" in b]
+    code += quantised
     code += "qloss = float(loss_fn(adapters, qparams, batch))\n"
     code += "leaves = jax.tree.leaves(qparams)\n"
     code += "first = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == jax.devices()[0])\n"
     code += "\nfor _ in range(2):\n    adapters, opt_state, loss = train(adapters, opt_state, params, batch)\n"
     code += "import json; print(json.dumps({'loss': float(loss), 'devices': jax.device_count(), 'qloss': qloss,\n"
     code += "    'first': first, 'total': sum(x.nbytes for x in leaves)}))\n"
-    prelude = f"import jax; jax.config.update('jax_num_cpu_devices', {devices})\n"
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", prelude + code], cwd=root, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["devices"] == devices

@@ -142,3 +142,22 @@ def test_tasks_split_and_relabel():
     np.testing.assert_array_equal(np.sort(tasks["large"].test[0], axis=1), np.sort(large_test, axis=1))
     assert not np.array_equal(tasks["large"].test[0], large_test)  # permuted
     np.testing.assert_array_equal(tasks["large"].test[1], data.test_y[np.isin(data.test_y, wp.TARGET)] - 5)
+
+
+def test_plot_titles_state_the_finding_rank_by_rank():
+    def titles(held: dict[str, bool]) -> tuple[str, str]:
+        hypotheses = {"lora_matches_full_on_narrow": {"held": held}, "lora_behind_full_on_large": {"held": held}}
+        results = {"args": {"tol": 1.0}, "hypotheses": hypotheses}
+        return wp.finding(results, "narrow"), wp.finding(results, "large")
+
+    assert titles({"lora-r1": False, "lora-r4": True, "lora-r16": True}) == (
+        "narrow shift: LoRA r=4, 16 match full fine-tuning (within 1 pp); r=1 trails it by more",
+        "large drift: LoRA r=4, 16 fall behind full fine-tuning (by > 1 pp and 2 SE); r=1 stays close",
+    )
+    assert titles(dict.fromkeys(("lora-r1", "lora-r4", "lora-r16"), False)) == (
+        "narrow shift: LoRA r=1, 4, 16 trail full fine-tuning by more than 1 pp",
+        "large drift: LoRA r=1, 4, 16 stay within 1 pp (or 2 SE) of full fine-tuning",
+    )
+    assert titles({"lora-r1": True, "lora-r4": False})[0] == (
+        "narrow shift: LoRA r=1 matches full fine-tuning (within 1 pp); r=4 trails it by more"
+    )

@@ -9,7 +9,8 @@ Deterministic (it compiles, it does not time), so it runs anywhere, CPU included
     python examples/benchmarks/flops.py --width 256 --ffn 1024 --tokens 1024
 
 The frozen floor trains only the norms: backward still runs through every layer, but no weight gradient is
-formed. It is the cheapest any PEFT method can be. A good LoRA step costs about the floor; merging adapters
+formed. It is a yardstick, not a lower bound: a method that trains no norm (LoRA, IA3) forms no norm
+gradient and can come in slightly under it. A good LoRA step costs about the floor; merging adapters
 into the weights inside the step costs about a full fine-tuning step, because the gradient then flows through
 ``W + ΔW`` and a full-size weight gradient is formed per kernel. QLoRA adds the dequantisation of each adapted
 kernel, twice (forward, and again in the backward pass instead of keeping the full-precision weight): a few

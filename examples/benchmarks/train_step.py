@@ -6,12 +6,16 @@ starts, so load from elsewhere on the machine hits every mode alike. Compilation
 warm-up step happen before timing; each timed JAX step ends in ``block_until_ready``. The trainable state and its
 optimizer state are donated to the step (the step returns their replacements); the frozen base is not.
 
-    python examples/benchmarks/train_step.py --preset tiny            # d 512, 4 layers, 4 x 256 tokens, float32
-    python examples/benchmarks/train_step.py --preset tiny --hf       # + torch floor, HF PEFT LoRA eager/compiled
-    python examples/benchmarks/train_step.py --preset tinyllama --hf  # TinyLlama-1.1B shape, bf16 (a GPU)
+    .venv/bin/python examples/benchmarks/train_step.py --preset tiny            # d 512, 4 layers, 4 x 256 tokens
+    .venv/bin/python examples/benchmarks/train_step.py --preset tiny --hf       # + torch floor, HF PEFT LoRA
+    .venv/bin/python examples/benchmarks/train_step.py --preset tinyllama --hf  # TinyLlama-1.1B shape, bf16 (a GPU)
+
+``--hf`` needs the interop extra (``.venv/bin/pip install -e ".[interop]"``); the script checks before compiling.
+The targets (median of three runs, peak memory per mode) are one command: ``examples/benchmarks/perf_targets.py``.
 
 The frozen floor trains only the RMS norms: the backward pass still runs through every layer, but no weight
-gradient is formed; no PEFT method can be cheaper. The last lines printed are ``ratio lora/floor X`` and, with
+gradient is formed. It is a yardstick, not a lower bound (a method that trains no norm can come in slightly under
+it). The last lines printed are ``ratio lora/floor X`` and, with
 ``--hf``, ``ratio hf-lora/floor Y`` (HF PEFT LoRA over a torch floor of the same model) and
 ``ratio hf-lora-compiled/floor Z``.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -373,6 +378,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         one = f"lora{ROWS[mixed]}"
         if one not in modes:
             modes.insert(modes.index(mixed), one)
+    if args.hf:  # before minutes of compiling: say what is missing and how to install it
+        missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SystemExit(
+                f'`--hf` needs {", ".join(missing)} (the interop extra): .venv/bin/pip install -e ".[interop]" '
+                "from the clone root, or drop --hf."
+            )
     tokens = shape.batch * shape.seq
     print(f"preset {args.preset}: {shape} ({tokens} tokens/step), backend {jax.default_backend()}, {args.reps} reps")
 

@@ -17,7 +17,7 @@ The base weights never enter a checkpoint (but for those few sampled entries). R
 targets: ``jax.eval_shape`` of the method's own ``init`` on the current config and params (so the restored nodes
 carry the current static parts: scale, dropout, layout) with the current shardings, so a checkpoint written on one
 mesh restores on another: each leaf takes its ``*_like`` leaf's sharding, else ``sharding=``, else (when the params
-carry ``NamedSharding``s) the sharding ``jaxpeft.sharding`` derives from the base weights (the optimizer state
+carry ``NamedSharding`` objects) the sharding ``jaxpeft.sharding`` derives from the base weights (the optimizer state
 following the adapters), else the first local device.
 Every check (config and its base adjustment, base and residual fingerprints, adapter table and each adapter's static
 parts, ``*_like`` trees, on-disk array metadata) runs before any array is read on restore, and before anything is

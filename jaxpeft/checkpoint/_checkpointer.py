@@ -122,7 +122,7 @@ class AdapterCheckpointer:
       directory: checkpoint root (resolved to an absolute path; created by a writer).
       cfg: the method config; saved as JSON and compared on restore.
       params: the base params (arrays or ``jax.ShapeDtypeStruct``): only their paths, shapes, dtypes and
-        ``NamedSharding``s are kept (fingerprinted, used to plan the adapters and to derive the default restore
+        ``NamedSharding`` objects are kept (fingerprinted, used to plan the adapters and to derive the default restore
         shardings); never saved. For a config that changes the base at init (``cfg.base_adjustment``: PiSSA,
         OLoRA) they must be the concrete residual params ``jaxpeft.init_adjusted`` returned, the base the adapters
         are trained over: the checkpointer keeps a reference to them, each saved step records a fingerprint of
@@ -531,7 +531,7 @@ class AdapterCheckpointer:
           skip: items not to restore although saved: ``("opt_state",)``, ``("extra",)`` or both.
           sharding: for leaves whose sharding is not given by a ``*_like`` tree: one ``Sharding`` for all, or
             ``fn(path, ShapeDtypeStruct) -> Sharding``. By default, when the ``params`` given to the
-            checkpointer carry ``NamedSharding``s, the shardings derived from them on their mesh: each adapter
+            checkpointer carry ``NamedSharding`` objects, the shardings derived from them on their mesh: each adapter
             array's from its base weight's (``jaxpeft.sharding.adapter_shardings``: LoRA's A on the weight's stack
             and fan-in axes, B on its stack and fan-out axes, the rank replicated), each ``extra`` leaf the
             sharding of the param at its path if it has that shape (else replicated), the optimizer state

@@ -196,7 +196,7 @@ class Selection:
 
 
 def read_selection(config: Mapping[str, Any], layers: bool, *, empty_ok: bool = False) -> Selection:
-    """The checked :class:`Selection` of ``config`` (``layers``: the config type has ``layers_to_transform``).
+    """The checked ``Selection`` of ``config`` (``layers``: the config type has ``layers_to_transform``).
 
     ``empty_ok``: a missing or empty ``target_modules`` selects no module (LoRA with ``target_parameters`` only,
     which PEFT accepts) instead of being refused.

@@ -1,6 +1,6 @@
 """Building blocks for a method's HF PEFT codec: the codec types and the loops every module-adapting method shares.
 
-A codec is a :class:`PeftCodec` of two pure functions over :class:`Export`/:class:`Import` requests; the generic
+A codec is a :class:`.PeftCodec` of two pure functions over :class:`.Export`/:class:`.Import` requests; the generic
 work (argument and tensor checks, the field table, ``modules_to_save``, files) is done by ``jaxpeft.hf`` before and
 after. A method whose tensors live on HF modules writes with :func:`write_modules` (one ``{key suffix: array}``
 per HF module and layer) and reads with :func:`read_groups` (the file's modules, checked against PEFT's selection

@@ -1,6 +1,6 @@
 """Adapter banks: several named adapters of one method stacked over one base, chosen per call or per example.
 
-:func:`stack_adapters` turns ``{name: adapter tree}`` into one tree whose nodes are :class:`AdapterBank`\\ s: each
+:func:`.stack_adapters` turns ``{name: adapter tree}`` into one tree whose nodes are :class:`AdapterBank`\\ s: each
 holds the adapters of one weight stacked on an *adapter axis* (placed right after the weight's stack axes, so
 ``nn.scan``/``nnx.vmap`` stacks slice a bank like the kernel). Which adapter runs is **data**, an integer array
 passed at call time (``jaxpeft.linen.apply(..., adapter_ids=ids)``, ``jaxpeft.nnx.set_adapter_ids(model, ids)``):
@@ -194,7 +194,7 @@ class AdapterBank(LayerAdapter):
         return out
 
     def route_for(self, call: LayerCall) -> str:
-        """Which path a mixed batch of ``call`` takes (:func:`choose_route` with this bank's ``grouping``)."""
+        """Which path a mixed batch of ``call`` takes (:func:`.choose_route` with this bank's ``grouping``)."""
         grouped = bool(getattr(type(self.adapters), "grouped_rows", False)) and call.kind in ("dense", "dense_general")
         fan_in = math.prod(call.x.shape[ax] for ax in call.axes or ())
         per_row = call.x.size // max(1, call.x.shape[0] * fan_in)
@@ -330,6 +330,17 @@ def stack_adapters(named: Mapping[str, Any], *, grouping: str = "auto") -> dict[
     Raises:
       ValueError: fewer than one adapter, a name that is not a string, adapters over different paths (names the
         paths), stacked adapters that differ (names the path and both adapters), an unknown ``grouping``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxpeft
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> cfg = jaxpeft.LoraConfig(rank=2, targets=["dense"])
+      >>> named = {name: jaxpeft.init(cfg, params, key=jax.random.key(i)) for i, name in enumerate(["fr", "de"])}
+      >>> bank = jaxpeft.stack_adapters(named)
+      >>> jaxpeft.bank_names(bank), bank["dense"]["kernel"].adapters.a.shape  # adapter axis first
+      (('fr', 'de'), (2, 4, 2))
+      >>> jaxpeft.adapter_ids(bank, ["fr", "de", "fr"]).tolist()  # a mixed batch of three examples
+      [0, 1, 0]
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"`grouping`={grouping!r}; expected one of {GROUPINGS}.")

@@ -50,7 +50,7 @@ class DoraWeights(LowRankNode, LayerAdapter):
     The adapted weight is ``W' = magnitude ⊙ (W + s·A·B) / ‖W + s·A·B‖`` (norm over the fan-in axes, per output).
     As in the paper and HF PEFT the norm is treated as a constant (``stop_gradient``), and the forward never forms
     ``W'``: ``y = base(x) + (f - 1)·(base(x) - bias) + f·s·(x·A)·B`` with ``f = magnitude / norm``; the norm itself
-    is computed without any weight-sized temporary (see :func:`weight_norm`).
+    is computed without any weight-sized temporary (see :func:`.weight_norm`).
     """
 
     a: Any

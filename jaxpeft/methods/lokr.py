@@ -6,7 +6,7 @@ HF tensors (no ``.weight``), in torch's ``(out, in)`` layout: ``<module>.lokr_w1
 ``.lokr_w2_b`` ``[r, n]``, with ``ΔW = (alpha/r)·lokr_w1 ⊗ lokr_w2`` over the weight flattened to ``(out, in)`` =
 ``(l·k, m·n)``. Ours are the transposes: ``lokr_w1 = w1ᵀ``, ``lokr_w1_a = w1_bᵀ``, ``lokr_w1_b = w1_aᵀ`` (likewise
 for ``w2``). Which of the factors exist follows from the rank, ``decompose_both`` and ``decompose_factor`` by PEFT's
-rule (:meth:`LokrConfig.shapes`), checked both ways.
+rule (:meth:`.LokrConfig.shapes`), checked both ways.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _product(full: Any, a: Any, b: Any) -> jax.Array:
 class LokrWeights(LayerAdapter):
     """One LoKr adapter: ``ΔW = scale · W₁ ⊗ W₂`` over the kernel flattened to ``(fan-in, fan-out)``.
 
-    The fan-in size factors as ``m·n`` and the fan-out size as ``l·k`` (:func:`factorization`); ``W₁`` is
+    The fan-in size factors as ``m·n`` and the fan-out size as ``l·k`` (:func:`.factorization`); ``W₁`` is
     ``(*stack, m, l)`` and ``W₂`` ``(*stack, n, k)``, so ``ΔW[(i, j), (p, q)] = scale · W₁[i, p] · W₂[j, q]``. Each
     factor is either full (``w1``/``w2``) or low-rank (``w1 = w1_a·w1_b``, ``w2 = w2_a·w2_b``, A on the fan-in
     side); the unused fields are None. HF PEFT stores the ``(out, in)`` transposes: its ``lokr_w1`` is ``w1ᵀ``,
@@ -185,7 +185,7 @@ class LokrConfig(RankedConfig):
       rank_pattern: ``{path regex: rank}``; the first matching entry overrides ``rank``.
       alpha_pattern: ``{path regex: alpha}``, likewise.
       dtype: dtype of the factors.
-      decompose_factor: how :func:`factorization` splits the flattened fan-in and fan-out sizes (-1: the divisor
+      decompose_factor: how :func:`.factorization` splits the flattened fan-in and fan-out sizes (-1: the divisor
         pair nearest the square root).
       decompose_both: also write ``W₁`` low-rank (when ``rank < max(W₁'s dims) / 2``, as in HF PEFT).
 

@@ -73,6 +73,14 @@ class LoraConfig(LowRankConfig):
       Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023.
       Meng et al., "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models", 2024.
       Büyükakyüz, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models", 2024.
+
+    Example:
+      >>> import jaxpeft
+      >>> cfg = jaxpeft.LoraConfig(rank=8, alpha=16, targets="all-linear")
+      >>> cfg.to_dict()["method"], cfg.rank, cfg.alpha
+      ('lora', 8, 16.0)
+      >>> jaxpeft.config_from_dict(cfg.to_dict()) == cfg  # JSON round trip
+      True
     """
 
     method: ClassVar[str] = "lora"

@@ -22,7 +22,7 @@ from jaxpeft.protocol import MethodConfig
 
 __all__ = ["BUILTIN"]
 
-#: Every built-in method's config class, in lookup order: an HF file goes to the first whose codec accepts it
+#: Every built-in method's config class in lookup order. An HF file goes to the first whose codec accepts it
 #: (LoRA before LoRA-FA: PEFT's LoRA files do not say which A was frozen).
 BUILTIN: tuple[type[MethodConfig], ...] = (
     LoraConfig,

@@ -5,7 +5,7 @@ HF tensors: ``<module>.vera_lambda_d`` ``[r]`` and ``.vera_lambda_b`` ``[out]`` 
 fan-out axes flattened), and the projections every module shares, ``base_model.vera_A`` ``[r, max_in]`` and
 ``base_model.vera_B`` ``[max_out, r]`` (``max_in``/``max_out``: the largest in/out features of the adapted modules),
 which PEFT slices per module as ``vera_A[:, :in]`` and ``vera_B[:out, :]``. By default jaxpeft regenerates its
-projections from ``projection_prng_key`` (:func:`shared_projections`) and never stores them; a file whose projections
+projections from ``projection_prng_key`` (:func:`.shared_projections`) and never stores them; a file whose projections
 are not those (made by PEFT, from torch's random generator) imports with them stored in each node as frozen arrays
 (``VeraConfig(store_projections=True)``), and exports back the same shared matrices.
 """
@@ -60,7 +60,7 @@ def projection(seed: int, which: int, rows: int, cols: int) -> jax.Array:
 def shared_projections(
     seed: int, rank: int, fan_in: int, fan_out: int, bound_fan_in: int
 ) -> tuple[jax.Array, jax.Array]:
-    """VeRA's frozen ``A (fan_in, r)`` and ``B (r, fan_out)``, float32: :func:`projection` scaled like HF PEFT.
+    """VeRA's frozen ``A (fan_in, r)`` and ``B (r, fan_out)``, float32: :func:`.projection` scaled like HF PEFT.
 
     A is ``U(±√(6/bound_fan_in))`` (PEFT's kaiming bound of its shared ``vera_A``, whose fan-in is the largest of all
     targets), B ``U(±√(6/r))``. Every entry depends only on its indices, so the matrices of a smaller layer are
@@ -78,7 +78,7 @@ class VeraWeights(LayerAdapter):
 
     The trained leaves are the vectors ``lambda_d`` ``(*stack, r)`` and ``lambda_b`` ``(*stack, *fan_out)``. By
     default the frozen projections A and B are a pure function of the static ``seed`` and the layer's sizes
-    (:func:`shared_projections`), regenerated inside the forward: they take no storage in the adapter tree, the
+    (:func:`.shared_projections`), regenerated inside the forward: they take no storage in the adapter tree, the
     checkpoint or the optimizer, and get no gradient. With stored projections (``VeraConfig(store_projections=True)``,
     e.g. imported from PEFT) they are the frozen fields ``proj_a`` ``(*stack, *fan_in, r)`` and ``proj_b``
     ``(*stack, r, *fan_out)`` instead: saved and exported, never trained. A is kaiming-uniform
@@ -104,7 +104,7 @@ class VeraWeights(LayerAdapter):
 
     @property
     def bound_fan_in(self) -> int:
-        """The fan-in that sets A's kaiming bound: ``shared_fan_in``, or this layer's flattened fan-in."""
+        """The fan-in that sets A's kaiming bound, which is ``shared_fan_in`` or this layer's flattened fan-in."""
         return math.prod(self.fan_in_shape) if self.shared_fan_in is None else self.shared_fan_in
 
     def describe(self) -> str:
@@ -187,7 +187,7 @@ class VeraConfig(MethodConfig):
     As in HF PEFT, A's kaiming bound comes from the largest fan-in of all the selected targets (the width of PEFT's
     shared ``vera_A``; ``jaxpeft.init`` finds it through :meth:`for_targets`), so one A serves every layer. The
     difference from HF PEFT, by design: A and B are regenerated from ``projection_prng_key`` (with jaxpeft's own
-    hash, :func:`projection`) instead of stored, so their values are not PyTorch's; ``jaxpeft.hf`` writes them
+    hash, :func:`.projection`) instead of stored, so their values are not PyTorch's; ``jaxpeft.hf`` writes them
     into the file (PEFT's ``save_projection=True``) on export. Dense,
     DenseGeneral and Einsum kernels (fan-in and fan-out flattened); each layer of a scanned stack has its own
     vectors over the same A and B.
