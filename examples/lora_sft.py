@@ -46,14 +46,14 @@ set and ``--export-hf`` one PEFT directory per name. Layer methods only (lora, d
 
 Commands (more in docs/guides/causal_lm.md):
 
-    # CPU, 8 simulated devices, a (2,2,2) mesh, a random tiny model on synthetic data (about a minute):
-    python examples/lora_sft.py --num-cpu-devices 8 --mesh data=2,fsdp=2,tp=2 --model tiny --data synthetic \\
+    # CPU, 8 simulated devices, a (2,2,2) mesh, a random tiny model on synthetic data (~20 s on 2 cores):
+    .venv/bin/python examples/lora_sft.py --num-cpu-devices 8 --mesh data=2,fsdp=2,tp=2 --model tiny --data synthetic \\
         --steps 20 --ckpt-dir /tmp/sft --export-hf /tmp/sft-hf
     # SmolLM2-135M-Instruct on the chatterbot Q&A pairs (assets: see docs/guides/causal_lm.md):
-    python examples/lora_sft.py --model smollm2 --data chatterbot --steps 200 --batch 8 --seq-len 128
+    .venv/bin/python examples/lora_sft.py --model smollm2 --data chatterbot --steps 200 --batch 8 --seq-len 128
     # three adapters, one per chatterbot topic, trained in one run (a bank), exported as three PEFT directories:
-    python examples/lora_sft.py --model smollm2 --adapters ai=ai,food=food,history=history --steps 200 --batch 12 \\
-        --seq-len 128 --ckpt-dir /tmp/tenants --export-hf /tmp/tenants-hf
+    .venv/bin/python examples/lora_sft.py --model smollm2 --adapters ai=ai,food=food,history=history --steps 200 \\
+        --batch 12 --seq-len 128 --ckpt-dir /tmp/tenants --export-hf /tmp/tenants-hf
     # TPU pod slice: the same command on every host, plus --distributed
 """
 

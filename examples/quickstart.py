@@ -5,8 +5,8 @@ tokens get a new successor. The model is pre-trained on A with full fine-tuning,
 the adapters of one PEFT method (default LoRA, rank 4 on every linear layer of the scanned stack); the base weights
 stay frozen.
 
-    python examples/quickstart.py                  # LoRA
-    python examples/quickstart.py --method dora    # or lora_fa, ia3, loha, lokr, vera, bitfit, ln_tuning
+    .venv/bin/python examples/quickstart.py                  # LoRA
+    .venv/bin/python examples/quickstart.py --method dora    # or lora_fa, ia3, loha, lokr, vera, bitfit, ln_tuning
 """
 
 from __future__ import annotations

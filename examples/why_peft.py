@@ -43,7 +43,7 @@ dataset-fashion-mnist``); ``--data mnist5k`` the 5,000 MNIST digits shipped insi
 present; ``--data synthetic`` is a tiny generated set for tests. ``--out DIR`` writes ``learning_curves.png``,
 ``spectra.png`` and ``results.json`` (needs matplotlib, the ``examples`` extra).
 
-    python examples/why_peft.py [--out why_peft_out] [--quick] [--steps 1000 --train-rows 8000 --seed 0]
+    .venv/bin/python examples/why_peft.py [--out why_peft_out] [--quick] [--steps 1000 --train-rows 8000 --seed 0]
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ The same transformer is built in Flax Linen and in Flax NNX (``nnx-full``, ``nnx
 
 Deterministic (it compiles, it does not time), so it runs anywhere, CPU included:
 
-    python examples/benchmarks/flops.py                 # width 1024, ffn 4096, 4 layers, 4096 tokens, rank 8
-    python examples/benchmarks/flops.py --width 256 --ffn 1024 --tokens 1024
+    .venv/bin/python examples/benchmarks/flops.py                 # width 1024, ffn 4096, 4 layers, 4096 tokens, rank 8
+    .venv/bin/python examples/benchmarks/flops.py --width 256 --ffn 1024 --tokens 1024
 
 The frozen floor trains only the norms: backward still runs through every layer, but no weight gradient is
 formed. It is a yardstick, not a lower bound: a method that trains no norm (LoRA, IA3) forms no norm
